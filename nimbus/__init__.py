@@ -1,0 +1,1 @@
+"""Cumulonimbus: approximate matrix products with learned lookup tables."""

@@ -1,0 +1,2 @@
+"""Everything that knows about array libraries: backends, validation, kernels, autograd."""
+from . import backend, validate  # noqa: F401

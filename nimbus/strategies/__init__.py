@@ -1,0 +1,24 @@
+"""Strategies a NimbusLayer switches between; ``REGISTRY`` maps names to classes."""
+from .base import Strategy, NotFittedError, subspace_starts
+from .exact import Exact
+from .pq import PQ
+from .maddness import Maddness
+
+REGISTRY = {cls.name: cls for cls in (Exact, PQ, Maddness)}
+
+
+def register(cls):
+    """Add a Strategy subclass to the registry under ``cls.name`` (returns cls)."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def make(method, **params):
+    """A new strategy by registry name, e.g. ``make("maddness", ncodebooks=16)``."""
+    if not isinstance(method, str) or method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[method](**params)
+
+
+__all__ = ["Strategy", "NotFittedError", "subspace_starts", "Exact", "PQ", "Maddness",
+           "REGISTRY", "register", "make"]

@@ -1,0 +1,260 @@
+"""The Strategy base class: scikit-learn style parameters, a LUT, and apply.
+
+A strategy approximates ``A @ B`` for a fixed ``B`` (D x M) and new rows ``A``
+(N x D): ``encode`` maps rows to codes (N x C, uint8, one of K=16 buckets per
+codebook), ``lookup`` sums LUT rows ``LUT[c, codes[n, c], :]``.
+
+Conventions, as in scikit-learn: ``__init__`` only stores hyperparameters
+(validated in ``fit``), learned state ends in ``_``, ``fit`` returns ``self``,
+``random_state`` is resolved in ``fit``. Learned arrays live in the library
+(NumPy or CuPy) of the data they were fitted on; applying the strategy to rows
+of the other library converts them once, on purpose, and caches the copy, so
+the output always follows ``A``.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from ..arrays import backend, kernels, validate
+
+NBUCKETS = 16
+
+
+def subspace_starts(D, C):
+    """Column boundaries of C contiguous subspaces over D columns.
+
+    Returns
+    -------
+    starts : (C + 1,) int64; subspace c is ``starts[c]:starts[c+1]``; widths
+        differ by at most one, so D need not be a multiple of C.
+    """
+    if C > D:
+        raise ValueError(f"ncodebooks={C} is larger than the number of columns D={D}; "
+                         "each codebook needs at least one column")
+    return np.round(np.linspace(0, D, C + 1)).astype(np.int64)
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a strategy is used before ``fit`` (or before ``build_lut``)."""
+
+
+class Strategy:
+    """Base class of every strategy (see module docstring).
+
+    Subclasses implement ``_fit(A, rng)`` (learn the hash and prototypes from
+    rows), ``_encode(A)`` and ``_prototypes_lut(B)`` (the float LUT for a B).
+    """
+
+    name = None           # registry key, e.g. "maddness"
+    needs_codes = True    # False for "exact", which multiplies instead
+
+    def __init__(self, ncodebooks=16, *, quantize=True, random_state=None):
+        self.ncodebooks = ncodebooks
+        self.quantize = quantize
+        self.random_state = random_state
+
+    # ---------------------------------------------------------------- params
+    @classmethod
+    def _param_names(cls):
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values()
+                if p.name != "self" and p.kind != p.VAR_KEYWORD]
+
+    def get_params(self, deep=False):
+        """Hyperparameters as a dict (scikit-learn convention)."""
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params):
+        names = self._param_names()
+        for k, v in params.items():
+            if k not in names:
+                raise ValueError(f"{type(self).__name__} has no parameter {k!r}; "
+                                 f"parameters: {', '.join(names)}")
+            setattr(self, k, v)
+        return self
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_params(self):
+        validate.check_int(self.ncodebooks, "ncodebooks", lo=1)
+        if not isinstance(self.quantize, (bool, np.bool_)):
+            raise TypeError(f"quantize must be True or False, got {self.quantize!r}")
+
+    # --------------------------------------------------------------- fitting
+    def fit(self, A, B=None):
+        """Learn the hash and prototypes from the rows of ``A``; with ``B``, the LUT too.
+
+        Parameters
+        ----------
+        A : (N, D) array of real numbers (NumPy or CuPy); coerced to float32.
+            N must be at least 16 (one row per bucket).
+        B : (D, M) array, optional; the fixed right-hand matrix.
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        A = validate.as_matrix(A, "A", min_rows=NBUCKETS if self.needs_codes else 1)
+        if B is not None:
+            B = validate.as_matrix(B, "B")
+            validate.check_inner(A, B)
+        self._reset()
+        rng = validate.random_state(self.random_state)
+        self.n_features_in_ = int(A.shape[1])
+        self._fit(A, rng, B)
+        if B is not None:
+            self.build_lut(B)
+        return self
+
+    def _reset(self):
+        for k in [k for k in vars(self) if k.endswith("_") and not k.startswith("_")]:
+            delattr(self, k)
+        self._cache = {}
+
+    def _fit(self, A, rng, B):
+        raise NotImplementedError
+
+    def build_lut(self, B):
+        """Make the LUT for a (new) ``B`` from the learned prototypes.
+
+        Parameters
+        ----------
+        B : (D, M) array of real numbers; coerced to float32.
+        """
+        self._check_fitted("n_features_in_")
+        B = validate.as_matrix(B, "B")
+        if B.shape[0] != self.n_features_in_:
+            raise ValueError(f"B has {B.shape[0]} rows but the strategy was fitted on "
+                             f"{self.n_features_in_} columns")
+        self.n_outputs_ = int(B.shape[1])
+        lut = self._prototypes_lut(B)
+        self._set_lut(lut)
+        return self
+
+    def _set_lut(self, lut):
+        """Store a float LUT (C, K, M) and, when ``quantize``, its 8-bit version."""
+        from ._lut import quantize_lut
+        self._cache = {}
+        self.lut_ = lut.astype(np.float32)
+        if self.quantize:
+            self.lut_q_, self.lut_scale_, self.lut_bias_ = quantize_lut(self.lut_)
+        else:
+            for k in ("lut_q_", "lut_scale_", "lut_bias_"):
+                self.__dict__.pop(k, None)
+
+    def _prototypes_lut(self, B):
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- applying
+    def _check_fitted(self, attr="lut_"):
+        if not hasattr(self, attr):
+            what = "fit(A, B) or build_lut(B)" if attr == "lut_" else "fit(A)"
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call {what} first")
+
+    def _learned(self, name, like):
+        """Learned array ``name`` in the library/device of ``like`` (converted once, cached)."""
+        arr = getattr(self, name)
+        if backend.library_name(arr) == backend.library_name(like) and (
+                not backend.is_cupy(arr) or arr.device.id == like.device.id):
+            return arr
+        key = (name, backend.library_name(like),
+               like.device.id if backend.is_cupy(like) else -1)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not arr:
+            hit = (arr, backend.like(arr, like))
+            self._cache[key] = hit
+        return hit[1]
+
+    def _check_rows(self, A):
+        self._check_fitted("n_features_in_")
+        A = validate.as_matrix(A, "A")
+        if A.shape[1] != self.n_features_in_:
+            raise ValueError(f"A has {A.shape[1]} columns but the strategy was fitted on "
+                             f"{self.n_features_in_}")
+        return A
+
+    def encode(self, A):
+        """Bucket of each row in each codebook.
+
+        Parameters
+        ----------
+        A : (N, D) array of real numbers (NumPy or CuPy), coerced to float32.
+
+        Returns
+        -------
+        codes : (N, C) uint8, same library and device as ``A``
+        """
+        return self._encode(self._check_rows(A))
+
+    def lookup(self, codes):
+        """Sum of LUT rows picked by ``codes``.
+
+        Parameters
+        ----------
+        codes : (N, C) uint8, values < 16 (as ``encode`` returns)
+
+        Returns
+        -------
+        Y : (N, M) float32, same library as ``codes``
+        """
+        self._check_fitted("lut_")
+        codes = validate.as_codes(codes, self.lut_.shape[0], NBUCKETS)
+        return self._lookup(codes)
+
+    def _lookup(self, codes):
+        if self.quantize:
+            return kernels.lookup_q(codes, self._learned("lut_q_", codes),
+                                    self._learned("lut_scale_", codes),
+                                    self._learned("lut_bias_", codes))
+        return kernels.lookup(codes, self._learned("lut_", codes))
+
+    def __call__(self, A):
+        """Approximate ``A @ B``: ``lookup(encode(A))``.
+
+        Parameters
+        ----------
+        A : (N, D) array of real numbers, coerced to float32.
+
+        Returns
+        -------
+        Y : (N, M) float32, same library and device as ``A``
+        """
+        self._check_fitted("lut_")
+        return self._lookup(self._encode(self._check_rows(A)))
+
+    # ------------------------------------------------------------ state I/O
+    def get_state(self):
+        """Learned state as (JSON-able dict, dict of NumPy arrays) for :mod:`nimbus.io`."""
+        meta, arrays = {}, {}
+        for k, v in vars(self).items():
+            if not k.endswith("_") or k.startswith("_"):
+                continue
+            if isinstance(v, np.ndarray) or backend.is_cupy(v):
+                arrays[k] = backend.to_host(v)
+            elif isinstance(v, (bool, int, float, str, list, tuple, type(None))):
+                meta[k] = v
+            elif isinstance(v, (np.integer, np.floating)):
+                meta[k] = v.item()
+            else:
+                raise TypeError(f"learned attribute {k} of type {type(v).__name__} "
+                                "cannot be saved")
+        return meta, arrays
+
+    def set_state(self, meta, arrays):
+        self._reset()
+        for k, v in meta.items():
+            setattr(self, k, v)
+        for k, v in arrays.items():
+            setattr(self, k, v)
+        return self
+
+    @property
+    def lut_bytes(self):
+        """Bytes the LUT takes at inference (8-bit entries when quantized)."""
+        self._check_fitted("lut_")
+        return int(self.lut_.size * (1 if self.quantize else 4))

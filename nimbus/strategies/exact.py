@@ -1,0 +1,58 @@
+"""The exact product: the reference, and a NimbusLayer's training mode."""
+from __future__ import annotations
+
+from ..arrays import validate
+from .base import Strategy
+
+
+class Exact(Strategy):
+    """``A @ B`` by the array library's matmul (BLAS on the CPU, cuBLAS on the GPU).
+
+    It has no codes: ``encode(A)`` returns A (float32) and ``lookup(A)`` returns
+    ``A @ B``, so the interface is the same as the approximate strategies'.
+
+    Learned attributes
+    ------------------
+    n_features_in_ : D;  B_ : (D, M) float32 (after ``build_lut``)
+    """
+
+    name = "exact"
+    needs_codes = False
+
+    def __init__(self, ncodebooks=None, *, random_state=None):
+        self.ncodebooks = ncodebooks
+        self.quantize = False
+        self.random_state = random_state
+
+    def _check_params(self):
+        pass
+
+    def _fit(self, A, rng, B):
+        pass
+
+    def build_lut(self, B):
+        self._check_fitted("n_features_in_")
+        B = validate.as_matrix(B, "B")
+        if B.shape[0] != self.n_features_in_:
+            raise ValueError(f"B has {B.shape[0]} rows but the strategy was fitted on "
+                             f"{self.n_features_in_} columns")
+        self.n_outputs_ = int(B.shape[1])
+        self._cache = {}
+        self.B_ = B
+        return self
+
+    def _encode(self, A):
+        return A
+
+    def lookup(self, codes):
+        return self(codes)
+
+    def __call__(self, A):
+        self._check_fitted("B_")
+        A = self._check_rows(A)
+        return A @ self._learned("B_", A)
+
+    @property
+    def lut_bytes(self):
+        self._check_fitted("B_")
+        return int(self.B_.size * 4)
