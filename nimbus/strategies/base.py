@@ -172,7 +172,8 @@ class Strategy:
 
     def _check_rows(self, A):
         self._check_fitted("n_features_in_")
-        A = validate.as_matrix(A, "A")
+        # float16 stays float16 on the GPU (its kernels read it natively); NumPy widens it
+        A = validate.as_matrix(A, "A", allow_half=backend.is_cupy(A))
         if A.shape[1] != self.n_features_in_:
             raise ValueError(f"A has {A.shape[1]} columns but the strategy was fitted on "
                              f"{self.n_features_in_}")
@@ -225,7 +226,14 @@ class Strategy:
         Y : (N, M) float32, same library and device as ``A``
         """
         self._check_fitted("lut_")
-        return self._lookup(self._encode(self._check_rows(A)))
+        return self._apply(self._check_rows(A))
+
+    def _apply(self, A):
+        """encode + lookup of checked rows; output dtype follows A (float16 stays float16).
+
+        Subclasses may override with a fused kernel."""
+        Y = self._lookup(self._encode(A))
+        return Y if Y.dtype == A.dtype else Y.astype(A.dtype)
 
     # ------------------------------------------------------------ state I/O
     def get_state(self):
