@@ -101,3 +101,29 @@ def like(x, ref):
         with ref.device:
             return cupy().asarray(x)
     return to_host(x)
+
+
+def synchronize(*arrays):
+    """Wait for queued GPU work on the devices of any CuPy arrays given (no-op for NumPy)."""
+    for a in arrays:
+        if is_cupy(a):
+            with a.device:
+                cupy().cuda.get_current_stream().synchronize()
+
+
+def blas_single_thread(x):
+    """Context manager: one BLAS thread for NumPy work on ``x`` (a no-op for CuPy).
+
+    Learning makes many small matrix products; on a 2-core machine OpenBLAS's
+    spinning worker threads then cost far more than they give (measured: a
+    20000 x 128 MADDNESS fit took 84 s with 2 threads on a loaded machine, 5 s
+    with one).
+    """
+    import contextlib
+    if is_cupy(x):
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # threadpoolctl comes with scikit-learn; without it, do nothing
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")

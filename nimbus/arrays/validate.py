@@ -93,7 +93,8 @@ def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False):
         raise ValueError(f"{name} has {n} row(s); at least {min_rows} are needed")
     xp = backend.namespace(arr)
     target = arr.dtype if (allow_half and arr.dtype == np.float16) else dtype
-    out = xp.ascontiguousarray(arr, dtype=target)
+    with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported just below
+        out = xp.ascontiguousarray(arr, dtype=target)
     finite_or_raise(out, name)
     return out
 

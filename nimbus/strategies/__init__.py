@@ -1,4 +1,5 @@
 """Strategies a NimbusLayer switches between; ``REGISTRY`` maps names to classes."""
+from .. import io as _io
 from .base import Strategy, NotFittedError, subspace_starts
 from .exact import Exact
 from .pq import PQ
@@ -11,6 +12,16 @@ def register(cls):
     """Add a Strategy subclass to the registry under ``cls.name`` (returns cls)."""
     REGISTRY[cls.name] = cls
     return cls
+
+
+def _load(meta, arrays):
+    cls = REGISTRY.get(meta.get("class"))
+    if cls is None:
+        raise KeyError(f"unknown strategy class {meta.get('class')!r}")
+    return cls.from_state(meta, arrays)
+
+
+_io.register_loader("strategy", _load)
 
 
 def make(method, **params):

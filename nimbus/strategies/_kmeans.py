@@ -10,9 +10,13 @@ import numpy as np
 from ..arrays import backend
 
 
-def _sq_dists(xp, X, cent):
-    """(N, K) squared distances, computed as ||x||^2 - 2 x.c + ||c||^2, clipped at 0."""
-    d = (X ** 2).sum(axis=1)[:, None] - 2.0 * (X @ cent.T) + (cent ** 2).sum(axis=1)[None, :]
+def _sq_dists(xp, X, cent, xx=None):
+    """(N, K) squared distances, computed as ||x||^2 - 2 x.c + ||c||^2, clipped at 0.
+
+    ``xx`` is the precomputed (N,) ``||x||^2`` (it does not change between iterations)."""
+    if xx is None:
+        xx = (X ** 2).sum(axis=1)
+    d = xx[:, None] - 2.0 * (X @ cent.T) + (cent ** 2).sum(axis=1)[None, :]
     return xp.maximum(d, 0.0)
 
 
@@ -44,12 +48,15 @@ def kmeans_pp(X, k, rng):
     return X[xp.asarray(idx)].copy()
 
 
-def kmeans(X, k, rng, max_iter=50, tol=1e-6):
-    """Lloyd's k-means from k-means++ seeds.
+def kmeans(X, k, rng, max_iter=25):
+    """Lloyd's k-means from k-means++ seeds, until no assignment changes.
 
     Parameters
     ----------
     X : (N, w) float32 or float64 (NumPy or CuPy)
+    k : int
+    rng : numpy RandomState (host), for the seeds
+    max_iter : int
 
     Returns
     -------
@@ -58,15 +65,14 @@ def kmeans(X, k, rng, max_iter=50, tol=1e-6):
     xp = backend.namespace(X)
     X = X.astype(np.float64)
     cent = kmeans_pp(X, k, rng)
-    prev = None
+    xx = (X ** 2).sum(axis=1)
+    assign = None
     for _ in range(max_iter):
-        assign = xp.argmin(_sq_dists(xp, X, cent), axis=1)
+        new = xp.argmin(_sq_dists(xp, X, cent, xx), axis=1)
+        if assign is not None and bool((new == assign).all()):
+            break
+        assign = new
         G = (assign[:, None] == xp.arange(k)[None, :]).astype(np.float64)
         counts = G.sum(axis=0)
-        sums = G.T @ X
-        cent = xp.where(counts[:, None] > 0, sums / xp.maximum(counts, 1)[:, None], cent)
-        inertia = float(_sq_dists(xp, X, cent)[xp.arange(X.shape[0]), assign].sum())
-        if prev is not None and prev - inertia <= tol * max(prev, 1e-30):
-            break
-        prev = inertia
+        cent = xp.where(counts[:, None] > 0, (G.T @ X) / xp.maximum(counts, 1)[:, None], cent)
     return cent.astype(np.float32)

@@ -37,7 +37,7 @@ def _bucket_col_sse(xp, Xc, bucket, nb):
     return (s2 - s1 ** 2 / xp.maximum(n, 1)).sum(axis=0)
 
 
-def _best_splits(xp, x, order0, bucket, counts, T):
+def _best_splits(xp, x, order0, bucket, counts, Tc):
     """Best split of every bucket on one column.
 
     Parameters
@@ -46,7 +46,7 @@ def _best_splits(xp, x, order0, bucket, counts, T):
     order0 : (N,) int, a stable ascending sort of x
     bucket : (N,) uint8 bucket of each row
     counts : host (nb,) int rows per bucket
-    T : (N, P) float64 targets
+    Tc : (N, P) float64 targets, centred within each bucket
 
     Returns
     -------
@@ -58,37 +58,26 @@ def _best_splits(xp, x, order0, bucket, counts, T):
     order = order0[xp.argsort(bucket[order0], kind="stable")]
     xs = x[order]
     bs = bucket[order].astype(np.int64)
-    Ts = T[order]
-    cs = xp.cumsum(Ts, axis=0)                                   # (N, P)
-    cs0 = xp.concatenate([xp.zeros((1, T.shape[1])), cs], axis=0)
+    # Tc sums to 0 over each bucket, so one running sum restarts at every bucket
+    # boundary, and the right part's sum is minus the left part's: the SSE removed
+    # by splitting after row i is ||L||^2 * n / (n_left * n_right).
+    sq = (xp.cumsum(Tc[order], axis=0) ** 2).sum(axis=1)
     ends = np.cumsum(counts)
     starts = ends - counts
-    S0 = cs0[xp.asarray(starts)]                                  # (nb, P) prefix before bucket
-    Tot = cs0[xp.asarray(ends)] - S0                              # (nb, P) bucket sums
     cnt = xp.asarray(np.asarray(counts, dtype=np.float64))
-    L = cs - S0[bs]
-    R = Tot[bs] - L
-    pos = xp.arange(x.shape[0])
-    nl = (pos - xp.asarray(starts)[bs] + 1).astype(np.float64)
+    nl = (xp.arange(x.shape[0]) - xp.asarray(starts)[bs] + 1).astype(np.float64)
     nr = cnt[bs] - nl
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = ((L ** 2).sum(axis=1) / nl + (R ** 2).sum(axis=1) / xp.maximum(nr, 1)
-                - (Tot ** 2).sum(axis=1)[bs] / cnt[bs])
     nxt = xp.concatenate([xs[1:], xs[-1:]])
-    valid = (nr > 0) & (xs < nxt)
-    gain = xp.where(valid, gain, -xp.inf)
-    best_pos = []
-    for b in range(nb):
-        if counts[b] >= 2:
-            best_pos.append(int(starts[b]) + xp.argmax(gain[int(starts[b]):int(ends[b])]))
-        else:
-            best_pos.append(xp.asarray(int(starts[b]) if counts[b] else 0))
-    best_pos = xp.stack([xp.asarray(p) for p in best_pos]).astype(np.int64)
+    valid = (nr > 0) & (xs < nxt)               # only between distinct values
+    gain = xp.where(valid, sq * cnt[bs] / (nl * xp.maximum(nr, 1)), -xp.inf)
+    best_pos = xp.stack([
+        int(starts[b]) + xp.argmax(gain[int(starts[b]):int(ends[b])]) if counts[b] >= 2
+        else xp.asarray(max(int(starts[b]) - 1, 0), dtype=np.int64)
+        for b in range(nb)]).astype(np.int64)
     g = backend.to_host(gain[best_pos]).astype(np.float64)
     lo = backend.to_host(xs[best_pos]).astype(np.float32)
     hi = backend.to_host(xs[xp.minimum(best_pos + 1, x.shape[0] - 1)]).astype(np.float32)
-    empty = np.asarray(counts) < 2
-    g[empty] = -np.inf
+    g[np.asarray(counts) < 2] = -np.inf
     thr = _midpoints(lo, hi)
     thr[~np.isfinite(g)] = np.inf
     return g, thr
@@ -136,12 +125,16 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16):
             cand = np.argsort(-sse, kind="stable")[:max_candidates]
         else:
             cand = np.arange(len(cols))
+        # centre the targets within each bucket (see _best_splits)
+        G = (bucket[:, None] == xp.arange(nb, dtype=np.uint8)[None, :]).astype(np.float64)
+        means = (G.T @ T) / xp.maximum(xp.asarray(counts, dtype=np.float64), 1)[:, None]
+        Tc = T - means[bucket.astype(np.int64)]
         gains = np.empty((len(cand), nb))
         thrs = np.empty((len(cand), nb), dtype=np.float32)
         for i, j in enumerate(cand):
             if j not in orders:
                 orders[j] = xp.argsort(Xc[:, j], kind="stable")
-            gains[i], thrs[i] = _best_splits(xp, Xc[:, j], orders[j], bucket, counts, T)
+            gains[i], thrs[i] = _best_splits(xp, Xc[:, j], orders[j], bucket, counts, Tc)
         useful = np.where(np.isfinite(gains), gains, 0.0)
         if split == "level":
             pick = np.full(nb, int(np.argmax(useful.sum(axis=1))))
@@ -207,3 +200,56 @@ def learn_trees(X, starts, split="level", max_candidates=16, residual="subspace"
 
 
 assert NBUCKETS == 2 ** DEPTH  # internal invariant, not a user check
+
+
+def _top_directions(R, rank, max_rows=8192):
+    """(D, rank) top principal directions of R's rows (from at most max_rows rows)."""
+    xp = backend.namespace(R)
+    sub = R[:: max(1, R.shape[0] // max_rows)]
+    sub = sub - sub.mean(axis=0)
+    _, vecs = xp.linalg.eigh(sub.T @ sub)
+    return vecs[:, ::-1][:, :rank]
+
+
+def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=16,
+                 progress=None):
+    """One pass of block coordinate descent over the trees.
+
+    With every other codebook's prototypes fixed, codebook c's tree is relearned
+    to minimise the SSE of what the others leave unexplained, ``R_c = X - sum_{c'
+    != c} P_c'[codes_c']`` over all D columns (projected on its top ``rank``
+    principal directions when D is larger, to bound the cost), and its
+    prototypes become the bucket means of ``R_c``.
+
+    Parameters
+    ----------
+    X : (N, D) float32
+    starts : (C + 1,) int
+    codes : (N, C) uint8 current codes
+    prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit)
+
+    Returns
+    -------
+    dims : (C, 15) int32, thresholds : (C, 15) float32, codes : (N, C) uint8
+    """
+    from ._lut import bucket_means
+    xp = backend.namespace(X)
+    C = len(starts) - 1
+    codes = codes.copy()
+    P = prototypes.astype(np.float32).copy()
+    dims = np.zeros((C, 2 ** DEPTH - 1), dtype=np.int32)
+    thr = np.zeros((C, 2 ** DEPTH - 1), dtype=np.float32)
+    lookup = lambda c: P[c][codes[:, c].astype(np.int64)]  # noqa: E731
+    recon = sum(lookup(c) for c in range(C))
+    for c in range(C):
+        Rc = X - (recon - lookup(c))
+        T = Rc if Rc.shape[1] <= rank else Rc @ _top_directions(Rc, rank)
+        dims[c], thr[c], leaves = learn_tree(
+            X, range(int(starts[c]), int(starts[c + 1])), T, split, max_candidates)
+        recon -= lookup(c)
+        codes[:, c] = leaves
+        P[c] = bucket_means(leaves[:, None], Rc)[0]
+        recon += lookup(c)
+        if progress is not None:
+            progress()
+    return xp.asarray(dims), xp.asarray(thr), codes

@@ -106,7 +106,8 @@ class Strategy:
         self._reset()
         rng = validate.random_state(self.random_state)
         self.n_features_in_ = int(A.shape[1])
-        self._fit(A, rng, B)
+        with backend.blas_single_thread(A):
+            self._fit(A, rng, B)
         if B is not None:
             self.build_lut(B)
         return self
@@ -236,30 +237,45 @@ class Strategy:
         return Y if Y.dtype == A.dtype else Y.astype(A.dtype)
 
     # ------------------------------------------------------------ state I/O
-    def get_state(self):
-        """Learned state as (JSON-able dict, dict of NumPy arrays) for :mod:`nimbus.io`."""
-        meta, arrays = {}, {}
+    _nimbus_kind = "strategy"
+
+    def to_state(self):
+        """Everything needed to rebuild this strategy, for :func:`nimbus.save`.
+
+        Returns
+        -------
+        meta : JSON-able dict (class name, hyperparameters, learned scalars)
+        arrays : dict of NumPy arrays (learned arrays, copied to the host)
+        """
+        learned, arrays = {}, {}
         for k, v in vars(self).items():
             if not k.endswith("_") or k.startswith("_"):
                 continue
             if isinstance(v, np.ndarray) or backend.is_cupy(v):
                 arrays[k] = backend.to_host(v)
-            elif isinstance(v, (bool, int, float, str, list, tuple, type(None))):
-                meta[k] = v
             elif isinstance(v, (np.integer, np.floating)):
-                meta[k] = v.item()
+                learned[k] = v.item()
+            elif isinstance(v, (bool, int, float, str, type(None))):
+                learned[k] = v
             else:
                 raise TypeError(f"learned attribute {k} of type {type(v).__name__} "
                                 "cannot be saved")
+        params = {k: (v if isinstance(v, (bool, int, float, str, type(None), list, tuple))
+                      else None) for k, v in self.get_params().items()}
+        meta = {"class": self.name, "params": params, "learned": learned,
+                "arrays": sorted(arrays)}
         return meta, arrays
 
-    def set_state(self, meta, arrays):
-        self._reset()
-        for k, v in meta.items():
-            setattr(self, k, v)
-        for k, v in arrays.items():
-            setattr(self, k, v)
-        return self
+    @classmethod
+    def from_state(cls, meta, arrays):
+        """Inverse of :meth:`to_state` (arrays stay NumPy; CuPy rows convert them on use)."""
+        obj = cls(**meta["params"])
+        obj._reset()
+        for k, v in meta["learned"].items():
+            setattr(obj, k, v)
+        for k in meta["arrays"]:
+            setattr(obj, k, arrays[k])
+        return obj
 
     @property
     def lut_bytes(self):

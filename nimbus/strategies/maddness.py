@@ -5,7 +5,7 @@ import numpy as np
 
 from ..arrays import kernels, validate
 from ._lut import ridge_on_codes
-from ._trees import learn_trees
+from ._trees import learn_trees, refine_trees
 from .base import Strategy, subspace_starts
 from .._progress import progress_bar
 
@@ -48,13 +48,14 @@ class Maddness(Strategy):
 
     name = "maddness"
 
-    def __init__(self, ncodebooks=16, *, split="level", ridge=1e-2, max_candidates=16, residual="subspace",
+    def __init__(self, ncodebooks=16, *, split="level", ridge=1e-2, max_candidates=16, residual="none", refine=1,
                  quantize=True, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
         self.ridge = ridge
         self.max_candidates = max_candidates
         self.residual = residual
+        self.refine = refine
         self.verbose = verbose
 
     def _check_params(self):
@@ -63,6 +64,7 @@ class Maddness(Strategy):
         validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.max_candidates, "max_candidates", lo=1)
         validate.check_choice(self.residual, "residual", ("subspace", "full", "none"))
+        validate.check_int(self.refine, "refine", lo=0)
 
     def _fit(self, A, rng, B):
         C = self.ncodebooks
@@ -72,6 +74,12 @@ class Maddness(Strategy):
                 A, self.starts_, split=self.split, max_candidates=self.max_candidates,
                 residual=self.residual,                 progress=bar.update)
         self.prototypes_ = ridge_on_codes(codes, A, self.ridge)
+        for _ in range(self.refine):
+            with progress_bar(C, "maddness refine", self.verbose) as bar:
+                self.dims_, self.thresholds_, codes = refine_trees(
+                    A, self.starts_, codes, self.prototypes_, self.split,
+                    self.max_candidates, progress=bar.update)
+            self.prototypes_ = ridge_on_codes(codes, A, self.ridge)
 
     def _encode(self, A):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))

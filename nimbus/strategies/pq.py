@@ -29,7 +29,7 @@ class PQ(Strategy):
 
     name = "pq"
 
-    def __init__(self, ncodebooks=16, *, max_iter=50, quantize=True, random_state=None,
+    def __init__(self, ncodebooks=16, *, max_iter=25, quantize=True, random_state=None,
                  verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.max_iter = max_iter

@@ -1,0 +1,2 @@
+"""Networks: layers, NimbusLayer, training, the conversion pipeline, data loaders."""
+from . import data  # noqa: F401
