@@ -63,7 +63,8 @@ def finite_or_raise(arr, name):
                          f"too large for float32); first at index {first}: {value}")
 
 
-def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False):
+def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False,
+              check_finite=True):
     """``x`` as a C-contiguous 2-D float32 array of the same library.
 
     Parameters
@@ -77,6 +78,9 @@ def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False):
     allow_half : bool
         Keep float16 as float16 (the GPU kernels read it natively) instead of
         widening it to float32.
+    check_finite : bool
+        Raise on NaN/Inf (False only where a kernel checks in its own pass over
+        the data, as the encoders do).
 
     Returns
     -------
@@ -95,7 +99,8 @@ def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False):
     target = arr.dtype if (allow_half and arr.dtype == np.float16) else dtype
     with np.errstate(over="ignore", invalid="ignore"):   # overflow is reported just below
         out = xp.ascontiguousarray(arr, dtype=target)
-    finite_or_raise(out, name)
+    if check_finite:
+        finite_or_raise(out, name)
     return out
 
 

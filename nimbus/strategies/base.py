@@ -171,10 +171,11 @@ class Strategy:
             self._cache[key] = hit
         return hit[1]
 
-    def _check_rows(self, A):
+    def _check_rows(self, A, check_finite=True):
         self._check_fitted("n_features_in_")
-        # float16 stays float16 on the GPU (its kernels read it natively); NumPy widens it
-        A = validate.as_matrix(A, "A", allow_half=backend.is_cupy(A))
+        # float16 stays float16 on the GPU (its kernels read it natively); NumPy widens it.
+        # The encode kernels check NaN/Inf in their own pass over A (check_finite=False).
+        A = validate.as_matrix(A, "A", allow_half=backend.is_cupy(A), check_finite=check_finite)
         if A.shape[1] != self.n_features_in_:
             raise ValueError(f"A has {A.shape[1]} columns but the strategy was fitted on "
                              f"{self.n_features_in_}")
@@ -191,7 +192,7 @@ class Strategy:
         -------
         codes : (N, C) uint8, same library and device as ``A``
         """
-        return self._encode(self._check_rows(A))
+        return self._encode(self._check_rows(A, check_finite=not self.needs_codes))
 
     def lookup(self, codes):
         """Sum of LUT rows picked by ``codes``.
@@ -227,7 +228,7 @@ class Strategy:
         Y : (N, M) float32, same library and device as ``A``
         """
         self._check_fitted("lut_")
-        return self._apply(self._check_rows(A))
+        return self._apply(self._check_rows(A, check_finite=not self.needs_codes))
 
     def _apply(self, A):
         """encode + lookup of checked rows; output dtype follows A (float16 stays float16).

@@ -118,3 +118,21 @@ def test_lookup_backward_is_scatter_add(xp, rng, N, D, C, M):
 def test_unknown_op_is_refused():
     with pytest.raises(ValueError, match="unknown kernel op"):
         kernels.implementation("nope")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("level_dims", [True, False])
+def test_encoders_reject_nonfinite(xp, rng, bad, level_dims):
+    N, D, C = 300, 20, 4
+    A, dims, thr = _tree_inputs(rng, xp, N, D, C)
+    if level_dims:   # one column per level takes the level kernel
+        d = rng.integers(0, D, size=(C, 4))
+        dims = xp.asarray(np.repeat(d, [1, 2, 4, 8], axis=1).astype(np.int32))
+    n, j = int(rng.integers(0, N)), int(rng.integers(0, D))
+    A[n, j] = bad
+    with pytest.raises(ValueError, match=rf"non-finite.*\({n}, {j}\)"):
+        kernels.encode_tree(A, dims, thr)
+    starts = subspace_starts(D, C)
+    cent = xp.zeros((C, 16, int(np.diff(starts).max())), dtype=np.float32)
+    with pytest.raises(ValueError, match=rf"non-finite.*\({n}, {j}\)"):
+        kernels.encode_pq(A, cent, starts)

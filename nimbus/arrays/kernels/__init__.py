@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-from .. import backend
+from .. import backend, validate
 from . import reference
 
 OPS = ("encode_tree", "encode_pq", "lookup", "lookup_q", "lookup_backward")
@@ -44,14 +44,29 @@ def implementation(op, *arrays):
     return fn if fn is not None else getattr(reference, op)
 
 
+def _checked(op, A):
+    """The implementation of an encode op, preceded by a NaN/Inf check of A unless the
+    implementation does that check itself in its own pass over A."""
+    fn = implementation(op, A)
+    mod = _module(backend.library_name(A))
+    if mod is not None and fn is getattr(mod, op, None) and \
+            op in getattr(mod, "FUSED_FINITE_CHECK", ()):
+        return fn
+    return lambda *args: (validate.finite_or_raise(A, "A"), fn(*args))[1]
+
+
 def encode_tree(A, dims, thresholds):
-    """(N, D) float32, (C, 15) int32, (C, 15) float32 -> (N, C) uint8 codes."""
-    return implementation("encode_tree", A)(A, dims, thresholds)
+    """(N, D) float32, (C, 15) int32, (C, 15) float32 -> (N, C) uint8 codes.
+
+    Raises ValueError if A holds NaN or Inf."""
+    return _checked("encode_tree", A)(A, dims, thresholds)
 
 
 def encode_pq(A, centroids, starts):
-    """(N, D) float32, (C, K, W) float32, (C+1,) int -> (N, C) uint8 codes."""
-    return implementation("encode_pq", A)(A, centroids, starts)
+    """(N, D) float32, (C, K, W) float32, (C+1,) int -> (N, C) uint8 codes.
+
+    Raises ValueError if A holds NaN or Inf."""
+    return _checked("encode_pq", A)(A, centroids, starts)
 
 
 def lookup(codes, lut):

@@ -8,7 +8,9 @@ Thread mapping: every kernel runs ``prange`` over blocks of rows (the backward
 over codebooks), so threads never write the same output element.
 
 Launchers make every argument contiguous with its exact dtype before the call;
-the semantics are those of :mod:`.reference`.
+the semantics are those of :mod:`.reference`. The encoders check A for NaN/Inf
+in the same pass over memory (``FUSED_FINITE_CHECK``), so the apply path reads
+A once.
 """
 from __future__ import annotations
 
@@ -18,41 +20,95 @@ from numba import njit, prange
 
 from .reference import NNODES, DEPTH
 
-_ROWS_PER_BLOCK = 64   # rows per parallel task: amortises the accumulator allocation
+_ROWS_PER_BLOCK = 64   # rows per parallel task: amortises allocations, keeps rows in L2
+FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq"})
+
+
+_EXP_MASK = np.uint32(0x7F800000)   # float32 exponent bits: all ones <=> NaN or Inf
+
+
+@njit(inline="always")
+def _block_nonfinite(bits, n0, n1):
+    # integer max over exponent fields: vectorises (a float sum would not, without
+    # fast-math, and fast-math may assume NaNs away)
+    m = np.uint32(0)
+    for n in range(n0, n1):
+        for j in range(bits.shape[1]):
+            m = max(m, bits[n, j] & _EXP_MASK)
+    return m == _EXP_MASK
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _encode_tree(A, dims, thr, out):
+def _encode_tree_level(A, bits, ldims, thr, out, bad):
+    # one column per tree level: the four values are independent loads
+    N = A.shape[0]
+    C = ldims.shape[0]
+    nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
+    for b in prange(nblocks):
+        n0 = b * _ROWS_PER_BLOCK
+        n1 = min(N, n0 + _ROWS_PER_BLOCK)
+        if _block_nonfinite(bits, n0, n1):
+            bad[b] = True
+        for c in range(C):
+            d0, d1, d2, d3 = ldims[c, 0], ldims[c, 1], ldims[c, 2], ldims[c, 3]
+            t0 = thr[c, 0]
+            for n in range(n0, n1):
+                node = 1 + (A[n, d0] > t0)
+                node = 2 * node + 1 + (A[n, d1] > thr[c, node])
+                node = 2 * node + 1 + (A[n, d2] > thr[c, node])
+                node = 2 * node + 1 + (A[n, d3] > thr[c, node])
+                out[n, c] = node - NNODES
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _encode_tree_node(A, bits, dims, thr, out, bad):
+    # a column per node: each load depends on the previous comparison
     N = A.shape[0]
     C = dims.shape[0]
-    for n in prange(N):
+    nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
+    for b in prange(nblocks):
+        n0 = b * _ROWS_PER_BLOCK
+        n1 = min(N, n0 + _ROWS_PER_BLOCK)
+        if _block_nonfinite(bits, n0, n1):
+            bad[b] = True
         for c in range(C):
-            node = 0
-            for _ in range(DEPTH):
-                go_right = 1 if A[n, dims[c, node]] > thr[c, node] else 0
-                node = 2 * node + 1 + go_right
-            out[n, c] = node - NNODES
+            for n in range(n0, n1):
+                node = 0
+                for _ in range(DEPTH):
+                    node = 2 * node + 1 + (A[n, dims[c, node]] > thr[c, node])
+                out[n, c] = node - NNODES
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _encode_pq(A, cent, starts, out):
+def _encode_pq(A, bits, cent, starts, out, bad):
     N = A.shape[0]
     C, K = cent.shape[0], cent.shape[1]
-    for n in prange(N):
-        for c in range(C):
-            s0 = starts[c]
-            w = starts[c + 1] - s0
-            best = np.inf
-            best_k = 0
-            for k in range(K):
-                d = 0.0
-                for j in range(w):
-                    diff = A[n, s0 + j] - cent[c, k, j]
-                    d += diff * diff
-                if d < best:      # strict: ties keep the lowest k, as argmin does
-                    best = d
-                    best_k = k
-            out[n, c] = best_k
+    nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
+    for b in prange(nblocks):
+        n0 = b * _ROWS_PER_BLOCK
+        n1 = min(N, n0 + _ROWS_PER_BLOCK)
+        if _block_nonfinite(bits, n0, n1):
+            bad[b] = True
+        for n in range(n0, n1):
+            _encode_pq_row(A, cent, starts, out, n, C, K)
+
+
+@njit(inline="always")
+def _encode_pq_row(A, cent, starts, out, n, C, K):
+    for c in range(C):
+        s0 = starts[c]
+        w = starts[c + 1] - s0
+        best = np.inf
+        best_k = 0
+        for k in range(K):
+            d = 0.0
+            for j in range(w):
+                diff = A[n, s0 + j] - cent[c, k, j]
+                d += diff * diff
+            if d < best:      # strict: ties keep the lowest k, as argmin does
+                best = d
+                best_k = k
+        out[n, c] = best_k
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -122,21 +178,49 @@ def _c(x, dtype):
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+def _raise_nonfinite(A, bad):
+    first = int(np.argmax(bad)) * _ROWS_PER_BLOCK     # first block holding a NaN/Inf
+    where = np.argwhere(~np.isfinite(A[first:first + _ROWS_PER_BLOCK]))[0]
+    n, j = first + int(where[0]), int(where[1])
+    raise ValueError(f"A contains non-finite value(s) (NaN or Inf); first at index ({n}, {j}): "
+                     f"{A[n, j]}")
+
+
+def _level_dims(dims):
+    """(C, 4) columns if every level of every tree tests one column, else None."""
+    lv = [dims[:, 2 ** l - 1:2 ** (l + 1) - 1] for l in range(DEPTH)]
+    if all((x == x[:, :1]).all() for x in lv):
+        return np.ascontiguousarray(np.stack([x[:, 0] for x in lv], axis=1), dtype=np.int32)
+    return None
+
+
 def encode_tree(A, dims, thresholds):
+    """Numba tree encode; raises ValueError if A holds NaN/Inf (checked in the same pass)."""
     A = _c(A, np.float32)
     dims = _c(dims, np.int32)
     thresholds = _c(thresholds, np.float32)
     out = np.empty((A.shape[0], dims.shape[0]), dtype=np.uint8)
-    _encode_tree(A, dims, thresholds, out)
+    bad = np.zeros((A.shape[0] + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, dtype=np.bool_)
+    ldims = _level_dims(dims)
+    if ldims is not None:
+        _encode_tree_level(A, A.view(np.uint32), ldims, thresholds, out, bad)
+    else:
+        _encode_tree_node(A, A.view(np.uint32), dims, thresholds, out, bad)
+    if bad.any():
+        _raise_nonfinite(A, bad)
     return out
 
 
 def encode_pq(A, centroids, starts):
+    """Numba PQ encode; raises ValueError if A holds NaN/Inf (checked in the same pass)."""
     A = _c(A, np.float32)
     centroids = _c(centroids, np.float32)
     starts = _c(starts, np.int64)
     out = np.empty((A.shape[0], centroids.shape[0]), dtype=np.uint8)
-    _encode_pq(A, centroids, starts, out)
+    bad = np.zeros((A.shape[0] + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, dtype=np.bool_)
+    _encode_pq(A, A.view(np.uint32), centroids, starts, out, bad)
+    if bad.any():
+        _raise_nonfinite(A, bad)
     return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, validate
 
 NLEAVES = 16
 NNODES = 15
@@ -38,8 +38,11 @@ def encode_tree(A, dims, thresholds):
     Returns
     -------
     codes : (N, C) uint8, leaf reached in each tree
+
+    Raises ValueError if A holds NaN or Inf (every encoder checks).
     """
     xp = backend.namespace(A, dims, thresholds)
+    validate.finite_or_raise(A, "A")
     N = A.shape[0]
     C = dims.shape[0]
     codes = xp.empty((N, C), dtype=np.uint8)
@@ -70,6 +73,7 @@ def encode_pq(A, centroids, starts):
         (ties go to the lowest k)
     """
     xp = backend.namespace(A, centroids)
+    validate.finite_or_raise(A, "A")
     starts = [int(s) for s in backend.to_host(starts)]
     C = centroids.shape[0]
     codes = xp.empty((A.shape[0], C), dtype=np.uint8)
