@@ -152,21 +152,13 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16):
     return dims, thresholds, bucket
 
 
-def learn_trees(X, starts, split="level", max_candidates=16, residual="subspace",
-                progress=None):
-    """One tree per subspace, learned greedily on residuals (as the reference learner).
-
-    Codebook c splits on the original columns of subspace c but minimises the SSE
-    of the residual left by codebooks 0..c-1, where each codebook's contribution
-    is its bucket means over all D columns. This lets later codebooks account for
-    what earlier ones already explain (correlated columns).
+def learn_trees(X, starts, split="level", max_candidates=16, progress=None):
+    """One tree per subspace, each minimising the SSE of its own subspace's columns.
 
     Parameters
     ----------
     X : (N, D) float32
     starts : (C + 1,) int, subspace column boundaries
-    residual : "subspace" (SSE of the residual's subspace columns), "full" (all
-        columns) or "none" (plain SSE of the subspace's own columns)
     progress : callable() called after each tree, optional
 
     Returns
@@ -174,26 +166,14 @@ def learn_trees(X, starts, split="level", max_candidates=16, residual="subspace"
     dims : (C, 15) int32, thresholds : (C, 15) float32 (both in X's library),
     codes : (N, C) uint8 training codes
     """
-    from ._lut import bucket_means
     xp = backend.namespace(X)
     C = len(starts) - 1
     dims = np.zeros((C, 2 ** DEPTH - 1), dtype=np.int32)
     thr = np.zeros((C, 2 ** DEPTH - 1), dtype=np.float32)
     codes = xp.empty((X.shape[0], C), dtype=np.uint8)
-    R = X.astype(np.float64) if residual != "none" else None
     for c in range(C):
-        cols = range(int(starts[c]), int(starts[c + 1]))
-        if residual == "subspace":
-            T = R[:, int(starts[c]):int(starts[c + 1])]
-        elif residual == "full":
-            T = R
-        else:
-            T = None
-        dims[c], thr[c], leaves = learn_tree(X, cols, T, split, max_candidates)
-        codes[:, c] = leaves
-        if R is not None:
-            means = bucket_means(leaves[:, None], R.astype(np.float32))[0]   # (K, D)
-            R -= means[leaves.astype(np.int64)]
+        dims[c], thr[c], codes[:, c] = learn_tree(
+            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates)
         if progress is not None:
             progress()
     return xp.asarray(dims), xp.asarray(thr), codes

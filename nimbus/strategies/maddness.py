@@ -10,6 +10,14 @@ from .base import Strategy, subspace_starts
 from .._progress import progress_bar
 
 
+def _reconstruction_sse(A, codes, P):
+    """Training SSE of the rows rebuilt from their codes: ``||A - sum_c P[c, codes_c]||^2``."""
+    R = A.astype(np.float64)
+    for c in range(P.shape[0]):
+        R -= P[c][codes[:, c].astype(np.int64)]
+    return float((R ** 2).sum())
+
+
 class Maddness(Strategy):
     """MADDNESS: a depth-4 hash tree per codebook, prototypes refined by ridge regression.
 
@@ -32,6 +40,10 @@ class Maddness(Strategy):
     split : "level" (paper) or "node"
     ridge : float >= 0, ridge penalty relative to the mean bucket size; 0 gives
         plain least squares (with a tiny jitter), large values shrink to 0
+    refine : int >= 0, passes of block coordinate descent over the trees after the
+        first ridge fit (each tree relearned against what the other codebooks leave
+        unexplained, over all D columns); a pass is kept only if it lowers the
+        training reconstruction error
     max_candidates : int, columns tried per tree level
     quantize : bool, 8-bit LUT (True) or float32 LUT
     random_state : unused by the learner (it is deterministic); kept for the interface
@@ -48,13 +60,12 @@ class Maddness(Strategy):
 
     name = "maddness"
 
-    def __init__(self, ncodebooks=16, *, split="level", ridge=1e-2, max_candidates=16, residual="none", refine=1,
+    def __init__(self, ncodebooks=16, *, split="level", ridge=1e-2, max_candidates=16, refine=1,
                  quantize=True, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
         self.ridge = ridge
         self.max_candidates = max_candidates
-        self.residual = residual
         self.refine = refine
         self.verbose = verbose
 
@@ -63,23 +74,26 @@ class Maddness(Strategy):
         validate.check_choice(self.split, "split", ("level", "node"))
         validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.max_candidates, "max_candidates", lo=1)
-        validate.check_choice(self.residual, "residual", ("subspace", "full", "none"))
         validate.check_int(self.refine, "refine", lo=0)
 
     def _fit(self, A, rng, B):
         C = self.ncodebooks
         self.starts_ = subspace_starts(A.shape[1], C)
         with progress_bar(C, "maddness trees", self.verbose) as bar:
-            self.dims_, self.thresholds_, codes = learn_trees(
-                A, self.starts_, split=self.split, max_candidates=self.max_candidates,
-                residual=self.residual,                 progress=bar.update)
-        self.prototypes_ = ridge_on_codes(codes, A, self.ridge)
+            dims, thr, codes = learn_trees(A, self.starts_, self.split, self.max_candidates,
+                                           progress=bar.update)
+        P = ridge_on_codes(codes, A, self.ridge)
+        err = _reconstruction_sse(A, codes, P)
         for _ in range(self.refine):
             with progress_bar(C, "maddness refine", self.verbose) as bar:
-                self.dims_, self.thresholds_, codes = refine_trees(
-                    A, self.starts_, codes, self.prototypes_, self.split,
-                    self.max_candidates, progress=bar.update)
-            self.prototypes_ = ridge_on_codes(codes, A, self.ridge)
+                dims2, thr2, codes2 = refine_trees(A, self.starts_, codes, P, self.split,
+                                                   self.max_candidates, progress=bar.update)
+            P2 = ridge_on_codes(codes2, A, self.ridge)
+            err2 = _reconstruction_sse(A, codes2, P2)
+            if err2 >= err:       # greedy trees on projected targets can lose: keep the better
+                break
+            dims, thr, codes, P, err = dims2, thr2, codes2, P2, err2
+        self.dims_, self.thresholds_, self.prototypes_ = dims, thr, P
 
     def _encode(self, A):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
