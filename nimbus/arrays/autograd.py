@@ -144,6 +144,13 @@ def _operands(a, b):
     raise TypeError("at least one operand must be a Tensor")
 
 
+def _tensor_arg(a, op):
+    """``a`` itself when it is a Tensor; TypeError naming ``op`` otherwise."""
+    if not isinstance(a, Tensor):
+        raise TypeError(f"{op} expects a Tensor, got {type(a).__name__} (wrap arrays in Tensor(...))")
+    return a
+
+
 def _needs(x) -> bool:
     return isinstance(x, Tensor) and x._requires_grad
 
@@ -534,6 +541,9 @@ def _check_grad(pg, parent, op):
         else:
             raise TypeError(f"backward of {op!r} returned a {type(pg).__name__} as a gradient; "
                             "expected an array or None")
+    if backend.library_name(pg) != backend.library_name(parent.data):
+        raise TypeError(f"backward of {op!r} returned a {backend.library_name(pg)} gradient for a "
+                        f"{backend.library_name(parent.data)} input")
     if tuple(pg.shape) != parent.shape:
         if pg.size == 1 and parent.size == 1:
             pg = pg.reshape(parent.shape)
@@ -580,11 +590,13 @@ class Function:
         y = Square.apply(t)                    # t: Tensor (or raw array); y: Tensor
 
     Positional inputs may be Tensors, raw arrays or scalars; Tensors are unwrapped
-    before ``forward``. ``grad_out`` is a C-contiguous array of the output's shape
-    that other ops may share: read it, never modify it in place. Keyword arguments go to ``forward`` unchanged and get no
-    gradient. ``backward`` runs only when some input needs a gradient, and its
-    results for inputs that need none are ignored; returned gradients must have
-    their input's shape (RuntimeError otherwise) and are cast to its dtype.
+    before ``forward``. Keyword arguments go to ``forward`` unchanged and get no
+    gradient. ``grad_out`` is a C-contiguous array of the output's shape that other
+    ops may share: read it, never modify it in place. ``backward`` runs only when
+    some input needs a gradient (check ``ctx.needs_input_grad`` to skip work), and
+    its results for inputs that need none are ignored; returned gradients must
+    have their input's shape and library (errors name the Function otherwise) and
+    are cast to the input's dtype.
     """
 
     @staticmethod
@@ -673,11 +685,13 @@ def div(a, b):
 
 def neg(a):
     """``-a``."""
+    _tensor_arg(a, "neg")
     return _result(-a.data, (a,), lambda g: (-g,), "neg")
 
 
 def pow(a, exponent):
     """``a ** exponent`` for a real-number exponent (no gradient to the exponent)."""
+    _tensor_arg(a, "pow")
     if isinstance(exponent, Tensor) or _is_array(exponent):
         raise TypeError("only a real-number exponent is supported (x ** 2.0); "
                         "for a tensor exponent write exp(y * log(x))")
@@ -695,8 +709,7 @@ def pow(a, exponent):
 
 
 def _unary(a, fn, name):
-    if not isinstance(a, Tensor):
-        raise TypeError(f"{name} expects a Tensor, got {type(a).__name__}")
+    _tensor_arg(a, name)
     return fn(a.data, a.xp)
 
 
@@ -795,6 +808,7 @@ def matmul(a, b):
 # ------------------------------------------------------------------ reductions
 def sum(a, axis=None, keepdims=False):
     """Sum over ``axis`` (None: all, int, or tuple of ints)."""
+    _tensor_arg(a, "sum")
     axes = _norm_axis(axis, a.ndim)
     shape = a.shape
     xp = a.xp
@@ -809,6 +823,7 @@ def sum(a, axis=None, keepdims=False):
 
 def mean(a, axis=None, keepdims=False):
     """Mean over ``axis`` (None: all, int, or tuple of ints)."""
+    _tensor_arg(a, "mean")
     axes = _norm_axis(axis, a.ndim)
     count = int(np.prod([a.shape[i] for i in axes])) if axes else 1
     shape = a.shape
@@ -824,6 +839,7 @@ def mean(a, axis=None, keepdims=False):
 
 def max(a, axis=None, keepdims=False):
     """Maximum over ``axis``; the gradient goes to the first argmax only (ties: one winner)."""
+    _tensor_arg(a, "max")
     axes = _norm_axis(axis, a.ndim)
     xp = a.xp
     x = a.data
@@ -849,12 +865,14 @@ def max(a, axis=None, keepdims=False):
 # ------------------------------------------------------------------ shape ops
 def reshape(a, shape):
     """View with a new shape (one -1 allowed)."""
+    _tensor_arg(a, "reshape")
     old = a.shape
     return _result(a.data.reshape(shape), (a,), lambda g: (g.reshape(old),), "reshape")
 
 
 def transpose(a, axes=None):
     """Permute axes (``axes=None`` reverses them, as ``.T``)."""
+    _tensor_arg(a, "transpose")
     axes = tuple(range(a.ndim))[::-1] if axes is None else tuple(int(i) % a.ndim for i in axes)
     if sorted(axes) != list(range(a.ndim)):
         raise ValueError(f"axes {axes} are not a permutation of {a.ndim} dimensions")
@@ -882,6 +900,7 @@ def _has_integer_array(index):
 
 def getitem(a, index):
     """``a[index]``: basic slicing, boolean masks and integer arrays (repeats add up)."""
+    _tensor_arg(a, "getitem")
     if isinstance(index, Tensor):
         index = index.data
     elif isinstance(index, tuple):
@@ -906,6 +925,7 @@ def take_rows(a, rows):
 
     Shapes: a (R, ...), rows (B,) int -> (B, ...).
     """
+    _tensor_arg(a, "take_rows")
     rows = _raw(rows)
     xp = a.xp
     if not _is_array(rows):
@@ -962,6 +982,7 @@ def _pad_width(pad_width, ndim):
 
 def pad(a, pad_width, value=0.0):
     """Constant padding, NumPy's ``pad_width`` convention (int, or (before, after) per axis)."""
+    _tensor_arg(a, "pad")
     pw = _pad_width(pad_width, a.ndim)
     xp = a.xp
     inner = tuple(slice(lo, lo + n) for (lo, _), n in zip(pw, a.shape))
@@ -1217,6 +1238,7 @@ def _log_softmax_raw(x, axis, xp):
 
 def log_softmax(a, axis=-1):
     """``x - logsumexp(x, axis)``, computed stably."""
+    _tensor_arg(a, "log_softmax")
     xp = a.xp
     out = _log_softmax_raw(a.data, axis, xp)
 
@@ -1228,6 +1250,7 @@ def log_softmax(a, axis=-1):
 
 def softmax(a, axis=-1):
     """``exp(x) / sum(exp(x), axis)``, computed stably."""
+    _tensor_arg(a, "softmax")
     xp = a.xp
     out = xp.exp(_log_softmax_raw(a.data, axis, xp))
 
@@ -1300,6 +1323,7 @@ def dropout(a, p=0.5, training=True, rng=None):
     ``rng``: a NumPy or CuPy ``Generator`` of ``a``'s library, an int seed, or None.
     Identity when not ``training`` or ``p == 0``.
     """
+    _tensor_arg(a, "dropout")
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if not training or p == 0:

@@ -355,6 +355,10 @@ def test_operand_type_errors(xp):
         x ** x
     with pytest.raises(TypeError):
         x * True
+    with pytest.raises(TypeError, match="sum expects a Tensor"):
+        ag.sum(xp.ones(3))
+    with pytest.raises(TypeError, match="relu expects a Tensor"):
+        ag.relu(xp.ones(3))
 
 
 @pytest.mark.gpu
