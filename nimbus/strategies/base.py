@@ -133,9 +133,12 @@ class Strategy:
             raise ValueError(f"B has {B.shape[0]} rows but the strategy was fitted on "
                              f"{self.n_features_in_} columns")
         self.n_outputs_ = int(B.shape[1])
-        lut = self._prototypes_lut(B)
-        self._set_lut(lut)
+        self._use_B(B)
         return self
+
+    def _use_B(self, B):
+        """Store what applying needs for this (checked) B: here, its LUT."""
+        self._set_lut(self._prototypes_lut(B))
 
     def _set_lut(self, lut):
         """Store a float LUT (C, K, M) and, when ``quantize``, its 8-bit version."""

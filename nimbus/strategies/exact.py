@@ -1,7 +1,6 @@
 """The exact product: the reference, and a NimbusLayer's training mode."""
 from __future__ import annotations
 
-from ..arrays import validate
 from .base import Strategy
 
 
@@ -30,16 +29,9 @@ class Exact(Strategy):
     def _fit(self, A, rng, B):
         pass
 
-    def build_lut(self, B):
-        self._check_fitted("n_features_in_")
-        B = validate.as_matrix(B, "B")
-        if B.shape[0] != self.n_features_in_:
-            raise ValueError(f"B has {B.shape[0]} rows but the strategy was fitted on "
-                             f"{self.n_features_in_} columns")
-        self.n_outputs_ = int(B.shape[1])
+    def _use_B(self, B):
         self._cache = {}
         self.B_ = B
-        return self
 
     def _encode(self, A):
         return A
