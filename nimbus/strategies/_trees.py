@@ -191,15 +191,17 @@ def _top_directions(R, rank, max_rows=8192):
     return vecs[:, ::-1][:, :rank]
 
 
-def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=16,
+def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=32,
                  progress=None):
     """One pass of block coordinate descent over the trees.
 
     With every other codebook's prototypes fixed, codebook c's tree is relearned
     to minimise the SSE of what the others leave unexplained, ``R_c = X - sum_{c'
-    != c} P_c'[codes_c']`` over all D columns (projected on its top ``rank``
-    principal directions when D is larger, to bound the cost), and its
-    prototypes become the bucket means of ``R_c``.
+    != c} P_c'[codes_c']`` over all D columns, and its prototypes become the
+    bucket means of ``R_c``. When D is large the SSE is measured on R_c's own
+    subspace columns plus its projection on the top ``rank`` principal
+    directions of the full residual (one eigendecomposition per pass, so the
+    cost stays linear in C).
 
     Parameters
     ----------
@@ -220,16 +222,16 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
     dims = np.zeros((C, 2 ** DEPTH - 1), dtype=np.int32)
     thr = np.zeros((C, 2 ** DEPTH - 1), dtype=np.float32)
     lookup = lambda c: P[c][codes[:, c].astype(np.int64)]  # noqa: E731
-    recon = sum(lookup(c) for c in range(C))
+    R = X - sum(lookup(c) for c in range(C))          # the residual of all codebooks
+    V = _top_directions(R, rank) if X.shape[1] > 2 * rank else None
     for c in range(C):
-        Rc = X - (recon - lookup(c))
-        T = Rc if Rc.shape[1] <= rank else Rc @ _top_directions(Rc, rank)
-        dims[c], thr[c], leaves = learn_tree(
-            X, range(int(starts[c]), int(starts[c + 1])), T, split, max_candidates)
-        recon -= lookup(c)
+        s, e = int(starts[c]), int(starts[c + 1])
+        Rc = R + lookup(c)                             # what codebook c should explain
+        T = Rc if V is None else xp.concatenate([Rc @ V, Rc[:, s:e]], axis=1)
+        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates)
         codes[:, c] = leaves
         P[c] = bucket_means(leaves[:, None], Rc)[0]
-        recon += lookup(c)
+        R = Rc - lookup(c)
         if progress is not None:
             progress()
     return xp.asarray(dims), xp.asarray(thr), codes
