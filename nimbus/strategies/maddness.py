@@ -98,6 +98,17 @@ class Maddness(Strategy):
     def _encode(self, A):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
 
+    def _apply(self, A):
+        """encode + lookup of checked rows, output dtype = A.dtype. On CuPy with an 8-bit
+        LUT: one fused kernel (codes stay on chip; float16 in, float16 out, no cast pass)."""
+        from ..arrays import backend
+        if self.quantize and backend.is_cupy(A):
+            return kernels.encode_lookup_q(
+                A, self._learned("dims_", A), self._learned("thresholds_", A),
+                self._learned("lut_q_", A), self._learned("lut_scale_", A),
+                self._learned("lut_bias_", A), out_dtype=A.dtype)
+        return super()._apply(A)
+
     def _prototypes_lut(self, B):
         P = self._learned("prototypes_", B)
         C, K, D = P.shape

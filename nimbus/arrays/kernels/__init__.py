@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
+
 from .. import backend, validate
 from . import reference
 
-OPS = ("encode_tree", "encode_pq", "lookup", "lookup_q", "lookup_backward")
+OPS = ("encode_tree", "encode_pq", "lookup", "lookup_q", "lookup_backward", "encode_lookup_q")
 
 _modules = {}
 
@@ -67,6 +69,15 @@ def encode_pq(A, centroids, starts):
 
     Raises ValueError if A holds NaN or Inf."""
     return _checked("encode_pq", A)(A, centroids, starts)
+
+
+def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
+    """MADDNESS apply in one op: ``lookup_q(encode_tree(A, dims, thresholds), ...)``.
+
+    (N, D) float32 (float16 on the GPU), (C, 15) int32, (C, 15) float32, (C, 16, M) uint8,
+    (M,), (M,) -> (N, M) ``out_dtype`` (float32 or float16). On CuPy one fused kernel
+    (codes stay in shared memory). Raises ValueError if A holds NaN or Inf."""
+    return _checked("encode_lookup_q", A)(A, dims, thresholds, lut_q, scale, bias, out_dtype)
 
 
 def lookup(codes, lut):

@@ -149,3 +149,22 @@ def lookup_backward(codes, grad_Y, nbuckets=NLEAVES):
         onehot = (codes[:, c].astype(np.int64)[:, None] == xp.arange(nbuckets)[None, :])
         out[c] = onehot.astype(np.float32).T @ grad_Y.astype(np.float32)
     return out
+
+
+def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
+    """MADDNESS apply: 8-bit LUT sums of the tree codes of A, cast to ``out_dtype``.
+
+    Parameters
+    ----------
+    A : (N, D) float32 (float16 accepted)
+    dims : (C, 15) int32; thresholds : (C, 15) float32 (as :func:`encode_tree`)
+    lut_q : (C, 16, M) uint8; scale, bias : (M,) float32 (as :func:`lookup_q`)
+    out_dtype : float32 or float16
+
+    Returns
+    -------
+    Y : (N, M) ``out_dtype``, ``lookup_q(encode_tree(A, dims, thresholds), lut_q, scale,
+        bias)`` rounded once to ``out_dtype``
+    """
+    Y = lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)
+    return Y.astype(out_dtype, copy=False)
