@@ -32,7 +32,8 @@ def _median_time(fn, repeat):
 
 
 def _data(n, D, rng):
-    r = 32
+    # ReLU of a rank-16 signal plus noise: activation-like rows
+    r = 16
     A = rng.standard_normal((n, r)).astype(np.float32) @ rng.standard_normal((r, D)).astype(np.float32)
     return np.maximum(A + 0.3 * rng.standard_normal((n, D)).astype(np.float32), 0)
 
