@@ -230,6 +230,26 @@ def main(argv=None):
                                                            mode="fused", acc_mode=acc,
                                                            check_finite=False), nbuf)
                     best_acc = min(accs, key=lambda a: r[f"lookup_acc{a}_ms"])
+                    fused_acc = min(accs, key=lambda a: r[f"fused_acc{a}_ms"])
+                    if len(accs) > 1:        # pipeline depth and rows per thread
+                        r["fused_nstage2_ms"] = timer(
+                            lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
+                                                           mode="fused", acc_mode=fused_acc,
+                                                           nstage=2, check_finite=False), nbuf)
+                        for tag2, kw in (("mt256_rpt1_ns2", dict(mt=256, rpt=1, nstage=2)),
+                                         ("rpt1_ns3", dict(rpt=1, nstage=3))):
+                            check_kw = dict(kw)
+                            got = cuda.encode_lookup_q(sl, dims, thr, lq, sc, bi, dt, mode="fused",
+                                                       acc_mode=fused_acc, **check_kw)
+                            if not np.array_equal(backend.to_host(got), want):
+                                raise AssertionError(f"fused {tag2} differs from the reference")
+                            r[f"fused_{tag2}_ms"] = timer(
+                                lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
+                                                               mode="fused", acc_mode=fused_acc,
+                                                               check_finite=False, **kw), nbuf)
+                        r["lookup_rpt2_ms"] = timer(
+                            lambda i: cuda.lookup_q(codes[i], lq, sc, bi, dt, acc_mode=best_acc,
+                                                    rpt=2), nbuf)
                     r["lookup_ms"] = r[f"lookup_acc{best_acc}_ms"]
                     r["split_ms"] = timer(
                         lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
@@ -257,7 +277,11 @@ def main(argv=None):
                     if len(accs) > 1:
                         print("    variants: " + ", ".join(
                             f"lookup acc{a} {r[f'lookup_acc{a}_ms']:.4f} / fused acc{a} "
-                            f"{r[f'fused_acc{a}_ms']:.4f}" for a in accs), flush=True)
+                            f"{r[f'fused_acc{a}_ms']:.4f}" for a in accs)
+                            + f"; fused 2 stages {r['fused_nstage2_ms']:.4f}, fused 256-column "
+                            f"tiles/1 row/2 stages {r['fused_mt256_rpt1_ns2_ms']:.4f}, fused 1 "
+                            f"row/3 stages {r['fused_rpt1_ns3_ms']:.4f}, lookup 2 rows/thread "
+                            f"{r['lookup_rpt2_ms']:.4f}", flush=True)
                 except Exception as exc:          # keep measuring the other configurations
                     r["error"] = f"{type(exc).__name__}: {exc}"
                     print(f"  C={C} {tag}: FAILED {r['error']}", flush=True)

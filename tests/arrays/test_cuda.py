@@ -96,6 +96,27 @@ def test_fused_and_split_dtypes(rng, in_dtype, out_dtype, mode):
 
 
 @gpu
+@pytest.mark.parametrize("M", [33, 34])
+def test_float16_rows_of_any_alignment(rng, M):
+    # rows of 66 or 68 bytes: 2- and 4-byte aligned chunks take the narrow store paths
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 203, 48, 8, M, np.float16)
+    want = _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias, np.float16))
+    for mode in ("fused", "split"):
+        got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, np.float16, mode=mode)
+        np.testing.assert_array_equal(_h(got), want)
+
+
+@gpu
+@pytest.mark.parametrize("nstage", [2, 3])
+def test_fused_pipeline_depths(rng, nstage):
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 3001, 64, 16, 512)
+    got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, mode="fused", nstage=nstage)
+    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias)))
+
+
+@gpu
 @pytest.mark.parametrize("acc_mode", [0, 1, 2])
 @pytest.mark.parametrize("mode", ["fused", "split"])
 def test_accumulation_schemes_are_exact(rng, acc_mode, mode):

@@ -98,6 +98,23 @@ __device__ __forceinline__ void copy16(void* dst, const void* src) {
     *(uint4*)dst = *(const uint4*)src;
 #endif
 }
+// 4- and 8-byte asynchronous copies; `valid` false copies nothing and zero-fills dst.
+__device__ __forceinline__ void copy4(void* dst, const void* src, bool valid) {
+#if USE_CP_ASYNC
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
+#else
+    *(u32*)dst = valid ? *(const u32*)src : 0u;
+#endif
+}
+__device__ __forceinline__ void copy8(void* dst, const void* src, bool valid) {
+#if USE_CP_ASYNC
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 8 : 0) : "memory");
+#else
+    *(uint2*)dst = valid ? *(const uint2*)src : make_uint2(0u, 0u);
+#endif
+}
 __device__ __forceinline__ void async_commit() {
 #if USE_CP_ASYNC
     asm volatile("cp.async.commit_group;" ::: "memory");
@@ -112,6 +129,26 @@ __device__ __forceinline__ void async_wait_prev() {     // all groups but the ne
 #if USE_CP_ASYNC
     asm volatile("cp.async.wait_group 1;" ::: "memory");
 #endif
+}
+#ifdef NSTAGE
+__device__ __forceinline__ void async_wait_pipeline() { // all but the newest NSTAGE-1
+#if USE_CP_ASYNC
+    asm volatile("cp.async.wait_group %0;" :: "n"(NSTAGE - 1) : "memory");
+#endif
+}
+#endif
+
+// Stage `nbytes` contiguous bytes at dst: 16-byte asynchronous copies when `vec` (both
+// addresses 16-byte aligned), the tail (and everything when not `vec`) byte by byte.
+__device__ __forceinline__ void stage_bytes(u8* dst, const u8* __restrict__ src, int nbytes,
+                                            int vec) {
+    int done = 0;
+    if (vec) {
+        const int n16 = nbytes >> 4;
+        for (int i = threadIdx.x; i < n16; i += NT) copy16((uint4*)dst + i, (const uint4*)src + i);
+        done = n16 << 4;
+    }
+    for (int i = done + threadIdx.x; i < nbytes; i += NT) dst[i] = src[i];
 }
 
 // Stage `nrows` consecutive rows of A (row-major, D columns) at `dst`. `vec`: the source
@@ -279,32 +316,56 @@ _LOOKUP_Q_CORE = r"""
 // sit together at 16*tr (one 16-byte load), and byte s of them is output column
 // (s / CH) * TPR * CH + tr * CH + s % CH of the tile: each thread's outputs are NCHK
 // chunks of CH adjacent columns, so a warp's 16-byte stores fill whole segments.
-__device__ __forceinline__ void load_lut_q_tile(u8* lut_s, float* sb_s, const u8* __restrict__ lut_q,
-        const float* __restrict__ scale, const float* __restrict__ bias, int M, int m0,
-        int lut_vec) {
-    const int nchunk = MT / CH;
-    for (int i = threadIdx.x; i < NCB * 16 * nchunk; i += NT) {
-        const int ck = i / nchunk, ch = i - ck * nchunk;
-        const int q = ch / TPR, tr = ch - q * TPR;
-        u8* dst = lut_s + ck * MT + tr * 16 + q * CH;
-        const int m = m0 + ch * CH;
-        const u8* src = lut_q + (long long)ck * M + m;
-        if (lut_vec) {          // M % CH == 0, aligned: a chunk is wholly inside or outside
-#if CH == 4
-            *(u32*)dst = m < M ? *(const u32*)src : 0u;
-#else
-            *(uint2*)dst = m < M ? *(const uint2*)src : make_uint2(0u, 0u);
-#endif
-        } else {
-#pragma unroll
-            for (int e = 0; e < CH; ++e) dst[e] = m + e < M ? src[e] : (u8)0;
+#define SLOT_COL(tr, s) (((s) / CH) * (TPR * CH) + (tr) * CH + ((s) % CH))
+
+// Issue the copies of the tile's LUT (asynchronous in units of `unit` = 8 or 4 bytes, a
+// divisor of M and CH given by the launcher; unit 1: synchronous bytes). Columns past M
+// are zero.
+__device__ __forceinline__ void load_lut_q_tile(u8* lut_s, const u8* __restrict__ lut_q, int M,
+                                                int m0, int unit) {
+    if (unit >= 4) {
+        const int per_row = MT / unit;
+        for (int i = threadIdx.x; i < NCB * 16 * per_row; i += NT) {
+            const int ck = i / per_row, j = (i - ck * per_row) * unit;   // tile column
+            const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
+            u8* dst = lut_s + ck * MT + tr * 16 + q * CH + (j - ch * CH);
+            const bool ok = m0 + j < M;            // a unit is wholly inside or outside
+            const u8* src = ok ? lut_q + (long long)ck * M + m0 + j : lut_q;
+            if (unit == 8) copy8(dst, src, ok); else copy4(dst, src, ok);
+        }
+    } else {
+        for (int i = threadIdx.x; i < NCB * 16 * MT; i += NT) {
+            const int ck = i / MT, j = i - ck * MT;
+            const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
+            lut_s[ck * MT + tr * 16 + q * CH + (j - ch * CH)] =
+                m0 + j < M ? lut_q[(long long)ck * M + m0 + j] : (u8)0;
         }
     }
-    for (int j = threadIdx.x; j < MT; j += NT) {
-        const int m = m0 + j;
-        sb_s[j] = m < M ? scale[m] : 0.f;
-        sb_s[MT + j] = m < M ? bias[m] : 0.f;
+}
+
+// Codes of rows [r0, r0 + nr) into a [RB][CP] buffer. `vec` (CP == NCB, aligned): one
+// contiguous asynchronous copy; else byte by byte (padding columns are left at 0).
+__device__ __forceinline__ void stage_codes(u8* dst, const u8* __restrict__ codes, long long r0,
+                                            int nr, int vec) {
+    const u8* src = codes + r0 * NCB;
+    if (vec) {
+        stage_bytes(dst, src, nr * NCB, 1);
+    } else {
+        for (int i = threadIdx.x; i < nr * NCB; i += NT) {
+            const int r = i / NCB, c = i - r * NCB;
+            dst[r * CP + c] = src[i];
+        }
     }
+}
+
+// Exact float of an integer sum below 2^23 without the (quarter-rate) I2F instruction:
+// the integer becomes the mantissa of 2^23 + x, and 2^23 is subtracted exactly.
+__device__ __forceinline__ float u2f_exact(u32 x) {
+#if NCB * 255 < 8388608
+    return __fsub_rn(__uint_as_float(0x4B000000u | x), 8388608.0f);
+#else
+    return __uint2float_rn(x);
+#endif
 }
 
 __device__ __forceinline__ void mad_u32(u32& acc, u32 x, u32 one) {
@@ -334,20 +395,38 @@ __device__ __forceinline__ void acc_word(u32& a0, u32& a1, u64& aw, u32 x0, u32 
 #endif
 }
 
+// Store CH adjacent outputs at p (all inside the row): the widest stores p's alignment
+// allows (16, 8 or 4 bytes; single values otherwise), so rows whose byte length is not a
+// multiple of 16 (float16 with M = 100, say) still use wide stores where they can.
 __device__ __forceinline__ void store_chunk(float* p, const float* v) {
-#if CH == 4
-    *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
-#endif
+    const unsigned a = (unsigned)(unsigned long long)p;
+    if ((a & 15u) == 0) {
+        *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
+    } else if ((a & 7u) == 0) {
+        *(float2*)p = make_float2(v[0], v[1]);
+        *(float2*)(p + 2) = make_float2(v[2], v[3]);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) p[e] = v[e];
+    }
 }
 __device__ __forceinline__ void store_chunk(u16* p, const float* v) {
-#if CH == 8
-    uint4 o;
-    o.x = (u32)f2h(v[0]) | ((u32)f2h(v[1]) << 16);
-    o.y = (u32)f2h(v[2]) | ((u32)f2h(v[3]) << 16);
-    o.z = (u32)f2h(v[4]) | ((u32)f2h(v[5]) << 16);
-    o.w = (u32)f2h(v[6]) | ((u32)f2h(v[7]) << 16);
-    *(uint4*)p = o;
-#endif
+    u32 w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = (u32)f2h(v[2 * k]) | ((u32)f2h(v[2 * k + 1]) << 16);
+    const unsigned a = (unsigned)(unsigned long long)p;
+    if ((a & 15u) == 0) {
+        *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
+    } else if ((a & 7u) == 0) {
+        *(uint2*)p = make_uint2(w[0], w[1]);
+        *(uint2*)(p + 4) = make_uint2(w[2], w[3]);
+    } else if ((a & 3u) == 0) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) *(u32*)(p + 2 * k) = w[k];
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) { p[2 * k] = (u16)(w[k] & 0xFFFFu); p[2 * k + 1] = (u16)(w[k] >> 16); }
+    }
 }
 
 // Sums over codebooks [cb, ce) (at most 256: 16-bit lanes stay exact) of rows rg + RG*i,
@@ -374,11 +453,11 @@ __device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lu
                 const bool two = c + k + 1 < ce;
 #pragma unroll
                 for (int i = 0; i < RPT; ++i) {
-                    const u32 k0 = (cw[i] >> (8 * k)) & 0xFFu;
+                    const u32 k0 = (cw[i] >> (8 * k)) & 15u;     // codes mod 16: memory safe
                     const uint4 w0 = *(const uint4*)(lut_t + ((c + k) * 16 + k0) * MT);
                     uint4 w1 = make_uint4(0u, 0u, 0u, 0u);
                     if (two) {
-                        const u32 k1 = (cw[i] >> (8 * k + 8)) & 0xFFu;
+                        const u32 k1 = (cw[i] >> (8 * k + 8)) & 15u;
                         w1 = *(const uint4*)(lut_t + ((c + k + 1) * 16 + k1) * MT);
                     }
                     acc_word(a[i][0], a[i][1], aw[i][0], w0.x, w1.x, one);
@@ -409,10 +488,12 @@ __device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lu
 
 // Rows rg + RG*i (i < RPT) of the batch, 16 columns each for thread tr: integer sums of
 // the 8-bit LUT over all codebooks, then y = isum * scale + bias (two roundings, as the
-// reference), stored as OUT_T.
-__device__ __forceinline__ void lookup_q_rows(const u8* lut_s, const float* sb_s,
+// reference), stored as OUT_T. Scale and bias of the thread's slot s are sc[s * SB_STRIDE],
+// bi[s * SB_STRIDE] (registers: stride 1; shared memory: stride TPR).
+template <int SB_STRIDE>
+__device__ __forceinline__ void lookup_q_rows(const u8* lut_s, const float* sc, const float* bi,
         const u8* codes_s, OUT_T* __restrict__ Y, long long row0, int nr, int M, int m0,
-        u32 one, int y_vec) {
+        u32 one) {
     const int tr = threadIdx.x % TPR, rg = threadIdx.x / TPR;
     const u8* lut_t = lut_s + tr * 16;
     u32 tot[RPT][16];
@@ -433,14 +514,14 @@ __device__ __forceinline__ void lookup_q_rows(const u8* lut_s, const float* sb_s
             OUT_T* yrow = Y + (row0 + r) * (long long)M;
 #pragma unroll
             for (int q = 0; q < NCHK; ++q) {
-                const int j0 = q * (TPR * CH) + tr * CH;   // tile column of this chunk
-                const int m = m0 + j0;
+                const int m = m0 + q * (TPR * CH) + tr * CH;   // first column of this chunk
                 float v[CH];
 #pragma unroll
                 for (int e = 0; e < CH; ++e)
-                    v[e] = __fadd_rn(__fmul_rn(__uint2float_rn(tot[i][q * CH + e]), sb_s[j0 + e]),
-                                     sb_s[MT + j0 + e]);
-                if (y_vec && m + CH <= M) {
+                    v[e] = __fadd_rn(__fmul_rn(u2f_exact(tot[i][q * CH + e]),
+                                               sc[(q * CH + e) * SB_STRIDE]),
+                                     bi[(q * CH + e) * SB_STRIDE]);
+                if (m + CH <= M) {
                     store_chunk(yrow + m, v);
                 } else {
 #pragma unroll
@@ -450,87 +531,140 @@ __device__ __forceinline__ void lookup_q_rows(const u8* lut_s, const float* sb_s
         }
     }
 }
+
+// Scale and bias of the tile in shared memory, slot-interleaved: slot s of thread tr at
+// s * TPR + tr (scale) and MT + s * TPR + tr (bias), so the lanes of a warp read adjacent
+// words (no bank conflicts); 0 past M.
+__device__ __forceinline__ void load_scale_bias_smem(float* sb_s, const float* __restrict__ scale,
+                                                     const float* __restrict__ bias, int M, int m0) {
+    for (int j = threadIdx.x; j < MT; j += NT) {
+        const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
+        const int pos = (q * CH + (j - ch * CH)) * TPR + tr;
+        sb_s[pos] = m0 + j < M ? scale[m0 + j] : 0.f;
+        sb_s[MT + pos] = m0 + j < M ? bias[m0 + j] : 0.f;
+    }
+}
+
+// Scale and bias of thread tr's 16 slots (0 past M), kept in registers.
+__device__ __forceinline__ void load_scale_bias(float* sc, float* bi, const float* __restrict__ scale,
+                                                const float* __restrict__ bias, int M, int m0) {
+    const int tr = threadIdx.x % TPR;
+#pragma unroll
+    for (int s = 0; s < 16; ++s) {
+        const int m = m0 + SLOT_COL(tr, s);
+        sc[s] = m < M ? scale[m] : 0.f;
+        bi[s] = m < M ? bias[m] : 0.f;
+    }
+}
 """
 
 _LOOKUP_Q = r"""
 // Thread mapping: blockIdx.y picks a tile of MT columns, whose 8-bit LUT (all codebooks)
 // the block keeps in shared memory; blocks stride over batches of RB rows (blockIdx.x);
-// thread t owns 16 columns (t % TPR) of rows t / TPR + RG * i, i < RPT.
+// thread t owns 16 columns (t % TPR) of rows t / TPR + RG * i, i < RPT. The codes of the
+// next batch arrive by cp.async while the current batch is summed (two buffers).
 extern "C" __global__ void __launch_bounds__(NT)
 lookup_q_kernel(const u8* __restrict__ codes, const u8* __restrict__ lut_q,
                 const float* __restrict__ scale, const float* __restrict__ bias,
-                OUT_T* __restrict__ Y, int N, int M, u32 one, int lut_vec, int y_vec)
+                OUT_T* __restrict__ Y, int N, int M, u32 one, int lut_unit, int codes_vec)
 {
     extern __shared__ __align__(16) u8 smem[];
     u8* lut_s = smem;
     float* sb_s = (float*)(smem + LUT_BYTES);
-    u8* codes_s = smem + LUT_BYTES + 8 * MT;
+    u8* cbuf0 = smem + LUT_BYTES + 8 * MT;
+    u8* cbuf1 = cbuf0 + (RB * CP + 15) / 16 * 16;
     const int m0 = blockIdx.y * MT;
-    load_lut_q_tile(lut_s, sb_s, lut_q, scale, bias, M, m0, lut_vec);
     const int nbatch = (N + RB - 1) / RB;
-    for (int b = blockIdx.x; b < nbatch; b += gridDim.x) {
+    for (int i = threadIdx.x; i < 2 * ((RB * CP + 15) / 16 * 16); i += NT) cbuf0[i] = 0;
+    __syncthreads();                     // zeroed before the asynchronous copies land
+    load_lut_q_tile(lut_s, lut_q, M, m0, lut_unit);
+    load_scale_bias_smem(sb_s, scale, bias, M, m0);      // registers would cost occupancy
+    const float* sc = sb_s + threadIdx.x % TPR;
+    const float* bi = sb_s + MT + threadIdx.x % TPR;
+    int b = blockIdx.x;
+    if (b < nbatch) {
+        const long long r0 = (long long)b * RB;
+        const int nr = (int)((long long)N - r0 < RB ? (long long)N - r0 : RB);
+        stage_codes(cbuf0, codes, r0, nr, codes_vec);
+    }
+    async_commit();
+    for (int it = 0; b < nbatch; ++it, b += gridDim.x) {
+        u8* cur = (it & 1) ? cbuf1 : cbuf0;
+        u8* nxt = (it & 1) ? cbuf0 : cbuf1;
+        __syncthreads();                 // every thread is done with nxt (batch it - 1)
+        const int bn = b + gridDim.x;
+        if (bn < nbatch) {
+            const long long rn = (long long)bn * RB;
+            stage_codes(nxt, codes, rn, (int)((long long)N - rn < RB ? (long long)N - rn : RB),
+                        codes_vec);
+        }
+        async_commit();
+        async_wait_prev();
+        __syncthreads();                 // cur (and on the first pass the LUT) has landed
         const long long row0 = (long long)b * RB;
         const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
-        __syncthreads();               // LUT tile ready / previous batch's codes consumed
-        const u8* src = codes + row0 * NCB;
-        for (int i = threadIdx.x; i < RB * CP; i += NT) {
-            const int r = i / CP, c = i - r * CP;
-            codes_s[i] = (r < nr && c < NCB) ? (u8)(src[r * NCB + c] & 15) : (u8)0;
-        }
-        __syncthreads();
-        lookup_q_rows(lut_s, sb_s, codes_s, Y, row0, nr, M, m0, one, y_vec);
+        lookup_q_rows<TPR>(lut_s, sc, bi, cur, Y, row0, nr, M, m0, one);
     }
 }
 """
 
 _ENCODE_LOOKUP_Q = r"""
 // Thread mapping: blockIdx.y picks a tile of MT columns (its 8-bit LUT stays in shared
-// memory); blocks stride over batches of RB rows. Per batch: the rows of A arrive in
-// shared memory by cp.async one batch ahead (double buffer); thread t encodes the
-// (row, tree) pairs t, t + NT, ... into shared-memory codes; then thread t sums 16
-// columns (t % TPR) of rows t / TPR + RG * i, i < RPT, as lookup_q_kernel does.
-extern "C" __global__ void __launch_bounds__(NT)
+// memory); blocks stride over batches of RB rows. Rows of A arrive in shared memory by
+// cp.async NSTAGE-1 batches ahead (NSTAGE buffers); per batch, thread t checks its share
+// of the tile for NaN/Inf and encodes the (row, tree) pairs t, t + NT, ... into
+// shared-memory codes; then thread t sums 16 columns (t % TPR) of rows t / TPR + RG * i,
+// i < RPT, as lookup_q_kernel does.
+extern "C" __global__ void __launch_bounds__(NT, 1)    // 1 block/SM: the registers may all go
 encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
                        const float* __restrict__ thr, const u8* __restrict__ lut_q,
                        const float* __restrict__ scale, const float* __restrict__ bias,
                        OUT_T* __restrict__ Y, int* __restrict__ flag,
-                       int N, int D, int M, u32 one, int a_vec, int lut_vec, int y_vec)
+                       int N, int D, int M, u32 one, int a_vec, int lut_unit)
 {
     extern __shared__ __align__(16) u8 smem[];
     u8* lut_s = smem;
-    float* sb_s = (float*)(smem + LUT_BYTES);
-    int* dims_s = (int*)(smem + LUT_BYTES + 8 * MT);
-    float* thr_s = (float*)(smem + LUT_BYTES + 8 * MT + NCB * 60);
-    u8* codes_s = smem + ((LUT_BYTES + 8 * MT + NCB * 120 + 15) & ~15);
-    const int off_tiles = (LUT_BYTES + 8 * MT + NCB * 120 + 15) / 16 * 16 + (RB * CP + 15) / 16 * 16;
+    int* dims_s = (int*)(smem + LUT_BYTES);
+    float* thr_s = (float*)(smem + LUT_BYTES + NCB * 60);
+    u8* codes_s = smem + ((LUT_BYTES + NCB * 120 + 15) & ~15);
+    const int off_tiles = (LUT_BYTES + NCB * 120 + 15) / 16 * 16 + (RB * CP + 15) / 16 * 16;
     const int tile_bytes = (RB * D * IN_SIZE + 15) & ~15;
-    IN_T* tile0 = (IN_T*)(smem + off_tiles);
-    IN_T* tile1 = (IN_T*)(smem + off_tiles + tile_bytes);
 
     const int m0 = blockIdx.y * MT;
-    load_lut_q_tile(lut_s, sb_s, lut_q, scale, bias, M, m0, lut_vec);
-    stage_trees(dims_s, thr_s, dims, thr, NCB, D);
-    for (int i = threadIdx.x; i < RB * CP; i += NT) codes_s[i] = 0;   // padding stays 0
     const int nbatch = (N + RB - 1) / RB;
+    for (int i = threadIdx.x; i < RB * CP; i += NT) codes_s[i] = 0;   // padding stays 0
+    stage_trees(dims_s, thr_s, dims, thr, NCB, D);
+    load_lut_q_tile(lut_s, lut_q, M, m0, lut_unit);
+    float sc[16], bi[16];
+    load_scale_bias(sc, bi, scale, bias, M, m0);
+#pragma unroll
+    for (int s = 0; s < NSTAGE - 1; ++s) {        // group s: batch s (group 0 also the LUT)
+        const int bs = blockIdx.x + s * gridDim.x;
+        if (bs < nbatch) {
+            const long long r0 = (long long)bs * RB;
+            stage_rows((IN_T*)(smem + off_tiles + s * tile_bytes), A + r0 * D,
+                       (int)((long long)N - r0 < RB ? (long long)N - r0 : RB), D, a_vec);
+        } else {
+            async_commit();
+        }
+    }
     u32 bad = 0;
     int b = blockIdx.x;
-    if (b < nbatch) {
-        const long long r0 = (long long)b * RB;
-        stage_rows(tile0, A + r0 * D, (int)((long long)N - r0 < RB ? (long long)N - r0 : RB), D, a_vec);
-    }
     for (int it = 0; b < nbatch; ++it, b += gridDim.x) {
-        IN_T* cur = (it & 1) ? tile1 : tile0;
-        IN_T* nxt = (it & 1) ? tile0 : tile1;
-        const int bn = b + gridDim.x;
-        if (bn < nbatch) {
-            // nxt was last read before the second barrier of the previous iteration
-            const long long rn = (long long)bn * RB;
-            stage_rows(nxt, A + rn * D, (int)((long long)N - rn < RB ? (long long)N - rn : RB), D, a_vec);
-            async_wait_prev();
+        // the buffer refilled here was read by the encode of batch it - 1, which ended
+        // before that iteration's second barrier
+        const int bp = b + (NSTAGE - 1) * gridDim.x;
+        if (bp < nbatch) {
+            const long long rp = (long long)bp * RB;
+            stage_rows((IN_T*)(smem + off_tiles + ((it + NSTAGE - 1) % NSTAGE) * tile_bytes),
+                       A + rp * D, (int)((long long)N - rp < RB ? (long long)N - rp : RB), D,
+                       a_vec);
         } else {
-            async_wait_all();
+            async_commit();                        // an empty group keeps the count uniform
         }
-        __syncthreads();               // cur has landed; previous lookups done with codes_s
+        async_wait_pipeline();
+        __syncthreads();               // batch it has landed; lookups of it - 1 are done
+        const IN_T* cur = (const IN_T*)(smem + off_tiles + (it % NSTAGE) * tile_bytes);
         const long long row0 = (long long)b * RB;
         const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
         bad |= scan_tile(cur, nr, D, a_vec);
@@ -540,8 +674,9 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
                                          : (u8)0;
         }
         __syncthreads();
-        lookup_q_rows(lut_s, sb_s, codes_s, Y, row0, nr, M, m0, one, y_vec);
+        lookup_q_rows<1>(lut_s, sc, bi, codes_s, Y, row0, nr, M, m0, one);
     }
+    async_wait_all();
     if (bad) atomicOr(flag, 1);
 }
 """
@@ -935,15 +1070,15 @@ def _pow2_at_least(x):
     return p
 
 
-def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET):
+def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET, acc_mode=1):
     """(MT, RPT, RB, smem) for the 8-bit lookup kernel, or None when it does not fit.
 
     MT (column tile): the widest power of two from 16 to 512 columns whose LUT fits
     ``budget`` bytes and that M needs; RPT rows per thread (1 past 256 codebooks, where
     32-bit totals take the registers); RB rows per batch.
     """
-    if rpt is None:
-        rpt = 1 if C > 256 else 4
+    if rpt is None:      # scheme 2 keeps 64-bit sums: half the rows per thread
+        rpt = 1 if C > 256 else (2 if acc_mode == 2 else 4)
     if mt is None:
         mt = 16
         top = min(512, max(16, _pow2_at_least(M)), nt * 16)
@@ -952,10 +1087,21 @@ def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET):
     if mt % 16 or mt & (mt - 1) or mt // 16 > nt:
         raise ValueError(f"column tile {mt} must be a power of two from 16 to {nt * 16}")
     rb = nt // (mt // 16) * rpt
-    smem = C * 16 * mt + 8 * mt + (rb * ((C + 3) // 4 * 4) + 15) // 16 * 16
+    smem = C * 16 * mt + 8 * mt + 2 * ((rb * ((C + 3) // 4 * 4) + 15) // 16 * 16)  # LUT, scale
+    # and bias, two code buffers
     if smem > dev["smem_optin"]:
         return None
     return mt, rpt, rb, smem
+
+
+def _lut_unit(lut_q, M, out_dt):
+    """Bytes per asynchronous LUT copy: 8 or 4 when that divides M, the output chunk (4
+    columns for float32 output, 8 for float16) and the LUT's address; else 1 (bytes)."""
+    ch = 16 // out_dt.itemsize
+    for unit in (8, 4):
+        if unit <= ch and M % unit == 0 and lut_q.data.ptr % unit == 0:
+            return unit
+    return 1
 
 
 def _unroll_c(C):
@@ -1098,21 +1244,20 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
         return Y
     with cp.cuda.Device(dev_id):
         dev = device_info(dev_id)
-        cfg = _q_config(C, M, dev, mt, rpt)
+        cfg = _q_config(C, M, dev, mt, rpt, acc_mode=acc_mode)
         if cfg is None or (M + cfg[0] - 1) // cfg[0] > 65535:
             return reference.lookup_q(codes, lut_q, scale, bias).astype(out_dt, copy=False)
         MT, RPT, RB, smem = cfg
-        ch = 16 // out_dt.itemsize
-        lut_vec = int(_aligned(lut_q) and M % ch == 0)
-        y_vec = int(_aligned(Y) and (M * out_dt.itemsize) % 16 == 0)
+        codes_vec = int(C % 4 == 0 and _aligned(codes))
         kern = _kernel("lookup_q_kernel", dev_id, OUT=out_dt, NCB=C, MT=MT, RPT=RPT,
-                       ACC_MODE=acc_mode, UNROLL_C=_unroll_c(C))
+                       ACC_MODE=acc_mode, USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C))
         gy = (M + MT - 1) // MT
         nbatch = (N + RB - 1) // RB
         per_sm = _blocks_per_sm(kern, NT, smem, dev)
         gx = max(1, min(nbatch, -(-dev["sms"] * per_sm // gy)))
         _launch(kern, (gx, gy), NT, (codes, lut_q, scale, bias, Y, np.int32(N), np.int32(M),
-                                     np.uint32(1), np.int32(lut_vec), np.int32(y_vec)), smem, dev)
+                                     np.uint32(1), np.int32(_lut_unit(lut_q, M, out_dt)),
+                                     np.int32(codes_vec)), smem, dev)
     return Y
 
 
@@ -1218,33 +1363,31 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
 
 
 # --------------------------------------------------------------------------- fused apply
-def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None):
-    """(NT, MT, RPT, RB, smem) of the fused kernel, or None when it would not fit.
+def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None):
+    """(NT, MT, RPT, RB, NSTAGE, smem) of the fused kernel, or None when it would not fit.
 
-    Prefers the fewest column tiles (each tile re-encodes its rows), then 2 rows per
-    thread; the budget is the device's opt-in shared memory per block."""
-    cands = []
+    Prefers the fewest column tiles (each tile re-encodes its rows), then 3 stages of A
+    tiles (two batches in flight while one is worked on), then 2 rows per thread; the
+    budget is the device's opt-in shared memory per block."""
     tops = [mt] if mt else [t for t in (512, 256, 128, 64, 32, 16)
                             if t <= max(16, _pow2_at_least(M))]
+    cp_ = (C + 3) // 4 * 4
     for t in tops:
-        for r in ([rpt] if rpt else ([1] if C > 256 else [2, 1])):
-            cands.append((t, r))
-    for t, r in cands:
-        nt = 512 if t // 16 >= 32 else NT
-        tpr = t // 16
-        if tpr > nt:
-            continue
-        rb = nt // tpr * r
-        cp_ = (C + 3) // 4 * 4
-        head = (C * 16 * t + 8 * t + C * 120 + 15) // 16 * 16 + (rb * cp_ + 15) // 16 * 16
-        smem = head + 2 * ((rb * D * in_size + 15) // 16 * 16)
-        if smem <= dev["smem_optin"]:
-            return nt, t, r, rb, smem
+        for ns in ([nstage] if nstage else [3, 2]):
+            for r in ([rpt] if rpt else ([1] if C > 256 else [2, 1])):
+                nt = 512 if t // 16 >= 32 else NT
+                if t // 16 > nt:
+                    continue
+                rb = nt // (t // 16) * r
+                head = (C * 16 * t + C * 120 + 15) // 16 * 16 + (rb * cp_ + 15) // 16 * 16
+                smem = head + ns * ((rb * D * in_size + 15) // 16 * 16)
+                if smem <= dev["smem_optin"]:
+                    return nt, t, r, rb, ns, smem
     return None
 
 
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32, *,
-                    mode="auto", acc_mode=1, mt=None, rpt=None, check_finite=True):
+                    mode="auto", acc_mode=1, mt=None, rpt=None, nstage=None, check_finite=True):
     """MADDNESS apply: ``lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)``.
 
     Parameters
@@ -1255,7 +1398,7 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     out_dtype : float32 or float16
     mode : "auto" (fused kernel when its tiles fit in shared memory and M needs at
         most 2 column tiles, else encode + lookup kernels), "fused" or "split"
-    acc_mode, mt, rpt : kernel variant (see :func:`lookup_q`)
+    acc_mode, mt, rpt : kernel variant (see :func:`lookup_q`); nstage: A tiles in flight + 1
     check_finite : bool, raise ValueError if A holds NaN/Inf
 
     Returns
@@ -1276,7 +1419,7 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     with cp.cuda.Device(dev_id):
         dev = device_info(dev_id)
         if mode != "split" and lut_q.shape[1] == 16 and C > 0 and N > 0 and M > 0:
-            cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt)
+            cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage)
             if cfg is not None and mode == "auto" and (M + cfg[1] - 1) // cfg[1] > 2:
                 cfg = None
             if cfg is not None and (M + cfg[1] - 1) // cfg[1] > 65535:
@@ -1285,22 +1428,19 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
             codes = encode_tree(A, dims, thresholds, check_finite=check_finite)
             return lookup_q(codes, lut_q, scale, bias, out_dt, acc_mode=acc_mode, mt=mt,
                             rpt=rpt)
-        nt, MT, RPT, RB, smem = cfg
+        nt, MT, RPT, RB, NS, smem = cfg
         Y = cp.empty((N, M), dtype=out_dt)
         flag = cp.zeros(1, dtype=np.int32)
-        ch = 16 // out_dt.itemsize
         a_vec = int(_aligned(A) and (D * A.itemsize) % 16 == 0)
-        lut_vec = int(_aligned(lut_q) and M % ch == 0)
-        y_vec = int(_aligned(Y) and (M * out_dt.itemsize) % 16 == 0)
         kern = _kernel("encode_lookup_q_kernel", dev_id, IN=A.dtype, OUT=out_dt, NT=nt, NCB=C,
-                       MT=MT, RPT=RPT, ACC_MODE=acc_mode, USE_CP_ASYNC=dev["cc"] >= 80,
-                       UNROLL_C=_unroll_c(C))
+                       MT=MT, RPT=RPT, NSTAGE=NS, ACC_MODE=acc_mode,
+                       USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C))
         gy = (M + MT - 1) // MT
         nbatch = (N + RB - 1) // RB
         gx = max(1, min(nbatch, -(-dev["sms"] * _blocks_per_sm(kern, nt, smem, dev) // gy)))
         _launch(kern, (gx, gy), nt, (A, dims, thresholds, lut_q, scale, bias, Y, flag,
                                      np.int32(N), np.int32(D), np.int32(M), np.uint32(1),
-                                     np.int32(a_vec), np.int32(lut_vec), np.int32(y_vec)),
+                                     np.int32(a_vec), np.int32(_lut_unit(lut_q, M, out_dt))),
                 smem, dev)
         if check_finite:
             _raise_if_flagged(flag, A)
