@@ -14,6 +14,9 @@ def register(cls):
     return cls
 
 
+from .dm import DM; register(DM)  # noqa: E402,E702  (differentiable MADDNESS)
+
+
 def _load(meta, arrays):
     cls = REGISTRY.get(meta.get("class"))
     if cls is None:

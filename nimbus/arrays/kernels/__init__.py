@@ -93,3 +93,66 @@ def lookup_q(codes, lut_q, scale, bias):
 def lookup_backward(codes, grad_Y, nbuckets=16):
     """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows."""
     return implementation("lookup_backward", codes)(codes, grad_Y, nbuckets)
+
+
+# ---------------------------------------------------------------- differentiable MADDNESS
+# Appended ops (the ops above are unchanged). NumPy: the Numba encode/lookup/
+# lookup_backward kernels above plus the fused Numba node backward of dm_cpu; CuPy: the
+# RawKernels of dm_cuda, or the plain-xp oracle dm_reference when they are absent.
+DM_OPS = ("dm_forward", "dm_backward")
+_dm_gpu_module = None       # dm_cuda once imported; False if it cannot be
+
+
+def _dm_gpu():
+    global _dm_gpu_module
+    if _dm_gpu_module is None:
+        try:
+            _dm_gpu_module = importlib.import_module(f"{__name__}.dm_cuda")
+        except ImportError:
+            _dm_gpu_module = False
+    return _dm_gpu_module or None
+
+
+def dm_forward(A, dims, thresholds, lut):
+    """Hard DM forward: the trees' codes and the LUT sum (bitwise encode_tree + lookup).
+
+    (N, D) float32, (C, 15) int32, (C, 15) float32, (C, 16, M) float32 ->
+    (codes (N, C) uint8, Y (N, M) float32). The NumPy path raises ValueError on
+    NaN/Inf in A (the encoder's fused check); the GPU path does not check.
+    """
+    from . import dm_reference
+    if backend.is_cupy(A):
+        mod = _dm_gpu()
+        return (mod or dm_reference).dm_forward(A, dims, thresholds, lut)
+    codes = encode_tree(A, dims, thresholds)
+    return codes, lookup(codes, lut)
+
+
+def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
+                need_a=True, need_t=True, need_lut=True):
+    """Surrogate gradients of the DM op (semantics in :mod:`.dm_reference`).
+
+    Parameters
+    ----------
+    A : (N, D) float32; dims : (C, 15) int32; thresholds, inv_tau : (C, 15) float32
+    lut : (C, 16, M) float32; codes : (N, C) uint8 (the forward's); grad_Y : (N, M) float32
+    inv_temp : float, 1 / softmax temperature
+    need_a, need_t, need_lut : which gradients to compute
+
+    Returns
+    -------
+    (grad_A (N, D) | None, grad_t (C, 15) | None, grad_lut (C, 16, M) | None), float32
+    """
+    from . import dm_reference
+    if backend.is_cupy(A):
+        mod = _dm_gpu() or dm_reference
+        return mod.dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
+                               need_a, need_t, need_lut)
+    from . import dm_cpu
+    grad_lut = lookup_backward(codes, grad_Y) if need_lut else None
+    grad_A = grad_t = None
+    if need_a or need_t:
+        G = dm_reference.leaf_gradients(grad_Y, lut)          # one BLAS product
+        grad_A, grad_t = dm_cpu.node_backward(A, dims, thresholds, inv_tau, G, inv_temp, need_a)
+        grad_t = grad_t if need_t else None
+    return grad_A, grad_t, grad_lut

@@ -1,0 +1,331 @@
+"""Differentiable MADDNESS (DM): MADDNESS trees and LUT trained by backpropagation.
+
+Forward is exactly the hard MADDNESS op: depth-4 trees pick one of 16 LUT rows per
+codebook and the rows are summed. Backward uses surrogate gradients:
+
+* a node decision ``s = sign(x[dim] - t)`` passes gradient as
+  ``tanh'((x - t) / tau) / tau`` to x and, negated, to t;
+* leaf scores ``b = s @ P^T`` with the fixed 16 x 15 path matrix P (+1 right, -1
+  left, 0 off path); the forward's one-hot leaf is differentiated as
+  ``softmax(b / T)``;
+* the LUT gradient is the exact scatter-add of the output gradient.
+
+No O(C^2) selection matrix and no N x M x C tensor is ever made: the node values
+are gathered, P is shared by all trees, and the leaf gradients come from one
+matmul ``grad_Y @ LUT_flat^T`` (kernels ``dm_forward`` / ``dm_backward``).
+
+``tau`` is relative: each node uses ``tau * scale`` where ``scale`` is the standard
+deviation of the node's column on the rows DM was initialised from, so one value
+suits raw pixels and normalised activations alike.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..arrays import backend, kernels, validate
+from ..arrays.autograd import Function, Tensor
+from .base import NBUCKETS, Strategy, subspace_starts
+
+NNODES = 15
+
+
+class DMFunction(Function):
+    """The DM op as an autograd Function: ``Y = DMFunction.apply(x, thresholds, lut, ...)``.
+
+    Positional inputs (Tensors or raw arrays of one library):
+    x : (N, D) float32; thresholds : (C, 15) float32; lut : (C, 16, M) float32.
+    Keyword arguments (no gradient): dims : (C, 15) int32; inv_tau : (C, 15) float32
+    (1 / tau per node); inv_temp : float (1 / T).
+    Output: Y (N, M) float32, exactly the hard trees + LUT sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x, thresholds, lut, *, dims, inv_tau, inv_temp):
+        codes, Y = kernels.dm_forward(x, dims, thresholds, lut)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, thresholds, lut, codes)
+            ctx.dims, ctx.inv_tau, ctx.inv_temp = dims, inv_tau, inv_temp
+        return Y
+
+    @staticmethod
+    def backward(ctx, grad_Y):
+        x, thresholds, lut, codes = ctx.saved
+        need_a, need_t, need_lut = ctx.needs_input_grad
+        return kernels.dm_backward(x, ctx.dims, thresholds, ctx.inv_tau, lut, codes, grad_Y,
+                                   ctx.inv_temp, need_a=need_a, need_t=need_t, need_lut=need_lut)
+
+
+def _init_name(init):
+    from . import REGISTRY
+    if init == "auto":
+        return "joint" if "joint" in REGISTRY else "maddness"
+    if init not in ("joint", "maddness"):
+        raise ValueError(f"init must be 'auto', 'joint' or 'maddness', got {init!r}")
+    if init not in REGISTRY:
+        raise ValueError(f"init={init!r} is not available (no such strategy registered)")
+    return init
+
+
+class DM(Strategy):
+    """Differentiable MADDNESS (see the module docstring).
+
+    Parameters
+    ----------
+    ncodebooks : int, C (1 <= C <= D)
+    tau : float > 0, width of the node surrogate, relative to each node column's
+        standard deviation
+    temperature : float > 0, T of the leaf softmax (in units of leaf scores,
+        which differ by 2 per disagreeing node)
+    init : "auto" (joint bucketing when available, else MADDNESS), "joint" or
+        "maddness": the tree and LUT DM starts from
+    split : "node" (every node picks its column: same encode cost, better fit) or
+        "level", passed to the initial tree learner
+    init_params : dict, optional, more hyperparameters of the initial tree learner
+        (e.g. ``{"refine": 0}`` for a faster MADDNESS fit)
+    epochs : int >= 0, epochs of standalone training in ``fit`` that minimise
+        ``||A B - DM(A)||^2`` (0: ``fit`` only initialises; a NimbusLayer trains DM
+        inside a network instead)
+    lr : float > 0, Adam step of the standalone training, relative to the
+        parameters' scales (see :meth:`param_scales`)
+    batch_size : int, rows per standalone training step
+    random_state : None, int or RandomState
+    verbose : bool, progress bars
+
+    Learned attributes
+    ------------------
+    n_features_in_ : D; n_outputs_ : M
+    starts_ : (C + 1,) int64 subspace boundaries
+    dims_ : (C, 15) int32, thresholds_ : (C, 15) float32 (heap-ordered nodes)
+    node_scale_ : (C, 15) float32, tau's unit per node
+    lut_ : (C, 16, M) float32 (trained in place by an optimizer)
+    init_ : str, the strategy DM was initialised from
+    """
+
+    name = "dm"
+
+    def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
+                 init_params=None, epochs=0, lr=1e-3, batch_size=256, random_state=None,
+                 verbose=False):
+        super().__init__(ncodebooks, quantize=False, random_state=random_state)
+        self.tau = tau
+        self.temperature = temperature
+        self.init = init
+        self.split = split
+        self.init_params = init_params
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.verbose = verbose
+
+    def _check_params(self):
+        super()._check_params()
+        validate.check_float(self.tau, "tau", 0.0, lo_open=True)
+        validate.check_float(self.temperature, "temperature", 0.0, lo_open=True)
+        _init_name(self.init)
+        validate.check_choice(self.split, "split", ("level", "node"))
+        if self.init_params is not None and not isinstance(self.init_params, dict):
+            raise TypeError(f"init_params must be a dict or None, got {self.init_params!r}")
+        validate.check_int(self.epochs, "epochs", lo=0)
+        validate.check_float(self.lr, "lr", 0.0, lo_open=True)
+        validate.check_int(self.batch_size, "batch_size", lo=1)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, A, B=None):
+        """Initialise trees and LUT from rows ``A`` and weights ``B`` (then train if ``epochs``).
+
+        Parameters
+        ----------
+        A : (N, D) array of real numbers (NumPy or CuPy), coerced to float32; N >= 16
+        B : (D, M) array of real numbers; required (the LUT is ``prototypes @ B``)
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        if B is None:
+            raise ValueError("DM.fit needs B: the LUT is learned for a given weight matrix")
+        A = validate.as_matrix(A, "A", min_rows=NBUCKETS)
+        B = backend.like(validate.as_matrix(B, "B"), A)
+        validate.check_inner(A, B)
+        self._reset()
+        rng = validate.random_state(self.random_state)
+        tree = self._initial_tree(rng).fit(A, B)
+        self._take_tree(tree, A)
+        if self.epochs:
+            with backend.blas_single_thread(A):
+                self._train_standalone(A, B, rng)
+        return self
+
+    def _initial_tree(self, rng):
+        from . import REGISTRY
+        name = _init_name(self.init)
+        cls = REGISTRY[name]
+        wanted = {"ncodebooks": self.ncodebooks, "quantize": False, "split": self.split,
+                  "random_state": rng, "verbose": self.verbose}
+        names = cls._param_names()
+        params = {k: v for k, v in wanted.items() if k in names}
+        for k, v in (self.init_params or {}).items():
+            if k not in names:
+                raise ValueError(f"init_params: {name} has no parameter {k!r}; its parameters: "
+                                 f"{', '.join(names)}")
+            params[k] = v
+        return cls(**params)
+
+    @classmethod
+    def from_tree(cls, tree, A=None, **params):
+        """A DM that starts from a fitted tree strategy (MADDNESS or joint).
+
+        Parameters
+        ----------
+        tree : fitted Strategy with ``dims_`` (C, 15), ``thresholds_`` (C, 15), ``lut_`` (C, 16, M)
+        A : (N, D) array, optional: rows that set each node's tau unit (column
+            standard deviations); without it every unit is 1
+        **params : DM hyperparameters (tau, temperature, ...)
+        """
+        for attr in ("dims_", "thresholds_", "lut_"):
+            if not hasattr(tree, attr):
+                raise TypeError(f"DM.from_tree needs a fitted tree strategy (maddness or joint) "
+                                f"with a LUT; {type(tree).__name__} has no {attr}")
+        dm = cls(ncodebooks=int(tree.dims_.shape[0]), **params)
+        dm._check_params()
+        dm._reset()
+        if A is not None:
+            A = validate.as_matrix(A, "A")
+            A = backend.like(A, tree.dims_)
+        dm._take_tree(tree, A)
+        return dm
+
+    def _take_tree(self, tree, A):
+        """Copy the tree and float LUT of ``tree``; node scales from rows ``A`` (or 1)."""
+        xp = backend.namespace(tree.lut_)
+        self.n_features_in_ = int(tree.n_features_in_)
+        self.n_outputs_ = int(tree.lut_.shape[2])
+        C = int(tree.dims_.shape[0])
+        starts = getattr(tree, "starts_", None)
+        self.starts_ = (np.asarray(backend.to_host(starts), dtype=np.int64) if starts is not None
+                        else subspace_starts(self.n_features_in_, C))
+        self.dims_ = xp.ascontiguousarray(xp.asarray(tree.dims_), dtype=np.int32).copy()
+        self.thresholds_ = xp.ascontiguousarray(xp.asarray(tree.thresholds_),
+                                                dtype=np.float32).copy()
+        self.lut_ = xp.ascontiguousarray(tree.lut_, dtype=np.float32).copy()
+        if A is not None:
+            std = A.std(axis=0).astype(np.float32)
+            floor = np.float32(1e-3) * std.mean() + np.float32(1e-12)    # constant columns
+            self.node_scale_ = xp.maximum(std, floor)[self.dims_]
+        else:
+            self.node_scale_ = xp.ones(self.dims_.shape, dtype=np.float32)
+        self.node_scale_ = xp.ascontiguousarray(self.node_scale_, dtype=np.float32)
+        self.init_ = getattr(tree, "name", type(tree).__name__)
+        self._tensors = None
+
+    def build_lut(self, B):
+        raise NotImplementedError("DM learns its LUT for the B it was fitted with; fit again "
+                                  "(or start from a tree strategy with DM.from_tree) for a new B")
+
+    # ------------------------------------------------------------- autograd
+    def parameters(self):
+        """The trainable tensors ``[thresholds (C, 15), lut (C, 16, M)]``.
+
+        They share memory with ``thresholds_`` and ``lut_``: an optimizer's in-place
+        update changes the strategy. The same Tensor objects are returned until the
+        arrays are replaced (for instance by moving the strategy to another device).
+        """
+        self._check_fitted("lut_")
+        t = getattr(self, "_tensors", None)
+        if t is None or t[0].data is not self.thresholds_ or t[1].data is not self.lut_:
+            t = (Tensor(self.thresholds_, requires_grad=True), Tensor(self.lut_, requires_grad=True))
+            self._tensors = t
+        return list(t)
+
+    def param_scales(self):
+        """Typical magnitudes ``(threshold_scale, lut_scale)`` (floats) of the parameters.
+
+        Adam moves every parameter by about ``lr`` per step whatever its units, so
+        trainers multiply a relative learning rate by these: the mean node scale
+        (column standard deviation) for the thresholds and the LUT's standard
+        deviation for the LUT.
+        """
+        self._check_fitted("lut_")
+        thr = float(self.node_scale_.mean())
+        lut = float(self.lut_.std()) or 1.0
+        return thr, lut
+
+    def optimizers(self, lr):
+        """Two Adam optimizers, thresholds and LUT, with ``lr`` scaled by :meth:`param_scales`."""
+        from ..arrays.optim import Adam
+        thr, lut = self.parameters()
+        s_thr, s_lut = self.param_scales()
+        return [Adam([thr], lr=lr * s_thr), Adam([lut], lr=lr * s_lut)]
+
+    def inv_tau(self):
+        """(C, 15) float32: ``1 / (tau * node_scale_)``, per node."""
+        return (np.float32(1.0) / (np.float32(self.tau) * self.node_scale_)).astype(np.float32)
+
+    def forward(self, x):
+        """The DM op on a Tensor ``x`` (N, D): a Tensor (N, M) with surrogate gradients
+        to x, the thresholds and the LUT."""
+        self._check_fitted("lut_")
+        thr, lut = self.parameters()
+        self._cache = {}          # the LUT changes in place while training: drop device copies
+        return DMFunction.apply(x, thr, lut, dims=self.dims_, inv_tau=self.inv_tau(),
+                                inv_temp=1.0 / float(self.temperature))
+
+    # ------------------------------------------------------------- applying
+    def _encode(self, A):
+        return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
+
+    def _lookup(self, codes):
+        return kernels.lookup(codes, self._learned("lut_", codes))
+
+    def _apply(self, A):
+        _, Y = kernels.dm_forward(A, self._learned("dims_", A), self._learned("thresholds_", A),
+                                  self._learned("lut_", A))
+        return Y if Y.dtype == A.dtype else Y.astype(A.dtype)
+
+    def harden(self, quantize=True):
+        """A plain :class:`~nimbus.strategies.Maddness` with the trained trees and LUT.
+
+        Its output equals this DM's forward exactly (``quantize=False``), or with the
+        LUT in 8 bits (``quantize=True``: per-codebook offset, shared scale, exact
+        integer sums). It has no prototypes: a LUT for another B needs a new fit.
+        """
+        from .maddness import Maddness
+        self._check_fitted("lut_")
+        xp = backend.namespace(self.lut_)
+        level = all(bool((self.dims_[:, 2 ** l - 1:2 ** (l + 1) - 1]
+                          == self.dims_[:, 2 ** l - 1:2 ** l]).all()) for l in range(4))
+        m = Maddness(ncodebooks=self.ncodebooks, split="level" if level else "node",
+                     quantize=bool(quantize), random_state=self.random_state)
+        m._reset()
+        m.n_features_in_ = self.n_features_in_
+        m.n_outputs_ = self.n_outputs_
+        m.starts_ = np.array(self.starts_, dtype=np.int64)
+        m.dims_ = xp.array(self.dims_, dtype=np.int32, copy=True)
+        m.thresholds_ = xp.array(self.thresholds_, dtype=np.float32, copy=True)
+        m._set_lut(xp.array(self.lut_, dtype=np.float32, copy=True))
+        return m
+
+    # ------------------------------------------------------------- standalone
+    def _train_standalone(self, A, B, rng):
+        """Adam on ``mean ||A B - DM(A)||^2 / mean ||A B||^2`` over shuffled batches."""
+        from .._progress import progress_bar
+        xp = backend.namespace(A)
+        Y = A @ B
+        denom = float((Y * Y).mean()) or 1.0
+        opts = self.optimizers(self.lr)
+        N = A.shape[0]
+        bs = min(self.batch_size, N)
+        with progress_bar(self.epochs, "dm standalone", self.verbose) as bar:
+            for _ in range(self.epochs):
+                perm = xp.asarray(rng.permutation(N))
+                for s in range(0, N, bs):
+                    idx = perm[s:s + bs]
+                    for opt in opts:
+                        opt.zero_grad()
+                    diff = self.forward(Tensor(A[idx])) - Y[idx]
+                    loss = (diff * diff).mean() * (1.0 / denom)
+                    loss.backward()
+                    for opt in opts:
+                        opt.step()
+                bar.update()
