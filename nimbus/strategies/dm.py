@@ -104,7 +104,7 @@ class DM(Strategy):
     name = "dm"
 
     def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
-                 init_params=None, epochs=0, lr=1e-3, batch_size=256, random_state=None,
+                 init_params=None, epochs=0, lr=1e-2, batch_size=256, random_state=None,
                  verbose=False):
         super().__init__(ncodebooks, quantize=False, random_state=random_state)
         self.tau = tau
@@ -153,8 +153,32 @@ class DM(Strategy):
         tree = self._initial_tree(rng).fit(A, B)
         self._take_tree(tree, A)
         if self.epochs:
-            with backend.blas_single_thread(A):
-                self._train_standalone(A, B, rng)
+            self.train(A, B, rng=rng)
+        return self
+
+    def train(self, A, B, epochs=None, rng=None):
+        """Standalone training: Adam on ``mean ||A B - DM(A)||^2 / mean ||A B||^2``.
+
+        Parameters
+        ----------
+        A : (N, D) rows, B : (D, M) weights (the B DM was fitted with)
+        epochs : int, default ``self.epochs``
+        rng : RandomState for the shuffling (default from ``random_state``)
+
+        Returns
+        -------
+        self
+        """
+        self._check_fitted("lut_")
+        A = validate.as_matrix(A, "A")
+        B = backend.like(validate.as_matrix(B, "B"), A)
+        validate.check_inner(A, B)
+        if B.shape[1] != self.n_outputs_:
+            raise ValueError(f"B has {B.shape[1]} columns but the LUT has {self.n_outputs_}")
+        epochs = self.epochs if epochs is None else validate.check_int(epochs, "epochs", lo=0)
+        rng = validate.random_state(self.random_state) if rng is None else rng
+        with backend.blas_single_thread(A):
+            self._train_standalone(A, B, rng, epochs)
         return self
 
     def _initial_tree(self, rng):
@@ -307,7 +331,7 @@ class DM(Strategy):
         return m
 
     # ------------------------------------------------------------- standalone
-    def _train_standalone(self, A, B, rng):
+    def _train_standalone(self, A, B, rng, epochs):
         """Adam on ``mean ||A B - DM(A)||^2 / mean ||A B||^2`` over shuffled batches."""
         from .._progress import progress_bar
         xp = backend.namespace(A)
@@ -316,8 +340,8 @@ class DM(Strategy):
         opts = self.optimizers(self.lr)
         N = A.shape[0]
         bs = min(self.batch_size, N)
-        with progress_bar(self.epochs, "dm standalone", self.verbose) as bar:
-            for _ in range(self.epochs):
+        with progress_bar(epochs, "dm standalone", self.verbose) as bar:
+            for _ in range(epochs):
                 perm = xp.asarray(rng.permutation(N))
                 for s in range(0, N, bs):
                     idx = perm[s:s + bs]

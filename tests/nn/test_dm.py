@@ -1,0 +1,278 @@
+"""Differentiable MADDNESS: exact hard forward, surrogate backward, harden(), GPU kernels.
+
+The backward is checked three ways: against a slow reference written the obvious
+way (explicit path matrix, full softmax, loops over rows and trees), by finite
+differences of the surrogate function whose gradient it is, and (LUT) by finite
+differences of the exact forward. The xp=cupy cases run the RawKernels.
+"""
+import numpy as np
+import pytest
+
+import nimbus
+from nimbus.arrays import backend, kernels
+from nimbus.arrays.autograd import Tensor
+from nimbus.arrays.kernels import dm_reference
+from nimbus.strategies import DM, Maddness
+from nimbus.strategies.dm import DMFunction
+
+
+def _h(x):
+    return backend.to_host(x)
+
+
+def _problem(rng, N, D, C, M, shared_columns=False):
+    """Random DM inputs; trees test arbitrary columns (several trees may share one)."""
+    A = rng.standard_normal((N, D)).astype(np.float32)
+    if shared_columns:
+        dims = rng.integers(0, D, size=(C, 15)).astype(np.int32)
+    else:
+        starts = np.round(np.linspace(0, D, C + 1)).astype(int)
+        dims = np.stack([rng.integers(starts[c], starts[c + 1], size=15) for c in range(C)])
+        dims = dims.astype(np.int32)
+    thr = (0.5 * rng.standard_normal((C, 15))).astype(np.float32)
+    lut = rng.standard_normal((C, 16, M)).astype(np.float32)
+    inv_tau = rng.uniform(0.5, 3.0, size=(C, 15)).astype(np.float32)
+    gY = rng.standard_normal((N, M)).astype(np.float32)
+    return A, dims, thr, lut, inv_tau, gY
+
+
+def _path_matrix():
+    """P (16, 15) built from its definition: walk every leaf's path from the root."""
+    P = np.zeros((16, 15))
+    for leaf in range(16):
+        node, bits = 0, [(leaf >> (3 - level)) & 1 for level in range(4)]
+        for b in bits:
+            P[leaf, node] = 1 if b else -1
+            node = 2 * node + 1 + b
+    return P
+
+
+def _slow_backward(A, dims, thr, lut, inv_tau, gY, inv_temp):
+    """The surrogate gradients the obvious way, in float64, one row and one tree at a time."""
+    A, thr, lut, inv_tau, gY = (np.asarray(a, np.float64) for a in (A, thr, lut, inv_tau, gY))
+    N, D = A.shape
+    C, _, M = lut.shape
+    P = _path_matrix()
+    gA, gt, glut = np.zeros((N, D)), np.zeros((C, 15)), np.zeros((C, 16, M))
+    for n in range(N):
+        for c in range(C):
+            x = A[n, dims[c]]
+            s = np.where(x > thr[c], 1.0, -1.0)
+            b = P @ s
+            leaf = int(np.argmax(b))                    # the reached leaf scores 4
+            assert b[leaf] == 4
+            glut[c, leaf] += gY[n]
+            p = np.exp(b * inv_temp) / np.exp(b * inv_temp).sum()
+            G = lut[c] @ gY[n]                          # dL/d onehot_k
+            J = (np.diag(p) - np.outer(p, p)) * inv_temp   # d softmax(b/T) / d b
+            gs = P.T @ (J @ G)
+            z = (x - thr[c]) * inv_tau[c]
+            gx = gs * (1 - np.tanh(z) ** 2) * inv_tau[c]
+            for j in range(15):
+                gA[n, dims[c, j]] += gx[j]
+            gt[c] -= gx
+    return gA, gt, glut
+
+
+@pytest.mark.parametrize("N,D,C,M,shared", [(7, 13, 3, 5, False), (1, 8, 1, 1, False),
+                                             (33, 20, 4, 12, True), (300, 40, 5, 130, False)])
+def test_backward_matches_slow_reference(xp, rng, N, D, C, M, shared):
+    A, dims, thr, lut, inv_tau, gY = _problem(rng, N, D, C, M, shared)
+    inv_temp = float(rng.uniform(0.3, 2.0))
+    args = [xp.asarray(a) for a in (A, dims, thr, inv_tau, lut)]
+    codes, Y = kernels.dm_forward(args[0], args[1], args[2], args[4])
+    gA, gt, gl = kernels.dm_backward(args[0], args[1], args[2], args[3], args[4], codes,
+                                     xp.asarray(gY), inv_temp)
+    rA, rt, rl = _slow_backward(A, dims, thr, lut, inv_tau, gY, inv_temp)
+    for got, ref in ((gA, rA), (gt, rt), (gl, rl)):
+        got = _h(got)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * (np.abs(ref).max() + 1))
+    # the oracle agrees as well
+    oA, ot, ol = dm_reference.dm_backward(*args[:4], args[4], codes, xp.asarray(gY), inv_temp)
+    np.testing.assert_allclose(_h(oA), rA, rtol=1e-4, atol=1e-5 * (np.abs(rA).max() + 1))
+    np.testing.assert_allclose(_h(ot), rt, rtol=1e-4, atol=1e-5 * (np.abs(rt).max() + 1))
+
+
+def test_backward_skips_what_is_not_needed(xp, rng):
+    A, dims, thr, lut, inv_tau, gY = (xp.asarray(a) for a in _problem(rng, 20, 16, 2, 3))
+    codes, _ = kernels.dm_forward(A, dims, thr, lut)
+    gA, gt, gl = kernels.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 1.0,
+                                     need_a=False, need_t=True, need_lut=False)
+    assert gA is None and gl is None and gt.shape == (2, 15)
+    full = kernels.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 1.0)
+    np.testing.assert_allclose(_h(gt), _h(full[1]), rtol=1e-6, atol=1e-7)
+
+
+def _surrogate(A, thr, dims, lut, inv_tau, gY, inv_temp, b0):
+    """The smooth function whose gradient (in A and t) the DM backward returns.
+
+    Per row and tree: <G, J(b0) (P tanh((x - t) inv_tau))> with G = LUT gY and J the
+    softmax Jacobian at the hard leaf scores b0 (held fixed: b0 is piecewise
+    constant, so away from ties its derivative is 0)."""
+    P = _path_matrix()
+    total = 0.0
+    N = A.shape[0]
+    C = dims.shape[0]
+    for n in range(N):
+        for c in range(C):
+            b = b0[n, c]
+            p = np.exp(b * inv_temp) / np.exp(b * inv_temp).sum()
+            J = (np.diag(p) - np.outer(p, p)) * inv_temp
+            soft = P @ np.tanh((A[n, dims[c]] - thr[c]) * inv_tau[c])
+            total += (lut[c] @ gY[n]) @ (J @ soft)
+    return total
+
+
+def test_surrogate_finite_differences(rng):
+    N, D, C, M = 5, 10, 2, 4
+    A, dims, thr, lut, inv_tau, gY = _problem(rng, N, D, C, M)
+    inv_temp = 0.7
+    codes, _ = kernels.dm_forward(A, dims, thr, lut)
+    gA, gt, _ = kernels.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, inv_temp)
+    A64, t64 = A.astype(np.float64), thr.astype(np.float64)
+    P = _path_matrix()
+    b0 = np.stack([[P @ np.where(A64[n, dims[c]] > t64[c], 1.0, -1.0) for c in range(C)]
+                   for n in range(N)])
+    f = lambda a, t: _surrogate(a, t, dims, lut, inv_tau, gY, inv_temp, b0)  # noqa: E731
+    eps = 1e-6
+    # only where the function is defined: no tested value within eps of its threshold
+    margin = np.abs(A64[:, dims] - t64[None]).min()
+    assert margin > 10 * eps
+    for _ in range(12):
+        n, d = rng.integers(N), rng.integers(D)
+        e = np.zeros_like(A64)
+        e[n, d] = eps
+        fd = (f(A64 + e, t64) - f(A64 - e, t64)) / (2 * eps)
+        assert abs(fd - gA[n, d]) <= 1e-3 * max(1.0, abs(fd)), (n, d, fd, gA[n, d])
+    for _ in range(12):
+        c, j = rng.integers(C), rng.integers(15)
+        e = np.zeros_like(t64)
+        e[c, j] = eps
+        fd = (f(A64, t64 + e) - f(A64, t64 - e)) / (2 * eps)
+        assert abs(fd - gt[c, j]) <= 1e-3 * max(1.0, abs(fd)), (c, j, fd, gt[c, j])
+
+
+def test_lut_gradient_is_exact(rng):
+    # the forward is linear in the LUT: <gY, Y(lut + e)> - <gY, Y(lut)> = <grad, e>
+    A, dims, thr, lut, inv_tau, gY = _problem(rng, 40, 12, 3, 6)
+    codes, Y = kernels.dm_forward(A, dims, thr, lut)
+    _, _, gl = kernels.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 1.0)
+    E = rng.standard_normal(lut.shape).astype(np.float32)
+    _, Y2 = kernels.dm_forward(A, dims, thr, lut + E)
+    lhs = float((gY.astype(np.float64) * (Y2.astype(np.float64) - Y)).sum())
+    np.testing.assert_allclose(lhs, float((gl.astype(np.float64) * E).sum()), rtol=1e-4)
+
+
+def _digits_dm(xp, rng, **params):
+    A, At, B = nimbus.nn.data.digits_task()
+    seed = int(rng.integers(2 ** 31))
+    dm = DM(ncodebooks=8, random_state=seed, **params).fit(xp.asarray(A), xp.asarray(B))
+    return dm, xp.asarray(A), xp.asarray(At), xp.asarray(B), seed
+
+
+def test_forward_equals_hard_maddness_exactly(xp, rng):
+    A, _, B = nimbus.nn.data.digits_task()
+    A, B = xp.asarray(A), xp.asarray(B)
+    mad = Maddness(ncodebooks=8, split="node", quantize=False).fit(A, B)
+    dm = DM.from_tree(mad, A)
+    assert _h(dm.dims_).shape == (8, 15) and dm.lut_.shape == (8, 16, 20)
+    x = Tensor(A, requires_grad=True)
+    y = dm.forward(x)
+    codes, ref = dm_reference.dm_forward(A, mad.dims_, mad.thresholds_, mad.lut_)
+    np.testing.assert_array_equal(_h(y.data), _h(ref))              # bitwise, like the oracle
+    np.testing.assert_array_equal(_h(dm.encode(A)), _h(mad.encode(A)))
+    np.testing.assert_allclose(_h(y.data), _h(mad(A)), rtol=1e-6, atol=1e-5)
+    if xp is np:                                    # same Numba kernels: bitwise equal
+        np.testing.assert_array_equal(y.data, mad(A))
+    y.sum().backward()
+    assert x.grad.shape == A.shape and bool(xp.isfinite(x.grad).all())
+
+
+def test_harden_identity(xp, rng):
+    dm, A, At, B, _ = _digits_dm(xp, rng)
+    # change the LUT and thresholds as training would, then harden
+    thr, lut = dm.parameters()
+    lut.data += 0.1 * xp.asarray(rng.standard_normal(lut.shape).astype(np.float32))
+    thr.data += 0.05 * xp.asarray(rng.standard_normal(thr.shape).astype(np.float32))
+    hard = dm.harden(quantize=False)
+    assert isinstance(hard, Maddness) and hard.name == "maddness"
+    np.testing.assert_array_equal(_h(hard.encode(At)), _h(dm.encode(At)))
+    np.testing.assert_allclose(_h(hard(At)), _h(dm(At)), rtol=1e-6, atol=1e-4)
+    if xp is np:
+        np.testing.assert_array_equal(hard(At), dm(At))
+    q = dm.harden(quantize=True)
+    assert q.lut_q_.dtype == np.uint8
+    err = _h(q(At)) - _h(dm(At))
+    # 8 bits: each of the C entries is off by at most half a step
+    assert np.abs(err).max() <= 0.5 * float(_h(q.lut_scale_)[0]) * 8 * 1.001 + 1e-3
+    # the hardened copy does not follow later training
+    lut.data += 1.0
+    assert not np.allclose(_h(hard(At)), _h(dm(At)))
+
+
+def test_standalone_training_recovers_a_perturbed_lut(rng):
+    # the initial LUT is least-squares optimal for its codes; spoil it, then train
+    A = np.maximum(0, rng.standard_normal((2000, 4)) @ rng.standard_normal((4, 32))
+                   + 0.3 * rng.standard_normal((2000, 32))).astype(np.float32)
+    B = rng.standard_normal((32, 8)).astype(np.float32)
+    dm = DM(ncodebooks=4, random_state=int(rng.integers(1000))).fit(A, B)
+    Y = A @ B
+    start = nimbus.nmse(Y, dm(A))
+    dm.lut_ += (0.5 * dm.lut_.std() * rng.standard_normal(dm.lut_.shape)).astype(np.float32)
+    spoiled = nimbus.nmse(Y, dm(A))
+    assert spoiled > 2 * start
+    dm.set_params(lr=2e-2).train(A, B, epochs=10)
+    assert nimbus.nmse(Y, dm(A)) < 0.5 * spoiled
+
+
+def test_registered_and_usable_through_the_api(rng):
+    assert nimbus.strategies.REGISTRY["dm"] is DM
+    A, At, B = nimbus.nn.data.digits_task()
+    op = nimbus.fit(A, B, method="dm", ncodebooks=8, random_state=int(rng.integers(1000)))
+    assert nimbus.nmse(At @ B, op(At)) < 0.3
+    table = nimbus.compare(A, At, B, methods=["maddness", "dm"], ncodebooks=[8])
+    assert [r["method"] for r in table] == ["maddness", "dm"]
+
+
+def test_save_load_round_trip(tmp_path, rng):
+    dm, A, At, B, _ = _digits_dm(np, rng)
+    nimbus.save(dm, tmp_path / "dm.npz")
+    back = nimbus.load(tmp_path / "dm.npz")
+    assert isinstance(back, DM)
+    np.testing.assert_array_equal(back(At), dm(At))
+
+
+def test_bad_input():
+    A, _, B = nimbus.nn.data.digits_task()
+    with pytest.raises(ValueError, match="needs B"):
+        DM(ncodebooks=4).fit(A)
+    with pytest.raises(ValueError, match="tau"):
+        DM(ncodebooks=4, tau=0).fit(A, B)
+    with pytest.raises(ValueError, match="init"):
+        DM(ncodebooks=4, init="kmeans").fit(A, B)
+    with pytest.raises(ValueError, match="inner dimensions"):
+        DM(ncodebooks=4).fit(A, B[:10])
+    pq = nimbus.fit(A, B, method="pq", ncodebooks=4)
+    with pytest.raises(TypeError, match="tree strategy"):
+        DM.from_tree(pq)
+    with pytest.raises(nimbus.strategies.NotFittedError):
+        DM().parameters()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,D,C,M", [(1, 8, 1, 1), (257, 37, 5, 7), (3000, 64, 8, 130),
+                                     (5000, 256, 33, 64)])
+def test_gpu_kernels_match_oracle(rng, N, D, C, M):
+    cp = backend.cupy()
+    from nimbus.arrays.kernels import dm_cuda
+    A, dims, thr, lut, inv_tau, gY = (cp.asarray(a) for a in _problem(rng, N, D, C, M))
+    codes, Y = dm_cuda.dm_forward(A, dims, thr, lut)
+    rcodes, rY = dm_reference.dm_forward(A, dims, thr, lut)
+    np.testing.assert_array_equal(_h(codes), _h(rcodes))
+    np.testing.assert_array_equal(_h(Y), _h(rY))            # same order of additions
+    got = dm_cuda.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 0.8)
+    ref = dm_reference.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 0.8)
+    for g, r in zip(got, ref):
+        r = _h(r)
+        np.testing.assert_allclose(_h(g), r, rtol=1e-4, atol=1e-5 * (np.abs(r).max() + 1))
