@@ -78,6 +78,7 @@ def build_parser():
     p.add_argument("--plot", metavar="OUT.png", default=None, help="also draw NMSE against C")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
+    from nimbus.nn.cli import add_parser as _add_convert; _add_convert(sub)  # noqa: E702
     return parser
 
 

@@ -1,0 +1,119 @@
+"""``python -m nimbus convert``: train an MLP and convert it to lookup tables.
+
+Fashion-MNIST by default (the Debian package dataset-fashion-mnist, or the folder in
+NIMBUS_FASHION_MNIST); ``--quick`` uses sklearn digits instead. Prints the accuracy
+and time after every stage and layer (float, each layer, finetune, int8, folded).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def _sizes(text):
+    try:
+        vals = [int(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer widths like 256,256,256; got {text!r}")
+    if min(vals, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"layer widths must be positive; got {text!r}")
+    return vals
+
+
+def add_parser(subparsers):
+    """Add the ``convert`` subcommand to an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "convert", help="train an MLP and convert every layer to lookup tables",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="sklearn digits and a small MLP instead of Fashion-MNIST")
+    p.add_argument("--hidden", type=_sizes, default=None,
+                   help="hidden widths (default 256,256,256; --quick: 64,32)")
+    p.add_argument("--n-train", type=int, default=None, help="training rows (default: all)")
+    p.add_argument("--n-test", type=int, default=None, help="test rows (default: all)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="float training epochs (default 15; --quick: 20)")
+    p.add_argument("--epochs-per-layer", type=int, default=None,
+                   help="DM epochs per converted layer (default 3; --quick: 4)")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help="epochs with every layer in DM (default 3)")
+    p.add_argument("--codebook-dim", type=int, default=8,
+                   help="input dimensions per codebook: C = ceil(D / this) (default 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 256 (--quick: 64)")
+    p.add_argument("--lr", type=float, default=None, help="DM step, relative (default 1e-2)")
+    p.add_argument("--schedule", choices=["layerwise", "published"], default="layerwise")
+    p.add_argument("--no-int8", action="store_true", help="keep float LUTs")
+    p.add_argument("--no-fold", action="store_true", help="do not fold BatchNorm/ReLU")
+    p.add_argument("--gpu", action="store_true", help="train and convert on the GPU (CuPy)")
+    p.add_argument("--seed", type=int, default=0, help="random_state (default 0)")
+    p.add_argument("--save", metavar="MODEL.npz", default=None, help="save the converted model")
+    p.add_argument("--markdown", action="store_true", help="print the report as markdown")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_convert)
+    return p
+
+
+def build_mlp(sizes, seed=0):
+    """Sequential MLP: Linear -> BatchNorm -> ReLU per hidden layer, then Linear."""
+    from . import layers as L
+    mods = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        mods.append(L.Linear(a, b, random_state=seed + i))
+        if i < len(sizes) - 2:
+            mods += [L.BatchNorm(b), L.ReLU()]
+    return L.Sequential(*mods)
+
+
+def cmd_convert(args):
+    import nimbus
+    from . import convert, data, fit
+    from ..arrays import backend
+    quick = args.quick
+    try:
+        if quick:
+            Xtr, ytr, Xte, yte = data.load_digits(random_state=args.seed)
+            name = "sklearn digits"
+        else:
+            Xtr, ytr, Xte, yte = data.load_fashion_mnist(n_train=args.n_train, n_test=args.n_test)
+            name = "Fashion-MNIST"
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}\n(use --quick for the built-in digits data)")
+    if quick and args.n_train:
+        Xtr, ytr = Xtr[:args.n_train], ytr[:args.n_train]
+    if quick and args.n_test:
+        Xte, yte = Xte[:args.n_test], yte[:args.n_test]
+    hidden = args.hidden or ([64, 32] if quick else [256, 256, 256])
+    epochs = args.epochs if args.epochs is not None else (20 if quick else 15)
+    epl = args.epochs_per_layer if args.epochs_per_layer is not None else (4 if quick else 3)
+    fte = args.finetune_epochs if args.finetune_epochs is not None else 3
+    bs = args.batch_size or (64 if quick else 256)
+    if args.gpu:
+        if not backend.has_cuda():
+            raise SystemExit("error: --gpu needs CuPy and a CUDA device")
+        Xtr, ytr, Xte, yte = (backend.to_device(a) for a in (Xtr, ytr, Xte, yte))
+    sizes = [Xtr.shape[1]] + hidden + [int(backend.to_host(ytr).max()) + 1]
+    model = build_mlp(sizes, seed=args.seed)
+    where = "GPU" if args.gpu else "CPU"
+    print(f"data: {name}, train {tuple(Xtr.shape)}, test {tuple(Xte.shape)}, on the {where}")
+    print(f"model: MLP {'-'.join(map(str, sizes))} (Linear -> BatchNorm -> ReLU)")
+    try:
+        t0 = time.perf_counter()
+        fit(model, Xtr, ytr, epochs=epochs, batch_size=bs, lr=1e-3, random_state=args.seed,
+            verbose=not args.quiet)
+        train_s = time.perf_counter() - t0
+        print(f"float training: {epochs} epochs in {train_s:.1f} s")
+        kw = {} if args.lr is None else {"lr": args.lr}
+        report = convert(model, Xtr, ytr, codebook_dim=args.codebook_dim, epochs_per_layer=epl,
+                         finetune_epochs=fte, batch_size=bs, int8=not args.no_int8,
+                         fold=not args.no_fold, schedule=args.schedule, validation=(Xte, yte),
+                         random_state=args.seed, verbose=not args.quiet, **kw)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"error: {exc}")
+    print(report.to_markdown() if args.markdown else report)
+    drop = 100 * (report.float_accuracy - report.final_accuracy)
+    print(f"float {100 * report.float_accuracy:.2f}% -> converted {100 * report.final_accuracy:.2f}% "
+          f"({drop:.2f} points lost), conversion {report.conversion_seconds:.1f} s")
+    if args.save:
+        nimbus.save(model, args.save)
+        print(f"model written to {args.save}")
+    return 0
