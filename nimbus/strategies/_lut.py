@@ -32,31 +32,87 @@ def gram_of_codes(codes, nbuckets=NBUCKETS):
     return (G.T @ G).astype(np.float64)
 
 
-def ridge_on_codes(codes, targets, lam, nbuckets=NBUCKETS):
+def ridge_on_codes(codes, targets, lam, nbuckets=NBUCKETS, prior=None):
     """Least-squares rows ``P`` so that ``onehot(codes) @ P`` fits ``targets``.
 
-    Solves ``(G^T G + lam * I) P = G^T targets`` in float64.
+    Solves ``min ||targets - G P||^2 + reg ||P - prior||^2`` in float64, i.e.
+    ``(G^T G + reg I) P = G^T targets + reg prior``.
 
     Parameters
     ----------
     codes : (N, C) uint8
     targets : (N, P) float32
-    lam : float >= 0; scaled by N / (C*K) (the mean bucket count) so that it means
-        the same at any number of rows.
+    lam : float >= 0 (or inf: P = prior); reg = lam * N / (C*K), the mean bucket
+        count times lam, so that it means the same at any number of rows.
+    prior : (C, K, P) float32, optional (default 0): what the penalty shrinks to
 
     Returns
     -------
-    P : (C, K, P) float32; rows of empty buckets are 0.
+    P : (C, K, P) float32
     """
     xp = backend.namespace(codes, targets)
     N, C = codes.shape
+    shape = (C, nbuckets, targets.shape[1])
+    prior = xp.zeros(shape, dtype=np.float64) if prior is None else prior.astype(np.float64)
+    if not np.isfinite(lam):
+        return prior.astype(np.float32)
     G = onehot(codes, nbuckets)
     gram = (G.T @ G).astype(np.float64)
-    rhs = (G.T @ targets.astype(np.float32)).astype(np.float64)
     reg = lam * N / (C * nbuckets) + 1e-6
+    rhs = (G.T @ targets.astype(np.float32)).astype(np.float64) + reg * prior.reshape(C * nbuckets, -1)
     gram[xp.diag_indices(gram.shape[0])] += reg
     P = xp.linalg.solve(gram, rhs)
-    return P.reshape(C, nbuckets, targets.shape[1]).astype(np.float32)
+    return P.reshape(shape).astype(np.float32)
+
+
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, float("inf"))
+
+
+def ridge_auto(codes, targets, prior, rng, grid=RIDGE_GRID, holdout=0.2, nbuckets=NBUCKETS):
+    """:func:`ridge_on_codes` with the penalty picked on held-out rows.
+
+    A random ``holdout`` fraction of the rows is set aside; for every ``lam`` in
+    ``grid`` the refit on the rest is scored on them (all penalties from one
+    eigendecomposition of ``G^T G``), and the best ``lam`` is refit on all rows.
+    With ``inf`` in the grid the result is never worse on held-out rows than
+    ``prior`` itself, which protects small training sets from overfitting
+    (C*K prototypes of D columns fitted from few rows).
+
+    Parameters
+    ----------
+    codes : (N, C) uint8; targets : (N, P) float32; prior : (C, K, P) float32
+    rng : numpy RandomState (host), picks the held-out rows
+
+    Returns
+    -------
+    P : (C, K, P) float32, lam : float (the chosen penalty)
+    """
+    xp = backend.namespace(codes, targets)
+    N, C = codes.shape
+    n_val = int(N * holdout)
+    if n_val < 1 or N - n_val < nbuckets:
+        return ridge_on_codes(codes, targets, grid[0], nbuckets, prior), grid[0]
+    perm = xp.asarray(rng.permutation(N))
+    val, tr = perm[:n_val], perm[n_val:]
+    prior_flat = prior.reshape(C * nbuckets, -1).astype(np.float64)
+    G_tr = onehot(codes[tr], nbuckets, np.float64)
+    gram = G_tr.T @ G_tr
+    rhs = G_tr.T @ (targets[tr].astype(np.float64) - G_tr @ prior_flat)   # fit the change from prior
+    evals, Q = xp.linalg.eigh(gram)
+    Qr = Q.T @ rhs
+    G_val = onehot(codes[val], nbuckets, np.float64)
+    resid = targets[val].astype(np.float64) - G_val @ prior_flat
+    GQ = G_val @ Q
+    scale = (N - n_val) / (C * nbuckets)
+    errors = []
+    for lam in grid:
+        if not np.isfinite(lam):
+            errors.append(float((resid ** 2).sum()))
+            continue
+        delta = Qr / (evals + lam * scale + 1e-6)[:, None]
+        errors.append(float(((resid - GQ @ delta) ** 2).sum()))
+    best = grid[int(np.argmin(errors))]
+    return ridge_on_codes(codes, targets, best, nbuckets, prior), best
 
 
 def bucket_means(codes, X, nbuckets=NBUCKETS):

@@ -170,3 +170,41 @@ def test_pq_seed_reproducible(rng):
     a = nimbus.fit(A, B, method="pq", ncodebooks=3, random_state=3)
     b = nimbus.fit(A, B, method="pq", ncodebooks=3, random_state=3)
     np.testing.assert_array_equal(a.centroids_, b.centroids_)
+
+
+def test_ridge_shrinks_to_subspace_bucket_means(rng):
+    # an infinite penalty gives the paper's prototypes before its ridge step: each
+    # codebook's bucket means on its own columns, zero elsewhere
+    from nimbus.strategies._lut import bucket_means, ridge_on_codes
+    A = _relu_data(rng, 2000, 12)
+    op = Maddness(3, refine=0).fit(A)
+    codes = op.encode(A)
+    prior = bucket_means(codes, A)
+    P = ridge_on_codes(codes, A, float("inf"), prior=prior)
+    np.testing.assert_allclose(P, prior, rtol=1e-6)
+    # a tiny penalty gives least squares: the normal equations hold
+    P0 = ridge_on_codes(codes, A, 0.0)
+    G = nimbus.strategies._lut.onehot(codes).astype(np.float64)
+    resid = A - G @ P0.reshape(48, 12)
+    assert np.abs(G.T @ resid).max() < 1e-2 * np.abs(G.T @ A).max()
+
+
+def test_ridge_auto_never_worse_than_prior_on_holdout(rng):
+    from nimbus.strategies._lut import RIDGE_GRID, ridge_auto
+    A = _relu_data(rng, 600, 64)          # few rows for 4*16 prototypes of 64 columns
+    op = Maddness(4, refine=0).fit(A)
+    codes = op.encode(A)
+    prior = nimbus.strategies._lut.bucket_means(codes, A)
+    P, lam = ridge_auto(codes, A, prior, np.random.RandomState(0))
+    assert lam in RIDGE_GRID and P.shape == (4, 16, 64) and np.isfinite(P).all()
+
+
+@pytest.mark.parametrize("ridge", [1e-2, "auto"])
+def test_small_training_set_stays_below_one(rng, ridge):
+    # 2048 rows for 16 x 16 prototypes over 512 columns: the ridge must not overfit
+    W = rng.standard_normal((32, 512)) / np.sqrt(32)
+    A = (rng.standard_normal((6000, 32)) @ W + 0.3 * rng.standard_normal((6000, 512))).astype(np.float32)
+    for M in (100, 512):
+        B = (rng.standard_normal((512, M)) / np.sqrt(512)).astype(np.float32)
+        op = Maddness(16, refine=0, ridge=ridge, random_state=0).fit(A[:2048], B)
+        assert nimbus.nmse(A[2048:] @ B, op(A[2048:])) < 0.6
