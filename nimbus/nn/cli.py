@@ -36,7 +36,7 @@ def add_parser(subparsers):
     p.add_argument("--epochs-per-layer", type=int, default=None,
                    help="DM epochs per converted layer (default 3; --quick: 4)")
     p.add_argument("--finetune-epochs", type=int, default=None,
-                   help="epochs with every layer in DM (default 3)")
+                   help="epochs with every layer in DM (default 6)")
     p.add_argument("--codebook-dim", type=int, default=8,
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (--quick: 64)")
@@ -85,7 +85,7 @@ def cmd_convert(args):
     hidden = args.hidden or ([64, 32] if quick else [256, 256, 256])
     epochs = args.epochs if args.epochs is not None else (20 if quick else 15)
     epl = args.epochs_per_layer if args.epochs_per_layer is not None else (4 if quick else 3)
-    fte = args.finetune_epochs if args.finetune_epochs is not None else 3
+    fte = args.finetune_epochs if args.finetune_epochs is not None else 6
     bs = args.batch_size or (64 if quick else 256)
     if args.gpu:
         if not backend.has_cuda():

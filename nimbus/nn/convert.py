@@ -216,7 +216,7 @@ def _describe(layer):
 # ------------------------------------------------------------------ convert
 def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_rows=8192,
             init_params=None, epochs_per_layer=2, finetune_epochs=1, batch_size=256, lr=1e-2,
-            finetune_lr=None, tau=0.5, temperature=1.0, train_bn=True, distill=0.5, int8=True,
+            finetune_lr=None, tau=0.3, temperature=1.0, train_bn=True, distill=0.5, int8=True,
             fold=True,
             pretrain_epochs=0, pretrain_lr=1e-3, schedule="layerwise", validation=None,
             random_state=None, verbose=False):

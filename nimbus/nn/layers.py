@@ -186,21 +186,23 @@ class Module:
 
     # ------------------------------------------------------------ devices
     def _arrays_in_use(self):
-        """Arrays whose library the model lives in (parameters and buffers)."""
+        """Arrays whose library the model lives in (parameters, buffers, strategies)."""
         for m in self.modules():
-            for a in m._arrays().values():
-                if a is not None:
-                    yield a
+            yield from m._own_arrays_in_use()
+
+    def _own_arrays_in_use(self):
+        return (a for a in self._arrays().values() if a is not None)
 
     def library(self):
-        """``"numpy"`` or ``"cupy"``: where this model's arrays live (numpy if it has none)."""
+        """``"numpy"`` or ``"cupy"``: where this model's arrays live (None if it has none,
+        like a ReLU: such a module takes either)."""
         for a in self._arrays_in_use():
             return backend.library_name(a)
-        return "numpy"
+        return None
 
     def _check_library(self, X):
         lib = self.library()
-        if backend.library_name(X) != lib:
+        if lib is not None and backend.library_name(X) != lib:
             raise TypeError(f"the model's arrays are {lib} arrays but the input is a "
                             f"{backend.library_name(X)} array; move the model first with "
                             f"model.to(X) (nn.fit and nn.convert do this)")
@@ -655,8 +657,14 @@ class NimbusLayer(Module):
                 else:
                     _assign(getattr(self, name), arrays[name])
 
-    def _arrays_in_use(self):
-        yield from super()._arrays_in_use()
+    def _own_arrays_in_use(self):
+        yield from super()._own_arrays_in_use()
+        s = self.strategy
+        if s is not None:
+            for k, v in vars(s).items():
+                if k.endswith("_") and k != "starts_" and not k.startswith("_") and \
+                        (isinstance(v, np.ndarray) or backend.is_cupy(v)):
+                    yield v
 
     def _move(self, like):
         super()._move(like)

@@ -148,6 +148,8 @@ def test_sequential_calls_and_predict(xp, rng):
     np.testing.assert_array_equal(_h(model.predict(X)), _h(logits).argmax(1))
     np.testing.assert_array_equal(_h(model(X)), _h(logits))      # dropout off in eval
     assert len(model) == 5 and isinstance(model[0], nn.Linear)
+    assert nn.ReLU().library() is None and model.library() == backend.library_name(X)
+    nn.ReLU()(xp.zeros((2, 3), dtype=np.float32))     # array-free modules take either library
     assert len(model.parameters()) == 6
 
 
@@ -170,7 +172,7 @@ def test_model_input_errors(rng):
 @pytest.mark.gpu
 def test_model_moves_between_libraries(rng):
     cp = backend.cupy()
-    X = _relu_rows(rng, 200, 16)
+    X = _relu_rows(rng, 600, 16)
     model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm(8), nn.ReLU(), nn.Linear(8, 3)).eval()
     model[0].use("dm", X)
     ref = model(X)
