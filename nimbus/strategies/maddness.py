@@ -117,10 +117,9 @@ class Maddness(Strategy):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
 
     def _apply(self, A):
-        """encode + lookup of checked rows, output dtype = A.dtype. On CuPy with an 8-bit
-        LUT: one fused kernel (codes stay on chip; float16 in, float16 out, no cast pass)."""
-        from ..arrays import backend
-        if self.quantize and backend.is_cupy(A):
+        """encode + lookup of checked rows, output dtype = A.dtype. With an 8-bit LUT one
+        op (on CuPy a fused kernel: codes stay on chip; float16 in, float16 out)."""
+        if self.quantize:
             return kernels.encode_lookup_q(
                 A, self._learned("dims_", A), self._learned("thresholds_", A),
                 self._learned("lut_q_", A), self._learned("lut_scale_", A),

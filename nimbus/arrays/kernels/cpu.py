@@ -21,7 +21,7 @@ from numba import njit, prange
 from .reference import NNODES, DEPTH
 
 _ROWS_PER_BLOCK = 64   # rows per parallel task: amortises allocations, keeps rows in L2
-FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq"})
+FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})
 
 
 _EXP_MASK = np.uint32(0x7F800000)   # float32 exponent bits: all ones <=> NaN or Inf
@@ -245,6 +245,13 @@ def lookup_q(codes, lut_q, scale, bias):
     kernel = _lookup_q16 if lut_q.shape[0] * 255 < 65536 else _lookup_q32
     kernel(codes, lut_q, scale, bias, out)
     return out
+
+
+def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
+    """encode_tree then lookup_q: on the CPU the (N, C) codes are small next to A, so
+    two kernels cost about what one fused kernel would."""
+    Y = lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)
+    return Y if Y.dtype == out_dtype else Y.astype(out_dtype)
 
 
 def lookup_backward(codes, grad_Y, nbuckets=16):
