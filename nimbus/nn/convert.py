@@ -10,8 +10,8 @@ Stages (DESIGN.md, "NimbusLayer and the conversion pipeline"):
    same however many layers are already converted. Layer l is initialised from
    its cached inputs (joint bucketing or MADDNESS trees, C = ceil(D /
    codebook_dim)) and trained as DM; the modules after it run exact with frozen
-   weights, passing gradients (BatchNorm affine parameters after l keep
-   training when ``train_bn``);
+   weights, passing gradients (the affine parameters of the BatchNorm right
+   after l keep training when ``train_bn``);
 3. ``finetune``: every converted layer in DM, briefly, at a smaller step;
 4. ``int8``: LUTs quantized to 8 bits (per-codebook offset, shared scale, exact
    integer sums);
@@ -209,6 +209,11 @@ def _optimizers(layers, bns, lr):
     return opts
 
 
+def _bn_after(mods, positions):
+    """The BatchNorms directly after the layers at ``positions``."""
+    return [mods[p + 1] for p in positions if p + 1 < len(mods) and isinstance(mods[p + 1], BatchNorm)]
+
+
 def _describe(layer):
     return f"{type(layer).__name__} {layer.in_rows}->{layer.out_features} C={layer.ncodebooks}"
 
@@ -239,7 +244,8 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
     batch_size : int; lr : float, Adam step (DM parameters scale it by their magnitudes)
     finetune_lr : float, default lr / 5
     tau, temperature : DM surrogate widths (see :class:`nimbus.strategies.DM`)
-    train_bn : bool, BatchNorm affine parameters after the trained layer(s) train too
+    train_bn : bool, the affine parameters of the BatchNorm right after each trained
+        layer train too (the other BatchNorms stay frozen)
     distill : float in [0, 1], weight of the float model's own predictions in the
         training targets (knowledge distillation): targets are ``distill *
         softmax(float logits) + (1 - distill) * onehot(y)``; 0 trains on labels only
@@ -350,7 +356,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
             layer = mods[pos]
             use_dm(layer, H)
             suffix = mods[pos:]
-            bns = [m for m in suffix if isinstance(m, BatchNorm)] if train_bn else []
+            bns = _bn_after(mods, [pos]) if train_bn else []
             losses = _train(model, [layer], bns, _chain(suffix), H, T, epochs_per_layer,
                             batch_size, lr, rng, verbose, f"layer {li}")
             acc = _accuracy_of(suffix, Hv, yv)
@@ -362,7 +368,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
             layer = mods[pos]
             use_dm(layer, _run(mods[:pos], X))     # no cache: the prefix reruns
             trained = [mods[p] for p in positions[:li]]
-            bns = [m for m in mods[positions[0]:] if isinstance(m, BatchNorm)] if train_bn else []
+            bns = _bn_after(mods, positions[:li]) if train_bn else []
             losses = _train(model, trained, bns, _chain(mods), X, T, epochs_per_layer,
                             batch_size, lr, rng, verbose, f"layer {li}")
             acc = _accuracy_of(mods, Xv, yv)
@@ -373,7 +379,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
     if finetune_epochs:
         t0 = time.perf_counter()
         layers = [mods[p] for p in positions]
-        bns = [m for m in mods if isinstance(m, BatchNorm)] if train_bn else []
+        bns = _bn_after(mods, positions) if train_bn else []
         losses = _train(model, layers, bns, _chain(mods), X, T, finetune_epochs, batch_size,
                         finetune_lr, rng, verbose, "finetune")
         log(report.add("finetune", _accuracy_of(mods, Xv, yv), time.perf_counter() - t0,
