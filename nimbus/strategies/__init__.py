@@ -15,6 +15,7 @@ def register(cls):
 
 
 from .dm import DM; register(DM)  # noqa: E402,E702  (differentiable MADDNESS)
+from .joint import Joint; register(Joint)  # noqa: E402,E702  (joint bucketing)
 
 
 def _load(meta, arrays):

@@ -1,0 +1,518 @@
+"""Joint bucketing: hash trees that bucket by the error of the product, not of the input.
+
+MADDNESS learns each codebook's tree so that the rows of ``A`` in a bucket are
+close to each other. What matters is the error of ``A @ B``: directions of A
+that ``B`` ignores cost nothing, directions it amplifies cost a lot, and what
+the other codebooks already explain costs nothing either. Joint bucketing
+learns every tree against that error directly:
+
+1. Start: the tree of subspace c minimises the within-bucket SSE of the partial
+   product ``A_c @ B_c`` (computed exactly in at most ``rank`` dimensions:
+   ``A_c @ B_c = A_c @ U S V^T`` has the same SSE as ``A_c @ U S``); its LUT rows
+   are the bucket means of ``A_c @ B_c``.
+2. Joint refit: all LUTs together by ridge least squares of ``Y = A @ B`` on the
+   one-hot codes.
+3. ``refine`` block-coordinate passes in product space: with the other
+   codebooks fixed, tree c is relearned against what they leave unexplained,
+   ``R_c = Y - sum_{c' != c} LUT_c'[codes_c']`` (projected on its top ``rank``
+   principal directions when M is larger), its LUT rows become the bucket means
+   of ``R_c`` (the exact minimiser for fixed codes), and the new tree is kept
+   only if it lowers the SSE. Each pass ends with the joint ridge refit. Every
+   step lowers the training error of the product.
+
+The LUT is stored as prototypes in A's space, ``P = ridge(onehot(codes), A)``
+(C, 16, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
+joint ridge refit against ``Y = A @ B``, and ``build_lut(B_new)`` gives the
+least-squares LUT for any other B (for the trees learned with the first B).
+
+The trees are ordinary depth-4 MADDNESS trees (one column of the subspace and
+one threshold per node; ``split="level"`` shares the column across a level,
+``split="node"`` lets every node choose), so encoding uses the same kernels.
+Thresholds fall only between distinct training values and ``x == t`` goes left,
+in learning and encoding alike (integer pixels, ReLU zeros).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..arrays import backend, kernels, validate
+from .._progress import progress_bar
+from .base import NBUCKETS, Strategy, subspace_starts
+
+DEPTH = 4
+NNODES = 2 ** DEPTH - 1
+# Candidate thresholds per column: a column with more distinct values is cut
+# near its quantiles (uint8 pixels and other small alphabets stay exact).
+MAX_BINS = 256
+
+
+# ------------------------------------------------------------------ helpers
+def _midpoint(lo, hi):
+    """float32 threshold t with lo <= t < hi, for host float32 arrays lo < hi."""
+    mid = ((lo.astype(np.float64) + hi.astype(np.float64)) / 2).astype(np.float32)
+    return np.where(mid < hi, mid, lo).astype(np.float32)
+
+
+def _bucket_sums(xp, bucket, nb, T):
+    """Per-bucket row counts (nb,) and sums (nb, P) of T (N, P), both float64."""
+    P = T.shape[1]
+    b = bucket.astype(np.int64)
+    key = (b[:, None] * P + xp.arange(P, dtype=np.int64)[None, :]).ravel()
+    sums = xp.bincount(key, weights=T.astype(np.float64).ravel(), minlength=nb * P)
+    return xp.bincount(b, minlength=nb).astype(np.float64), sums.reshape(nb, P)
+
+
+def _sse(xp, leaves, T):
+    """Within-bucket SSE of T (N, P) for bucket ids ``leaves`` (N,), as a float."""
+    n, s = _bucket_sums(xp, leaves, NBUCKETS, T)
+    return float(((T.astype(np.float64) ** 2).sum() - ((s ** 2).sum(axis=1) / xp.maximum(n, 1)).sum()))
+
+
+def _top_directions(xp, R, rank, max_rows=8192):
+    """(M, rank) orthonormal top principal directions of the rows of R (N, M)."""
+    sub = R[:: max(1, R.shape[0] // max_rows)].astype(np.float64)
+    sub = sub - sub.mean(axis=0)
+    _, vecs = xp.linalg.eigh(sub.T @ sub)
+    return vecs[:, ::-1][:, :rank]
+
+
+def bin_columns(Xc, max_bins=MAX_BINS):
+    """Bin every column at cuts that fall only between distinct values.
+
+    A column with at most ``max_bins`` distinct values gets one bin per value
+    (splits on it are then exact); otherwise the cuts sit near the quantiles
+    ``i / max_bins`` (each moved up to the next place where the sorted values
+    change), so every bin holds about N / max_bins rows or one value.
+
+    Parameters
+    ----------
+    Xc : (N, w) float32 (NumPy or CuPy)
+    max_bins : int in [2, 256]
+
+    Returns
+    -------
+    XT : (w, N) float32, the columns as rows, same library
+    bins : (w, N) int32, same library; ``bins[j, n] > k`` iff ``Xc[n, j] > cuts[j, k]``
+    cuts : (w, max_bins - 1) float32 host array, ascending per column, the
+        threshold between bin k and bin k+1 (+inf past a column's last cut)
+    nbins : (w,) int64 host array, bins used per column (1 for a constant column)
+    """
+    xp = backend.namespace(Xc)
+    N, w = Xc.shape
+    XT = xp.ascontiguousarray(Xc.T)
+    order = xp.argsort(XT, axis=1)
+    xs = xp.take_along_axis(XT, order, axis=1)
+    # allowed[j, p]: a cut between sorted positions p and p + 1 separates distinct values
+    allowed = xp.zeros((w, N), dtype=bool)
+    allowed[:, :-1] = xs[:, :-1] < xs[:, 1:]
+    n_allowed = allowed.sum(axis=1)
+    # quantile cuts: the first allowed position at or after each target position
+    apos = xp.argsort(~allowed, axis=1, kind="stable")          # allowed positions first
+    before = xp.cumsum(allowed, axis=1) - allowed                 # allowed positions < p
+    targets = xp.asarray((np.arange(1, max_bins) * N) // max_bins - 1)
+    k = before[:, targets]                                        # (w, max_bins - 1)
+    ok = k < n_allowed[:, None]
+    pos = xp.take_along_axis(apos, xp.minimum(k, N - 1), axis=1)
+    cut = xp.zeros((w, N), dtype=bool)
+    jj = xp.broadcast_to(xp.arange(w)[:, None], k.shape)
+    cut[jj[ok], pos[ok]] = True                                   # repeats collapse
+    few = (n_allowed < max_bins)[:, None]
+    cut = xp.where(few, allowed, cut)                             # few values: every cut
+    ncut = cut.sum(axis=1)
+    # bin of the row at sorted position p = number of cuts before p
+    ci = cut.astype(np.int32)
+    bins = xp.empty((w, N), dtype=np.int32)
+    bins[xp.arange(w)[:, None], order] = xp.cumsum(ci, axis=1) - ci
+    # thresholds: midpoints of the values either side of each cut
+    cpos = xp.argsort(~cut, axis=1, kind="stable")[:, :max_bins - 1]
+    lo = backend.to_host(xp.take_along_axis(xs, cpos, axis=1)).astype(np.float32)
+    hi = backend.to_host(xp.take_along_axis(xs, xp.minimum(cpos + 1, N - 1), axis=1))
+    ncut = backend.to_host(ncut).astype(np.int64)
+    cuts = np.full((w, max_bins - 1), np.inf, dtype=np.float32)
+    has = np.arange(max_bins - 1)[None, :] < ncut[:, None]
+    cuts[has] = _midpoint(lo[has], hi.astype(np.float32)[has])
+    return XT, bins, cuts, ncut + 1
+
+
+def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None):
+    """One depth-4 tree on binned columns, minimising the within-bucket SSE of T.
+
+    Level by level, every bucket gets the split (column, cut) that removes the
+    most SSE of T; ``split="level"`` makes the buckets of a level share the
+    column that removes the most in total. Cuts come from :func:`bin_columns`,
+    so thresholds lie between two distinct training values; ``x > t`` goes
+    right. A bucket with no admissible split (fewer than ``2 * min_leaf`` rows,
+    or one value) gets ``t = +inf``: everything goes left.
+
+    The split search is histogram based: per level, weighted bincounts give the
+    target sums of every (bucket, column, bin), and running sums over the bins
+    give every split's gain at once. With more than ``max_candidates`` columns,
+    a level searches only those whose linear fit to T within the buckets removes
+    the most SSE (a cheap matrix product ranks them).
+
+    Parameters
+    ----------
+    binned : ``bin_columns(Xc)`` of the (N, w) subspace columns
+    T : (N, P) float32 or float64 targets, same library
+    split : "node" or "level"
+    min_leaf : int >= 1, fewest training rows on each side of a split
+    max_candidates : int or None, columns searched per level (None: all)
+
+    Returns
+    -------
+    dims : (15,) int64 host array, column (0..w-1) tested at each node (heap order)
+    thresholds : (15,) float32 host array
+    leaves : (N,) uint8, same library as T, leaf (0..15) of each training row
+    """
+    XT, bins, cuts, nbins = binned
+    xp = backend.namespace(bins, T)
+    w, N = bins.shape
+    P = T.shape[1]
+    # centred once: sums of raw targets would lose digits to a large mean
+    T = T.astype(np.float64)
+    T = T - T.mean(axis=0)
+    Tt = xp.ascontiguousarray(T.T)                  # (P, N): one contiguous row per target
+    dims = np.zeros(NNODES, dtype=np.int64)
+    thr = np.full(NNODES, np.inf, dtype=np.float32)
+    kcut = np.zeros(NNODES, dtype=np.int64)         # right iff bin > kcut (if thr finite)
+    bucket = xp.zeros(N, dtype=np.int64)
+    pos = xp.arange(N)
+    screen = max_candidates is not None and w > max_candidates
+    for level in range(DEPTH):
+        nb = 2 ** level
+        if screen:
+            cand = _screen_columns(xp, XT, T, bucket, nb, max_candidates)
+        else:
+            cand = np.arange(w)
+        q = len(cand)
+        K = int(nbins[cand].max())
+        cb = bins[xp.asarray(cand)] if screen else bins
+        key = (bucket[None, :] * (q * K) + (xp.arange(q, dtype=np.int64) * K)[:, None]
+               + cb).ravel()                                                # (b, j, bin)
+        size = nb * q * K
+        hn = xp.bincount(key, minlength=size).reshape(nb, q, K).astype(np.float64)
+        if level == 0 or screen:            # the same weights serve every level
+            Wt = xp.tile(Tt, (1, q))                                           # (P, q*N)
+        S = xp.stack([xp.bincount(key, weights=Wt[p], minlength=size)
+                      for p in range(P)]).reshape(P, nb, q, K)
+        S = xp.cumsum(S, axis=3)                  # left part: bins <= k
+        nl = xp.cumsum(hn, axis=2)
+        cnt = nl[:, :, -1:]                       # rows per bucket
+        nr = cnt - nl
+        SR = S[..., -1:] - S
+        tot = S[..., -1:]
+        # SSE removed by a split: |S_L|^2/n_L + |S_R|^2/n_R - |S|^2/n
+        gain = (xp.einsum("pbjk,pbjk->bjk", S, S) / xp.maximum(nl, 1)
+                + xp.einsum("pbjk,pbjk->bjk", SR, SR) / xp.maximum(nr, 1)
+                - xp.einsum("pbjk,pbjk->bjk", tot, tot) / xp.maximum(cnt, 1))
+        # a cut after bin k exists only below the column's last bin
+        has_cut = xp.asarray(np.arange(K)[None, :] < (nbins[cand] - 1)[:, None])
+        ok = (nl >= min_leaf) & (nr >= min_leaf) & has_cut[None, :, :]
+        gain = xp.where(ok, gain, -xp.inf)
+        best = xp.argmax(gain, axis=2)                                         # (nb, q)
+        g = backend.to_host(xp.take_along_axis(gain, best[:, :, None], axis=2)[:, :, 0])
+        best = backend.to_host(best)
+        useful = np.where(np.isfinite(g), g, 0.0)
+        if split == "level":
+            pick = np.full(nb, int(np.argmax(useful.sum(axis=0))))
+        else:
+            pick = np.argmax(useful, axis=1)
+        node0 = nb - 1
+        for b in range(nb):
+            i = int(pick[b])
+            dims[node0 + b] = cand[i]
+            if np.isfinite(g[b, i]):
+                kcut[node0 + b] = best[b, i]
+                thr[node0 + b] = cuts[cand[i], best[b, i]]
+        d_rows = xp.asarray(dims[node0:node0 + nb])[bucket]
+        k_rows = xp.asarray(np.where(np.isfinite(thr), kcut, np.iinfo(np.int64).max)
+                            [node0:node0 + nb])[bucket]
+        right = bins[d_rows, pos] > k_rows          # x > t; equal goes left, as in the encoders
+        bucket = 2 * bucket + right
+    return dims, thr, bucket.astype(np.uint8)
+
+
+def _screen_columns(xp, XT, T, bucket, nb, q):
+    """The q columns of XT (w, N) whose within-bucket linear fit to T removes the most SSE.
+
+    Returns a sorted host int64 array of column indices.
+    """
+    w = XT.shape[0]
+    score = np.zeros(w)
+    for b in range(nb):
+        rows = xp.nonzero(bucket == b)[0]
+        if rows.shape[0] < 2:
+            continue
+        Xb = XT[:, rows].astype(np.float64)
+        Xb = Xb - Xb.mean(axis=1, keepdims=True)
+        Tb = T[rows] - T[rows].mean(axis=0)
+        cross = Xb @ Tb                                          # (w, P)
+        score += backend.to_host((cross ** 2).sum(axis=1) / xp.maximum((Xb ** 2).sum(axis=1), 1e-30))
+    return np.sort(np.argsort(-score, kind="stable")[:q])
+
+
+def quantize_lut_per_column(lut):
+    """8-bit LUT with an offset per (codebook, column) and a scale per column.
+
+    ``lut[c, k, m] ~= offset[c, m] + scale[m] * q[c, k, m]``; the lookup sums q
+    exactly in integers and returns ``scale * isum + bias`` with
+    ``bias[m] = sum_c offset[c, m]``: the format of ``_lut.quantize_lut``.
+
+    Parameters
+    ----------
+    lut : (C, K, M) float32
+
+    Returns
+    -------
+    q : (C, K, M) uint8, scale : (M,) float32, bias : (M,) float32
+    """
+    xp = backend.namespace(lut)
+    lut64 = lut.astype(np.float64)
+    offsets = lut64.min(axis=1)                                   # (C, M)
+    span = (lut64.max(axis=1) - offsets).max(axis=0)              # (M,)
+    scale = xp.where(span > 0, span / 255.0, 1.0)                 # constant column: any
+    q = xp.clip(xp.rint((lut64 - offsets[:, None, :]) / scale), 0, 255).astype(np.uint8)
+    return q, scale.astype(np.float32), offsets.sum(axis=0).astype(np.float32)
+
+
+class _CodeRidge:
+    """Ridge regression of targets on one-hot codes, updated one codebook at a time.
+
+    Solves ``(G^T G + reg I) L = G^T Y`` for the one-hot G (N, C*K) of the codes,
+    exactly as :func:`._lut.ridge_on_codes` (with ``reg = ridge * N / (C*K) +
+    1e-6``), but keeps ``G^T G`` (from pair counts) and ``G^T Y`` so that changing
+    one codebook's codes costs O(N C) instead of a new (N, C*K) product.
+    """
+
+    def __init__(self, codes, Y, reg):
+        xp = backend.namespace(codes, Y)
+        self.xp = xp
+        self.Y = Y.astype(np.float64)
+        self.reg = reg
+        self.codes = codes
+        N, C = codes.shape
+        self.gram = xp.zeros((C * NBUCKETS, C * NBUCKETS), dtype=np.float64)
+        self.rhs = xp.zeros((C * NBUCKETS, Y.shape[1]), dtype=np.float64)
+        for c in range(C):
+            self.update(c)
+
+    def update(self, c):
+        """Refresh the rows of codebook c (after ``codes[:, c]`` changed)."""
+        xp, codes, K = self.xp, self.codes, NBUCKETS
+        N, C = codes.shape
+        # pair counts of (code in c, code in c') for every c' at once
+        key = (codes[:, c].astype(np.int64)[:, None] * K + codes.astype(np.int64)
+               + (xp.arange(C, dtype=np.int64) * K * K)[None, :])
+        block = xp.bincount(key.ravel(), minlength=C * K * K).reshape(C, K, K)
+        rows = block.transpose(1, 0, 2).reshape(K, C * K).astype(np.float64)
+        self.gram[c * K:(c + 1) * K, :] = rows
+        self.gram[:, c * K:(c + 1) * K] = rows.T
+        _, sums = _bucket_sums(xp, codes[:, c], K, self.Y)
+        self.rhs[c * K:(c + 1) * K] = sums
+
+    def solve(self, targets_rhs=None):
+        """LUT (C, K, M) float32 (or the solution for another right-hand side)."""
+        xp = self.xp
+        C = self.codes.shape[1]
+        rhs = self.rhs if targets_rhs is None else targets_rhs
+        A = self.gram + self.reg * xp.eye(self.gram.shape[0])
+        return xp.linalg.solve(A, rhs).reshape(C, NBUCKETS, -1).astype(np.float32)
+
+    def rhs_for(self, X):
+        """``G^T X`` for other targets X (N, P)."""
+        xp = self.xp
+        C = self.codes.shape[1]
+        return xp.concatenate([_bucket_sums(xp, self.codes[:, c], NBUCKETS, X)[1]
+                               for c in range(C)])
+
+
+# ----------------------------------------------------------------- strategy
+class Joint(Strategy):
+    """Joint bucketing: depth-4 hash trees learned against the error of ``A @ B``.
+
+    See the module docstring for the algorithm. Encoding and lookup are those of
+    MADDNESS (same trees, same 8-bit LUT format), so the apply cost is the same;
+    only learning differs. ``fit`` needs ``B``.
+
+    Parameters
+    ----------
+    ncodebooks : int, C (1 <= C <= D); subspace c is a contiguous block of columns
+    split : "node" (every node picks its own column; default) or "level" (one
+        column per tree level, as the paper's MADDNESS)
+    refine : int >= 0, block-coordinate passes in product space (0: the partial-
+        product trees plus the joint ridge refit only)
+    ridge : float >= 0, ridge penalty of the joint LUT refit, relative to the mean
+        bucket size (0: least squares with a tiny jitter)
+    rank : int >= 1, dimensions the targets of a tree are projected to (their top
+        principal directions) when M or the subspace width is larger; bounds
+        the learning cost for wide B
+    min_leaf : int >= 1, fewest training rows on either side of a split
+    quantize : bool, 8-bit LUT (True) or float32 LUT
+    random_state : unused (learning is deterministic); kept for the interface
+    verbose : bool, progress bar over trees
+
+    Learned attributes
+    ------------------
+    n_features_in_ : D
+    starts_ : (C+1,) int64 subspace boundaries
+    dims_ : (C, 15) int32 absolute columns, thresholds_ : (C, 15) float32
+    prototypes_ : (C, 16, D) float32, ridge prototypes in A's space
+    train_nmse_ : (refine + 1,) float64 host array, training NMSE (float LUT) after
+        the start and after each refine pass: non-increasing
+    lut_ : (C, 16, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
+    """
+
+    name = "joint"
+
+    def __init__(self, ncodebooks=16, *, split="node", refine=8, tol=1e-3, ridge=1e-2,
+                 rank=16, min_leaf=1, quantize=True, random_state=None, verbose=False):
+        super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
+        self.split = split
+        self.refine = refine
+        self.tol = tol
+        self.ridge = ridge
+        self.rank = rank
+        self.min_leaf = min_leaf
+        self.verbose = verbose
+
+    def _check_params(self):
+        super()._check_params()
+        validate.check_choice(self.split, "split", ("level", "node"))
+        validate.check_int(self.refine, "refine", lo=0)
+        validate.check_float(self.tol, "tol", lo=0.0)
+        validate.check_float(self.ridge, "ridge", lo=0.0)
+        validate.check_int(self.rank, "rank", lo=1)
+        validate.check_int(self.min_leaf, "min_leaf", lo=1)
+
+    # ---------------------------------------------------------------- fitting
+    def _fit(self, A, rng, B):
+        if B is None:
+            raise ValueError("joint bucketing learns its trees from the product A @ B: "
+                             "call fit(A, B) with the (D, M) matrix B")
+        xp = backend.namespace(A)
+        B = backend.like(B, A)
+        self.starts_ = subspace_starts(A.shape[1], self.ncodebooks)
+        Y = (A @ B).astype(np.float32)
+        binned = {}              # subspace -> bin_columns(A_c), shared by both paths
+        # split="node": the per-level trees are node trees too, and the coordinate
+        # descent from per-node greedy trees sometimes settles in a worse optimum
+        # than from per-level ones, so both paths run and the lower training loss wins
+        modes = ("node", "level") if self.split == "node" else ("level",)
+        best = None
+        with progress_bar(len(modes) * self.ncodebooks * (1 + self.refine), "joint trees",
+                          self.verbose) as bar:
+            for mode in modes:
+                out = self._fit_path(A, B, Y, mode, binned, bar)
+                if best is None or out[0][-1] < best[0][-1]:
+                    best = out
+        history, dims, thr, ridge = best
+        self.dims_ = xp.asarray(dims)
+        self.thresholds_ = xp.asarray(thr)
+        # ridge on A: P @ B equals the ridge refit against Y = A @ B (linear in targets)
+        self.prototypes_ = ridge.solve(ridge.rhs_for(A))
+        self.train_loss_ = np.asarray(history, dtype=np.float64)
+
+    def _fit_path(self, A, B, Y, mode, binned, bar):
+        """Start + refine passes with trees of one split mode.
+
+        Returns
+        -------
+        history : list of float, training loss after the start and each pass
+        dims : (C, 15) int32 host, thresholds : (C, 15) float32 host,
+        ridge : the final ``_CodeRidge`` (its ``codes`` are the training codes)
+        """
+        xp = backend.namespace(A)
+        N = A.shape[0]
+        C = self.ncodebooks
+        starts = self.starts_
+        y_ss = float(((Y - Y.mean(axis=0)).astype(np.float64) ** 2).sum())
+        reg = self.ridge * N / (C * NBUCKETS) + 1e-6    # as ridge_on_codes
+        dims = np.zeros((C, NNODES), dtype=np.int32)
+        thr = np.full((C, NNODES), np.inf, dtype=np.float32)
+        codes = xp.empty((N, C), dtype=np.uint8)
+
+        def learn(c, T):
+            s, e = int(starts[c]), int(starts[c + 1])
+            if c not in binned:
+                binned[c] = bin_columns(A[:, s:e])
+            d, t, leaves = learn_product_tree(binned[c], T, mode, self.min_leaf,
+                                              getattr(self, "_maxc", None))
+            return (d + s).astype(np.int32), t, leaves
+
+        def block_loss(leaves, R):
+            # min over LUT rows L of ||R - L[leaves]||^2 + reg ||L||^2, less ||R||^2
+            n, sums = _bucket_sums(xp, leaves, NBUCKETS, R)
+            return -float(((sums ** 2).sum(axis=1) / (n + reg)).sum())
+
+        def refit():
+            lut = ridge.solve()
+            return lut, kernels.lookup(codes, lut)
+
+        def loss_of(lut, recon):
+            err = float(((Y - recon).astype(np.float64) ** 2).sum())
+            return (err + reg * float((lut.astype(np.float64) ** 2).sum())) / y_ss
+
+        # 1. each tree against its own partial product A_c @ B_c; with B_c = U S V^T
+        #    that has the SSE of A_c @ U S, in at most min(width, M) dimensions
+        for c in range(C):
+            s, e = int(starts[c]), int(starts[c + 1])
+            U, S, _ = xp.linalg.svd(B[s:e].astype(np.float64), full_matrices=False)
+            Z = A[:, s:e].astype(np.float64) @ (U * S[None, :])
+            if Z.shape[1] > self.rank:
+                Z = Z @ _top_directions(xp, Z, self.rank)
+            dims[c], thr[c], codes[:, c] = learn(c, Z)
+            bar.update()
+        # 2. joint ridge refit of all LUTs against Y
+        ridge = _CodeRidge(codes, Y, reg)
+        lut, recon = refit()
+        history = [loss_of(lut, recon)]
+        # 3. block-coordinate passes in product space; every step lowers the loss.
+        # A joint refit after each tree (each C/32 trees for larger C, where the
+        # (16 C)^3 solve gets dear) lets the others adapt before the next tree:
+        # fewer passes to converge, and a lower optimum, than one refit per pass.
+        every = max(1, C // 32)
+        for done in range(self.refine):
+            for c in range(C):
+                own = lut[c][codes[:, c].astype(np.int64)]
+                R = Y - recon + own                                    # tree c's job
+                T = R if R.shape[1] <= self.rank else R @ _top_directions(
+                    xp, R, self.rank).astype(np.float32)
+                d, t, leaves = learn(c, T)
+                if block_loss(leaves, R) < block_loss(codes[:, c], R):
+                    dims[c], thr[c], codes[:, c] = d, t, leaves
+                    ridge.update(c)
+                if (c + 1) % every == 0:
+                    lut, recon = refit()
+                else:                       # the exact minimiser over this block alone
+                    n, sums = _bucket_sums(xp, codes[:, c], NBUCKETS, R)
+                    lut[c] = (sums / (n + reg)[:, None]).astype(np.float32)
+                    recon = Y - R + lut[c][codes[:, c].astype(np.int64)]
+                bar.update()
+            lut, recon = refit()
+            history.append(loss_of(lut, recon))
+            if history[-2] - history[-1] <= self.tol * history[-2]:
+                bar.update(C * (self.refine - done - 1))
+                break                       # converged: later passes change little
+        return history, dims, thr, ridge
+
+    def _set_lut(self, lut):
+        """Store the float LUT (C, K, M) and, when ``quantize``, an 8-bit version.
+
+        Same format as every strategy (``Y = isum * scale + bias``, exact integer
+        sums), but with one offset per (codebook, output column) and one scale
+        per output column: the step of each column is then set by its own range,
+        never coarser than the shared-scale quantizer's (it matters most where
+        a few columns of Y are much wider than the rest).
+        """
+        super()._set_lut(lut)
+        if self.quantize:
+            self.lut_q_, self.lut_scale_, self.lut_bias_ = quantize_lut_per_column(self.lut_)
+
+    # --------------------------------------------------------------- applying
+    def _encode(self, A):
+        return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
+
+    def _prototypes_lut(self, B):
+        P = self._learned("prototypes_", B)
+        C, K, D = P.shape
+        return (P.reshape(C * K, D) @ B).reshape(C, K, B.shape[1])
