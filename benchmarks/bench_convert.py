@@ -53,6 +53,12 @@ def _data(rows, gpu):
 
 def run(depths, schedules, rows, epochs, batch_size, gpu, init_rows, verbose):
     X, y, name = _data(rows, gpu)
+    # warm-up: compile the kernels (Numba, CuPy) outside the timed conversions
+    warm = build_mlp([784, 32, 10], seed=0)
+    for schedule in schedules:
+        nn.convert(warm, X[:512], y[:512], epochs_per_layer=1, finetune_epochs=0,
+                   init_rows=256, schedule=schedule, random_state=0)
+        warm = build_mlp([784, 32, 10], seed=0)
     results = []
     for depth in depths:
         for schedule in schedules:
