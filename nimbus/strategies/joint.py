@@ -7,18 +7,20 @@ the other codebooks already explain costs nothing either. Joint bucketing
 learns every tree against that error directly:
 
 1. Start: the tree of subspace c minimises the within-bucket SSE of the partial
-   product ``A_c @ B_c`` (computed exactly in at most ``rank`` dimensions:
-   ``A_c @ B_c = A_c @ U S V^T`` has the same SSE as ``A_c @ U S``); its LUT rows
-   are the bucket means of ``A_c @ B_c``.
+   product ``A_c @ B_c`` (computed exactly in few dimensions: with ``B_c = U S
+   V^T``, ``A_c @ B_c`` has the same SSE as ``A_c @ U S``; more than ``rank``
+   dimensions are projected on their top principal directions); its LUT rows
+   would be the bucket means of ``A_c @ B_c``, but step 2 replaces them at once.
 2. Joint refit: all LUTs together by ridge least squares of ``Y = A @ B`` on the
-   one-hot codes.
-3. ``refine`` block-coordinate passes in product space: with the other
+   one-hot codes (penalty ``ridge`` times the mean bucket count).
+3. Up to ``refine`` block-coordinate passes in product space: with the other
    codebooks fixed, tree c is relearned against what they leave unexplained,
    ``R_c = Y - sum_{c' != c} LUT_c'[codes_c']`` (projected on its top ``rank``
-   principal directions when M is larger), its LUT rows become the bucket means
-   of ``R_c`` (the exact minimiser for fixed codes), and the new tree is kept
-   only if it lowers the SSE. Each pass ends with the joint ridge refit. Every
-   step lowers the training error of the product.
+   principal directions when M is larger), and kept only if, with its best LUT
+   rows, it lowers the loss; then all LUTs are refit jointly again (after every
+   tree, or every C/32 trees for C > 32). Every step lowers the training loss
+   ``||Y - sum_c LUT_c[codes_c]||^2 + reg ||LUT||^2``; the passes stop early
+   once a pass gains less than ``tol`` of it.
 
 The LUT is stored as prototypes in A's space, ``P = ridge(onehot(codes), A)``
 (C, 16, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
@@ -138,11 +140,14 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None)
     """One depth-4 tree on binned columns, minimising the within-bucket SSE of T.
 
     Level by level, every bucket gets the split (column, cut) that removes the
-    most SSE of T; ``split="level"`` makes the buckets of a level share the
-    column that removes the most in total. Cuts come from :func:`bin_columns`,
+    most leave-one-out SSE of T (a side with n rows and SSE s counts
+    ``(n / (n-1))^2 * s``, a side of one row is not allowed);
+    ``split="level"`` makes the buckets of a level share the column that
+    removes the most in total. Cuts come from :func:`bin_columns`,
     so thresholds lie between two distinct training values; ``x > t`` goes
     right. A bucket with no admissible split (fewer than ``2 * min_leaf`` rows,
-    or one value) gets ``t = +inf``: everything goes left.
+    one value, or no split with a positive leave-one-out gain) gets
+    ``t = +inf``: everything goes left.
 
     The split search is histogram based: per level, weighted bincounts give the
     target sums of every (bucket, column, bin), and running sums over the bins
@@ -172,6 +177,7 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None)
     T = T.astype(np.float64)
     T = T - T.mean(axis=0)
     Tt = xp.ascontiguousarray(T.T)                  # (P, N): one contiguous row per target
+    sqn = (T ** 2).sum(axis=1)
     dims = np.zeros(NNODES, dtype=np.int64)
     thr = np.full(NNODES, np.inf, dtype=np.float32)
     kcut = np.zeros(NNODES, dtype=np.int64)         # right iff bin > kcut (if thr finite)
@@ -193,21 +199,30 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None)
         hn = xp.bincount(key, minlength=size).reshape(nb, q, K).astype(np.float64)
         if level == 0 or screen:            # the same weights serve every level
             Wt = xp.tile(Tt, (1, q))                                           # (P, q*N)
+            Wq = xp.tile(sqn, q)
         S = xp.stack([xp.bincount(key, weights=Wt[p], minlength=size)
                       for p in range(P)]).reshape(P, nb, q, K)
         S = xp.cumsum(S, axis=3)                  # left part: bins <= k
+        Q = xp.cumsum(xp.bincount(key, weights=Wq, minlength=size).reshape(nb, q, K), axis=2)
         nl = xp.cumsum(hn, axis=2)
         cnt = nl[:, :, -1:]                       # rows per bucket
         nr = cnt - nl
-        SR = S[..., -1:] - S
         tot = S[..., -1:]
-        # SSE removed by a split: |S_L|^2/n_L + |S_R|^2/n_R - |S|^2/n
-        gain = (xp.einsum("pbjk,pbjk->bjk", S, S) / xp.maximum(nl, 1)
-                + xp.einsum("pbjk,pbjk->bjk", SR, SR) / xp.maximum(nr, 1)
-                - xp.einsum("pbjk,pbjk->bjk", tot, tot) / xp.maximum(cnt, 1))
+        SR = tot - S
+        # leave-one-out SSE of each side, (n / (n-1))^2 * SSE: a side's mean is judged
+        # on rows it was not computed from, so a split that cuts off one or two
+        # extreme rows (heavy tails) no longer looks like a large gain
+        def loo(q_, s_, n_):
+            sse = q_ - xp.einsum("pbjk,pbjk->bjk", s_, s_) / xp.maximum(n_, 1)
+            # one row: no estimate from the others; a huge finite cost (not inf,
+            # whose differences would be NaN) rules such a side out
+            return xp.where(n_ >= 2, sse * (n_ / xp.maximum(n_ - 1, 1)) ** 2,
+                            xp.where(n_ == 1, 1e300, 0.0))
+        gain = loo(Q[..., -1:], tot, cnt) - loo(Q, S, nl) - loo(Q[..., -1:] - Q, SR, nr)
         # a cut after bin k exists only below the column's last bin
         has_cut = xp.asarray(np.arange(K)[None, :] < (nbins[cand] - 1)[:, None])
-        ok = (nl >= min_leaf) & (nr >= min_leaf) & has_cut[None, :, :]
+        # a split must help out of sample (positive leave-one-out gain)
+        ok = (nl >= min_leaf) & (nr >= min_leaf) & has_cut[None, :, :] & (gain > 0)
         gain = xp.where(ok, gain, -xp.inf)
         best = xp.argmax(gain, axis=2)                                         # (nb, q)
         g = backend.to_host(xp.take_along_axis(gain, best[:, :, None], axis=2)[:, :, 0])
@@ -276,23 +291,30 @@ def quantize_lut_per_column(lut):
 
 
 class _CodeRidge:
-    """Ridge regression of targets on one-hot codes, updated one codebook at a time.
+    """Ridge regression of Y on one-hot codes, updated one codebook at a time.
 
-    Solves ``(G^T G + reg I) L = G^T Y`` for the one-hot G (N, C*K) of the codes,
-    exactly as :func:`._lut.ridge_on_codes` (with ``reg = ridge * N / (C*K) +
-    1e-6``), but keeps ``G^T G`` (from pair counts) and ``G^T Y`` so that changing
-    one codebook's codes costs O(N C) instead of a new (N, C*K) product.
+    Minimises ``||Y - G L||^2 + reg ||L - L0||^2`` over the LUT L (C*K, M), where G
+    (N, C*K) is the one-hot matrix of the codes and the prior L0 holds each
+    codebook's own partial-product bucket means (``prior_of``): a bucket with few
+    rows keeps about what its own subspace says instead of absorbing what the
+    other codebooks miss on those rows (robust to heavy tails, small N).
+    The solution is ``(G^T G + reg I)^-1 (G^T Y + reg L0)``; ``G^T G`` (pair
+    counts), ``G^T Y`` and L0 are kept, so changing one codebook's codes costs
+    O(N C) instead of a new (N, C*K) product.
     """
 
-    def __init__(self, codes, Y, reg):
+    def __init__(self, codes, Y, reg, prior_of):
         xp = backend.namespace(codes, Y)
         self.xp = xp
-        self.Y = Y.astype(np.float64)
+        self.Y = Y
         self.reg = reg
+        self.prior_of = prior_of
         self.codes = codes
         N, C = codes.shape
-        self.gram = xp.zeros((C * NBUCKETS, C * NBUCKETS), dtype=np.float64)
-        self.rhs = xp.zeros((C * NBUCKETS, Y.shape[1]), dtype=np.float64)
+        K = NBUCKETS
+        self.gram = xp.zeros((C * K, C * K), dtype=np.float64)
+        self.rhs = xp.zeros((C * K, Y.shape[1]), dtype=np.float64)
+        self.prior = xp.zeros((C, K, Y.shape[1]), dtype=np.float64)
         for c in range(C):
             self.update(c)
 
@@ -307,19 +329,22 @@ class _CodeRidge:
         rows = block.transpose(1, 0, 2).reshape(K, C * K).astype(np.float64)
         self.gram[c * K:(c + 1) * K, :] = rows
         self.gram[:, c * K:(c + 1) * K] = rows.T
-        _, sums = _bucket_sums(xp, codes[:, c], K, self.Y)
-        self.rhs[c * K:(c + 1) * K] = sums
+        self.rhs[c * K:(c + 1) * K] = _bucket_sums(xp, codes[:, c], K, self.Y)[1]
+        self.prior[c] = self.prior_of(c, codes[:, c])
 
-    def solve(self, targets_rhs=None):
-        """LUT (C, K, M) float32 (or the solution for another right-hand side)."""
+    def solve(self, rhs=None, prior=None):
+        """The LUT (C, K, M) float32; or the solution for other targets X given
+        ``rhs = G^T X`` (from :meth:`rhs_for`) and their prior (C, K, P)."""
         xp = self.xp
         C = self.codes.shape[1]
-        rhs = self.rhs if targets_rhs is None else targets_rhs
-        A = self.gram + self.reg * xp.eye(self.gram.shape[0])
-        return xp.linalg.solve(A, rhs).reshape(C, NBUCKETS, -1).astype(np.float32)
+        rhs = self.rhs if rhs is None else rhs
+        prior = self.prior if prior is None else prior
+        lhs = self.gram + self.reg * xp.eye(self.gram.shape[0])
+        sol = xp.linalg.solve(lhs, rhs + self.reg * prior.reshape(rhs.shape))
+        return sol.reshape(C, NBUCKETS, -1).astype(np.float32)
 
     def rhs_for(self, X):
-        """``G^T X`` for other targets X (N, P)."""
+        """``G^T X`` for other targets X (N, P): (C*K, P) float64."""
         xp = self.xp
         C = self.codes.shape[1]
         return xp.concatenate([_bucket_sums(xp, self.codes[:, c], NBUCKETS, X)[1]
@@ -338,15 +363,25 @@ class Joint(Strategy):
     ----------
     ncodebooks : int, C (1 <= C <= D); subspace c is a contiguous block of columns
     split : "node" (every node picks its own column; default) or "level" (one
-        column per tree level, as the paper's MADDNESS)
-    refine : int >= 0, block-coordinate passes in product space (0: the partial-
-        product trees plus the joint ridge refit only)
+        column per tree level, as the paper's MADDNESS). With "node" the whole
+        fit also runs with per-level trees (they are node trees too) and the
+        lower training loss wins: the coordinate descent from greedy per-node
+        trees sometimes settles in a worse optimum. Fit time doubles.
+    refine : int >= 0, most block-coordinate passes in product space (0: the
+        partial-product trees plus the joint ridge refit only)
+    tol : float >= 0, stop the passes once one lowers the loss by less than
+        this fraction
     ridge : float >= 0, ridge penalty of the joint LUT refit, relative to the mean
         bucket size (0: least squares with a tiny jitter)
     rank : int >= 1, dimensions the targets of a tree are projected to (their top
         principal directions) when M or the subspace width is larger; bounds
         the learning cost for wide B
-    min_leaf : int >= 1, fewest training rows on either side of a split
+    min_leaf : int >= 1 or None, fewest training rows on either side of a split;
+        None: N // 500 (at least 1). Splits are also scored by their
+        leave-one-out SSE, so small leaves must pay for their noise.
+    max_candidates : int >= 1 or None, columns searched per tree level (those
+        whose within-bucket linear fit to the targets is best); None: all
+        columns of the subspace (best fits; cost grows with D / C)
     quantize : bool, 8-bit LUT (True) or float32 LUT
     random_state : unused (learning is deterministic); kept for the interface
     verbose : bool, progress bar over trees
@@ -357,15 +392,18 @@ class Joint(Strategy):
     starts_ : (C+1,) int64 subspace boundaries
     dims_ : (C, 15) int32 absolute columns, thresholds_ : (C, 15) float32
     prototypes_ : (C, 16, D) float32, ridge prototypes in A's space
-    train_nmse_ : (refine + 1,) float64 host array, training NMSE (float LUT) after
-        the start and after each refine pass: non-increasing
+    train_loss_ : (passes + 1,) float64 host array, training loss (float LUT,
+        ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
+        and after each pass: non-increasing
     lut_ : (C, 16, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
+        (8-bit, see :func:`quantize_lut_per_column`)
     """
 
     name = "joint"
 
-    def __init__(self, ncodebooks=16, *, split="node", refine=8, tol=1e-3, ridge=1e-2,
-                 rank=16, min_leaf=1, quantize=True, random_state=None, verbose=False):
+    def __init__(self, ncodebooks=16, *, split="node", refine=20, tol=1e-3, ridge=1e-2,
+                 rank=16, min_leaf=None, max_candidates=None, quantize=True,
+                 random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
         self.refine = refine
@@ -373,6 +411,7 @@ class Joint(Strategy):
         self.ridge = ridge
         self.rank = rank
         self.min_leaf = min_leaf
+        self.max_candidates = max_candidates
         self.verbose = verbose
 
     def _check_params(self):
@@ -382,7 +421,10 @@ class Joint(Strategy):
         validate.check_float(self.tol, "tol", lo=0.0)
         validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.rank, "rank", lo=1)
-        validate.check_int(self.min_leaf, "min_leaf", lo=1)
+        if self.min_leaf is not None:
+            validate.check_int(self.min_leaf, "min_leaf", lo=1)
+        if self.max_candidates is not None:
+            validate.check_int(self.max_candidates, "max_candidates", lo=1)
 
     # ---------------------------------------------------------------- fitting
     def _fit(self, A, rng, B):
@@ -408,9 +450,22 @@ class Joint(Strategy):
         history, dims, thr, ridge = best
         self.dims_ = xp.asarray(dims)
         self.thresholds_ = xp.asarray(thr)
-        # ridge on A: P @ B equals the ridge refit against Y = A @ B (linear in targets)
-        self.prototypes_ = ridge.solve(ridge.rhs_for(A))
+        # The same ridge in A's space (prior: each codebook's bucket means of its own
+        # columns): P @ B is the refit against Y = A @ B, as the solution is linear
+        # in the targets and the prior
+        self.prototypes_ = ridge.solve(ridge.rhs_for(A), self._own_means(A, ridge.codes))
         self.train_loss_ = np.asarray(history, dtype=np.float64)
+
+    def _own_means(self, A, codes):
+        """(C, K, D) float64: bucket means of each codebook's own columns, 0 elsewhere."""
+        xp = backend.namespace(A)
+        C = codes.shape[1]
+        out = xp.zeros((C, NBUCKETS, A.shape[1]), dtype=np.float64)
+        for c in range(C):
+            s, e = int(self.starts_[c]), int(self.starts_[c + 1])
+            n, sums = _bucket_sums(xp, codes[:, c], NBUCKETS, A[:, s:e])
+            out[c, :, s:e] = sums / xp.maximum(n, 1)[:, None]
+        return out
 
     def _fit_path(self, A, B, Y, mode, binned, bar):
         """Start + refine passes with trees of one split mode.
@@ -430,19 +485,31 @@ class Joint(Strategy):
         dims = np.zeros((C, NNODES), dtype=np.int32)
         thr = np.full((C, NNODES), np.inf, dtype=np.float32)
         codes = xp.empty((N, C), dtype=np.uint8)
+        # a leaf of a few rows has a mean that heavy tails can throw far off
+        min_leaf = self.min_leaf if self.min_leaf is not None else max(1, N // 500)
 
         def learn(c, T):
             s, e = int(starts[c]), int(starts[c + 1])
             if c not in binned:
                 binned[c] = bin_columns(A[:, s:e])
-            d, t, leaves = learn_product_tree(binned[c], T, mode, self.min_leaf,
-                                              getattr(self, "_maxc", None))
+            d, t, leaves = learn_product_tree(binned[c], T, mode, min_leaf,
+                                              self.max_candidates)
             return (d + s).astype(np.int32), t, leaves
 
-        def block_loss(leaves, R):
-            # min over LUT rows L of ||R - L[leaves]||^2 + reg ||L||^2, less ||R||^2
+        def prior_of(c, leaves):
+            # bucket means of the partial product A_c @ B_c: (K, M)
+            s, e = int(starts[c]), int(starts[c + 1])
+            n, sums = _bucket_sums(xp, leaves, NBUCKETS, A[:, s:e])
+            return (sums / xp.maximum(n, 1)[:, None]) @ B[s:e].astype(np.float64)
+
+        def block_fit(leaves, R, c):
+            # min over this block's LUT rows L of ||R - L[leaves]||^2 + reg ||L - L0||^2:
+            # L = (S + reg L0) / (n + reg); returns (loss less ||R||^2, L)
             n, sums = _bucket_sums(xp, leaves, NBUCKETS, R)
-            return -float(((sums ** 2).sum(axis=1) / (n + reg)).sum())
+            p = prior_of(c, leaves)
+            top = sums + reg * p
+            loss = float(reg * (p ** 2).sum() - ((top ** 2).sum(axis=1) / (n + reg)).sum())
+            return loss, (top / (n + reg)[:, None]).astype(np.float32)
 
         def refit():
             lut = ridge.solve()
@@ -450,7 +517,7 @@ class Joint(Strategy):
 
         def loss_of(lut, recon):
             err = float(((Y - recon).astype(np.float64) ** 2).sum())
-            return (err + reg * float((lut.astype(np.float64) ** 2).sum())) / y_ss
+            return (err + reg * float(((lut - ridge.prior) ** 2).sum())) / y_ss
 
         # 1. each tree against its own partial product A_c @ B_c; with B_c = U S V^T
         #    that has the SSE of A_c @ U S, in at most min(width, M) dimensions
@@ -463,7 +530,7 @@ class Joint(Strategy):
             dims[c], thr[c], codes[:, c] = learn(c, Z)
             bar.update()
         # 2. joint ridge refit of all LUTs against Y
-        ridge = _CodeRidge(codes, Y, reg)
+        ridge = _CodeRidge(codes, Y, reg, prior_of)
         lut, recon = refit()
         history = [loss_of(lut, recon)]
         # 3. block-coordinate passes in product space; every step lowers the loss.
@@ -478,14 +545,15 @@ class Joint(Strategy):
                 T = R if R.shape[1] <= self.rank else R @ _top_directions(
                     xp, R, self.rank).astype(np.float32)
                 d, t, leaves = learn(c, T)
-                if block_loss(leaves, R) < block_loss(codes[:, c], R):
+                new_loss, new_rows = block_fit(leaves, R, c)
+                old_loss, old_rows = block_fit(codes[:, c], R, c)
+                if new_loss < old_loss:
                     dims[c], thr[c], codes[:, c] = d, t, leaves
                     ridge.update(c)
                 if (c + 1) % every == 0:
                     lut, recon = refit()
                 else:                       # the exact minimiser over this block alone
-                    n, sums = _bucket_sums(xp, codes[:, c], NBUCKETS, R)
-                    lut[c] = (sums / (n + reg)[:, None]).astype(np.float32)
+                    lut[c] = new_rows if new_loss < old_loss else old_rows
                     recon = Y - R + lut[c][codes[:, c].astype(np.int64)]
                 bar.update()
             lut, recon = refit()
@@ -511,6 +579,17 @@ class Joint(Strategy):
     # --------------------------------------------------------------- applying
     def _encode(self, A):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
+
+    def _apply(self, A):
+        """encode + lookup of checked rows, output dtype = A.dtype; with an 8-bit LUT
+        the one encode_lookup_q op (fused on the GPU), as MADDNESS: same trees, same
+        LUT format."""
+        if self.quantize:
+            return kernels.encode_lookup_q(
+                A, self._learned("dims_", A), self._learned("thresholds_", A),
+                self._learned("lut_q_", A), self._learned("lut_scale_", A),
+                self._learned("lut_bias_", A), out_dtype=A.dtype)
+        return super()._apply(A)
 
     def _prototypes_lut(self, B):
         P = self._learned("prototypes_", B)
