@@ -2,7 +2,7 @@
 
 ``python -m nimbus compare`` with no arguments runs the built-in task (sklearn
 digits: 1377 training rows, 400 test rows, B = 20 held-out images) and prints
-test NMSE, fit time and apply time for exact / pq / maddness at several C.
+test NMSE, fit time and apply time for exact / pq / maddness / joint at several C.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def cmd_compare(args):
     print(table)
     if args.plot:
         from nimbus import plotting
-        ax = plotting.plot_tradeoff(table)
+        ax = plotting.plot_tradeoff(table, x=args.plot_x)
         ax.figure.savefig(args.plot, dpi=120, bbox_inches="tight")
         print(f"plot written to {args.plot}")
     return 0
@@ -68,14 +68,16 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("compare", help="test NMSE and times of strategies on a task")
     p.add_argument("files", nargs="*", help="A_train.npy A_test.npy B.npy (default: digits)")
-    p.add_argument("--method", default="exact,pq,maddness",
-                   help="comma-separated methods (default: exact,pq,maddness)")
+    p.add_argument("--method", default="exact,pq,maddness,joint",
+                   help="comma-separated methods (default: exact,pq,maddness,joint)")
     p.add_argument("--ncodebooks", type=_int_list, default=[2, 4, 8, 16, 32],
                    help="comma-separated numbers of codebooks C (default: 2,4,8,16,32)")
     p.add_argument("--split", choices=["level", "node"], default=None,
                    help="tree split mode for tree methods")
     p.add_argument("--seed", type=int, default=0, help="random_state (default 0)")
     p.add_argument("--plot", metavar="OUT.png", default=None, help="also draw NMSE against C")
+    p.add_argument("--plot-x", choices=["C", "time"], default="C",
+                   help="x axis of --plot: C (default) or encode + lookup time")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
     from nimbus.nn.cli import add_parser as _add_convert; _add_convert(sub)  # noqa: E702

@@ -70,23 +70,30 @@ def amm(A, B, method="maddness", ncodebooks=16, train=None, **params):
     return op(A)
 
 
-def compare(A_train, A_test, B, methods=("exact", "pq", "maddness"), ncodebooks=(8, 16, 32),
-            *, repeat=3, verbose=False, **params):
+def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
+            ncodebooks=(8, 16, 32), *, repeat=3, verbose=False, **params):
     """Fit each method at each C on A_train and measure it on A_test.
 
     Parameters
     ----------
-    A_train : (N, D), A_test : (N', D), B : (D, M) arrays of real numbers
-    methods : sequence of method names
-    ncodebooks : int or sequence of int (values above D are skipped)
-    repeat : timed repetitions of the apply (median reported)
+    A_train : (N, D), A_test : (N', D), B : (D, M) arrays of real numbers (NumPy or
+        CuPy; coerced to float32; A_test and B are moved to A_train's library)
+    methods : method name or sequence of distinct names ("exact", "pq", "maddness",
+        "joint", "dm"); "exact" gives one row (no C)
+    ncodebooks : int or sequence of int; values above D are skipped
+    repeat : int >= 1, timed repetitions of the apply (median reported)
+    verbose : bool, progress bar over the (method, C) fits
     **params : passed to each method that takes them (e.g. ``random_state=0``,
         ``split="node"``); a parameter no method takes is an error
 
     Returns
     -------
-    Table with one row per (method, C): ``method``, ``C``, ``nmse`` (test),
-    ``fit_s``, ``apply_s`` (encode + lookup of A_test), ``lut_bytes``.
+    Table with one row per (method, C): ``method``, ``C`` (None for "exact"),
+    ``nmse`` (test, ``mean((Y - Y_hat)**2) / var(Y)`` with ``Y = A_test @ B``),
+    ``fit_s`` (seconds to fit, LUT included), ``apply_s`` (median seconds of
+    encode + lookup of A_test), ``lut_bytes`` (LUT size at inference; B for "exact").
+    Its text repr is an aligned table, ``_repr_html_`` an HTML table;
+    :func:`nimbus.plotting.plot_tradeoff` draws it.
     """
     A_train = validate.as_matrix(A_train, "A_train")
     A_test = validate.as_matrix(A_test, "A_test")
@@ -94,11 +101,23 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness"), ncodebooks=
     A_test = backend.like(A_test, A_train)
     validate.check_inner(A_train, B, "A_train")
     validate.check_inner(A_test, B, "A_test")
+    repeat = validate.check_int(repeat, "repeat", lo=1)
     if isinstance(methods, str):
         methods = [methods]
+    try:
+        methods = list(methods)
+    except TypeError:
+        raise TypeError(f"methods must be a method name or a sequence of names, "
+                        f"got {type(methods).__name__}") from None
+    if not methods:
+        raise ValueError("methods is empty; give at least one of "
+                         f"{', '.join(sorted(REGISTRY))}")
     for m in methods:
-        if m not in REGISTRY:
+        if not isinstance(m, str) or m not in REGISTRY:
             raise ValueError(f"unknown method {m!r}; known: {', '.join(sorted(REGISTRY))}")
+    dup = sorted({m for m in methods if methods.count(m) > 1})
+    if dup:
+        raise ValueError(f"method(s) listed twice: {', '.join(dup)}")
     Cs = [ncodebooks] if isinstance(ncodebooks, (int, np.integer)) else list(ncodebooks)
     Cs = [validate.check_int(c, "ncodebooks", lo=1) for c in Cs]
     taken = set()
@@ -107,12 +126,17 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness"), ncodebooks=
     unused = [k for k in params if k not in taken]
     if unused:
         raise ValueError(f"no method takes parameter(s) {', '.join(unused)}")
+    D = A_train.shape[1]
+    jobs = [(m, None) if m == "exact" else (m, c) for m in methods
+            for c in (Cs if m != "exact" else [None]) if c is None or c <= D]
+    if not jobs:
+        raise ValueError(f"every ncodebooks value {Cs} is larger than D={D} (the number of "
+                         "columns): nothing to compare")
     Y = A_test @ B
     rows = []
-    jobs = [(m, None) if m == "exact" else (m, c) for m in methods
-            for c in (Cs if m != "exact" else [None]) if c is None or c <= A_train.shape[1]]
     with progress_bar(len(jobs), "compare", verbose) as bar:
         for m, C in jobs:
+            bar.set_postfix_str(f"fitting {m} C={C}")
             kw = {k: v for k, v in params.items() if k in REGISTRY[m]._param_names()}
             t0 = time.perf_counter()
             op = make(m, ncodebooks=C, **kw).fit(A_train, B)
@@ -121,7 +145,6 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness"), ncodebooks=
             apply_s, Y_hat = time_call(op, A_test, repeat=repeat)
             rows.append({"method": m, "C": C, "nmse": nmse(Y, Y_hat), "fit_s": fit_s,
                          "apply_s": apply_s, "lut_bytes": op.lut_bytes})
-            bar.set_postfix_str(f"{m} C={C}")
             bar.update()
     return Table(rows, ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes"],
                  title=f"test NMSE and times: train {tuple(A_train.shape)}, test "

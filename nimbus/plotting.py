@@ -1,41 +1,79 @@
 """Plots (matplotlib imported lazily). Every function takes ax=None and returns ax."""
 from __future__ import annotations
 
+_LABELS = {"C": "codebooks C", "nmse": "test NMSE", "fit_s": "fit time (s)",
+           "apply_s": "encode + lookup time (s)", "lut_bytes": "LUT bytes"}
+_ALIASES = {"time": "apply_s"}
+
 
 def _axes(ax):
     if ax is None:
-        import matplotlib
-        if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-            pass
-        import matplotlib.pyplot as plt
-        _, ax = plt.subplots(figsize=(5, 3.5))
+        import matplotlib.pyplot as plt   # lazy: importing nimbus never needs matplotlib
+        _, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     return ax
 
 
-def plot_tradeoff(table, ax=None, x="C", y="nmse", logy=True):
-    """NMSE against C (or any two columns) from a :func:`nimbus.compare` table.
+def plot_tradeoff(table, ax=None, x="C", y="nmse", logy=True, title=None):
+    """Test NMSE against C (or against time), one line per method.
 
-    One line per method; the "exact" row (no C) is skipped when x is "C".
+    Parameters
+    ----------
+    table : :class:`nimbus.table.Table` from :func:`nimbus.compare` (rows with
+        ``method`` and the columns named by x and y)
+    ax : matplotlib Axes, optional (default: a new figure)
+    x : "C" (default), "apply_s" (or "time": encode + lookup seconds), "fit_s",
+        "lut_bytes", or any numeric column
+    y : numeric column, default "nmse"
+    logy : bool, logarithmic y axis (NMSE spans decades)
+    title : str, optional (default: the table's title)
+
+    Rows without a value for x (the "exact" row has no C) are left out. A method
+    with a single point whose y cannot be drawn (the exact product's NMSE is 0
+    on a log axis) is drawn as a vertical dashed line at its x: with x = "apply_s"
+    that is the speed to beat.
 
     Returns
     -------
     matplotlib Axes
     """
+    x = _ALIASES.get(x, x)
+    y = _ALIASES.get(y, y)
+    rows = list(table)
+    if not rows:
+        raise ValueError("the table has no rows to plot")
+    for col in ("method", x, y):
+        if not any(col in r for r in rows):
+            raise ValueError(f"the table has no column {col!r}; its columns: "
+                             f"{', '.join(getattr(table, 'columns', rows[0].keys()))}")
     ax = _axes(ax)
     methods = []
-    for r in table:
+    for r in rows:
         if r["method"] not in methods:
             methods.append(r["method"])
     for m in methods:
-        pts = sorted((r[x], r[y]) for r in table.where(method=m) if r.get(x) is not None)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+        pts = sorted((r[x], r[y]) for r in rows
+                     if r["method"] == m and r.get(x) is not None and r.get(y) is not None)
+        drawable = [p for p in pts if not logy or p[1] > 0]
+        if drawable:
+            ax.plot([p[0] for p in drawable], [p[1] for p in drawable], marker="o", label=m)
+        elif len(pts) == 1:
+            ax.axvline(pts[0][0], linestyle="--", color="0.4", label=f"{m} ({y} {pts[0][1]:.3g})")
+    ax.set_xlabel(_LABELS.get(x, x))
+    ax.set_ylabel(_LABELS.get(y, y))
     if x == "C":
         ax.set_xscale("log", base=2)
+        Cs = sorted({r[x] for r in rows if r.get(x) is not None})
+        ax.set_xticks(Cs)
+        ax.set_xticklabels([str(c) for c in Cs])
+    elif x in ("apply_s", "fit_s", "lut_bytes"):
+        from matplotlib.ticker import NullFormatter
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())   # crowded labels otherwise
     if logy:
         ax.set_yscale("log")
+    t = title if title is not None else getattr(table, "title", None)
+    if t:
+        ax.set_title(t, fontsize=9)
     ax.legend()
     ax.grid(True, alpha=0.3)
     return ax

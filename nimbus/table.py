@@ -39,6 +39,12 @@ class Table:
     def __getitem__(self, i):
         return self.rows[i]
 
+    def __add__(self, other):
+        """Rows of both tables (e.g. two :func:`nimbus.compare` runs); columns of self."""
+        if not isinstance(other, Table):
+            return NotImplemented
+        return Table(self.rows + other.rows, self.columns, self.title)
+
     def column(self, name):
         """All values of one column, as a list."""
         return [r.get(name) for r in self.rows]
