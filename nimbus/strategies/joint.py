@@ -111,7 +111,7 @@ def bin_columns(Xc, max_bins=MAX_BINS):
     # quantile cuts: the first allowed position at or after each target position
     apos = xp.argsort(~allowed, axis=1, kind="stable")          # allowed positions first
     before = xp.cumsum(allowed, axis=1) - allowed                 # allowed positions < p
-    targets = xp.asarray((np.arange(1, max_bins) * N) // max_bins - 1)
+    targets = xp.asarray(np.maximum((np.arange(1, max_bins) * N) // max_bins - 1, 0))
     k = before[:, targets]                                        # (w, max_bins - 1)
     ok = k < n_allowed[:, None]
     pos = xp.take_along_axis(apos, xp.minimum(k, N - 1), axis=1)
@@ -126,13 +126,14 @@ def bin_columns(Xc, max_bins=MAX_BINS):
     bins = xp.empty((w, N), dtype=np.int32)
     bins[xp.arange(w)[:, None], order] = xp.cumsum(ci, axis=1) - ci
     # thresholds: midpoints of the values either side of each cut
-    cpos = xp.argsort(~cut, axis=1, kind="stable")[:, :max_bins - 1]
+    nc = min(N, max_bins - 1)                                     # most cuts possible
+    cpos = xp.argsort(~cut, axis=1, kind="stable")[:, :nc]
     lo = backend.to_host(xp.take_along_axis(xs, cpos, axis=1)).astype(np.float32)
     hi = backend.to_host(xp.take_along_axis(xs, xp.minimum(cpos + 1, N - 1), axis=1))
     ncut = backend.to_host(ncut).astype(np.int64)
     cuts = np.full((w, max_bins - 1), np.inf, dtype=np.float32)
-    has = np.arange(max_bins - 1)[None, :] < ncut[:, None]
-    cuts[has] = _midpoint(lo[has], hi.astype(np.float32)[has])
+    has = np.arange(nc)[None, :] < ncut[:, None]
+    cuts[:, :nc][has] = _midpoint(lo[has], hi.astype(np.float32)[has])
     return XT, bins, cuts, ncut + 1
 
 
