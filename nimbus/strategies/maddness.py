@@ -6,6 +6,7 @@ import numpy as np
 from ..arrays import backend, kernels, validate
 from ._lut import bucket_means, ridge_auto, ridge_on_codes
 from ._trees import learn_trees, refine_trees
+from ._clip import winsorize
 from .base import Strategy, subspace_starts
 from .._progress import progress_bar
 
@@ -47,6 +48,9 @@ class Maddness(Strategy):
         first ridge fit (each tree relearned against what the other codebooks leave
         unexplained, over all D columns); a pass is kept only if it lowers the
         training reconstruction error
+    clip : float in [0, 0.49], learn from training rows clipped per column to their
+        clip and 1 - clip quantiles, so that heavy tails cannot make a bucket of
+        a few extreme rows (0 turns it off)
     max_candidates : int, columns tried per tree level
     quantize : bool, 8-bit LUT (True) or float32 LUT
     random_state : unused by the learner (it is deterministic); kept for the interface
@@ -64,12 +68,13 @@ class Maddness(Strategy):
     name = "maddness"
 
     def __init__(self, ncodebooks=16, *, split="level", ridge=1e-2, max_candidates=16, refine=1,
-                 quantize=True, random_state=None, verbose=False):
+                 clip=1e-3, quantize=True, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
         self.ridge = ridge
         self.max_candidates = max_candidates
         self.refine = refine
+        self.clip = clip
         self.verbose = verbose
 
     def _check_params(self):
@@ -79,8 +84,10 @@ class Maddness(Strategy):
             validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.max_candidates, "max_candidates", lo=1)
         validate.check_int(self.refine, "refine", lo=0)
+        validate.check_float(self.clip, "clip", 0.0, 0.49)
 
     def _fit(self, A, rng, B):
+        A = winsorize(A, self.clip)
         C = self.ncodebooks
         self.starts_ = subspace_starts(A.shape[1], C)
         with progress_bar(C, "maddness trees", self.verbose) as bar:

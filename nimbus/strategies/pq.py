@@ -6,6 +6,7 @@ import numpy as np
 from ..arrays import kernels, validate
 from .._progress import progress_bar
 from ._kmeans import kmeans
+from ._clip import winsorize
 from .base import NBUCKETS, Strategy, subspace_starts
 
 
@@ -16,6 +17,8 @@ class PQ(Strategy):
     ----------
     ncodebooks : int, C (1 <= C <= D)
     max_iter : int, Lloyd iterations per subspace
+    clip : float in [0, 0.49], learn centroids from rows clipped per column to their
+        clip and 1 - clip quantiles (heavy tails cannot claim a centroid; 0: off)
     quantize : bool, 8-bit LUT (one offset per codebook, one shared scale)
     random_state : None, int or RandomState; seeds k-means++ (resolved in ``fit``)
     verbose : bool, progress bar over codebooks
@@ -29,19 +32,23 @@ class PQ(Strategy):
 
     name = "pq"
 
-    def __init__(self, ncodebooks=16, *, max_iter=25, quantize=True, random_state=None,
+    def __init__(self, ncodebooks=16, *, max_iter=25, clip=1e-3, quantize=True,
+                 random_state=None,
                  verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.max_iter = max_iter
+        self.clip = clip
         self.verbose = verbose
 
     def _check_params(self):
         super()._check_params()
         validate.check_int(self.max_iter, "max_iter", lo=1)
+        validate.check_float(self.clip, "clip", 0.0, 0.49)
 
     def _fit(self, A, rng, B):
         from ..arrays import backend
         xp = backend.namespace(A)
+        A = winsorize(A, self.clip)
         C = self.ncodebooks
         starts = subspace_starts(A.shape[1], C)
         W = int(np.max(np.diff(starts)))
