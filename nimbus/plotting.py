@@ -51,8 +51,11 @@ def plot_tradeoff(table, ax=None, x="C", y="nmse", logy=True, title=None):
         if r["method"] not in methods:
             methods.append(r["method"])
     for m in methods:
-        pts = sorted((r[x], r[y]) for r in rows
-                     if r["method"] == m and r.get(x) is not None and r.get(y) is not None)
+        # points joined in order of C (timings are noisy: x order would zigzag)
+        mine = sorted((r for r in rows if r["method"] == m and r.get(x) is not None
+                       and r.get(y) is not None),
+                      key=lambda r: (r.get("C") if r.get("C") is not None else 0, r[x]))
+        pts = [(r[x], r[y]) for r in mine]
         drawable = [p for p in pts if not logy or p[1] > 0]
         if drawable:
             ax.plot([p[0] for p in drawable], [p[1] for p in drawable], marker="o", label=m)

@@ -47,8 +47,8 @@ def test_against_time_on_given_axes(rng):
     ax = plotting.plot_tradeoff(t, ax=axes[1], x="time", logy=False)
     assert ax is axes[1] and not axes[0].get_lines()
     joint = [ln for ln in ax.get_lines() if ln.get_label() == "joint"][0]
-    rows = sorted((r["apply_s"], r["nmse"]) for r in t.where(method="joint"))
-    np.testing.assert_allclose(joint.get_xdata(), [a for a, _ in rows])
+    rows = sorted((r["C"], r["apply_s"]) for r in t.where(method="joint"))
+    np.testing.assert_allclose(joint.get_xdata(), [a for _, a in rows])   # in order of C
     # exact: one point at NMSE 0 -> drawn, here on a linear y axis, as a point
     exact = [ln for ln in ax.get_lines() if ln.get_label() == "exact"]
     assert len(exact) == 1 and list(exact[0].get_xdata()) == [1e-5]
