@@ -41,6 +41,9 @@ def add_parser(subparsers):
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (--quick: 64)")
     p.add_argument("--lr", type=float, default=None, help="DM step, relative (default 1e-2)")
+    p.add_argument("--noise", type=float, default=0.3,
+                   help="training-time input noise of the DM layers, in column standard "
+                        "deviations (default 0.3; 0 turns it off)")
     p.add_argument("--schedule", choices=["layerwise", "published"], default="layerwise")
     p.add_argument("--no-int8", action="store_true", help="keep float LUTs")
     p.add_argument("--no-fold", action="store_true", help="do not fold BatchNorm/ReLU")
@@ -105,7 +108,7 @@ def cmd_convert(args):
         kw = {} if args.lr is None else {"lr": args.lr}
         report = convert(model, Xtr, ytr, codebook_dim=args.codebook_dim, epochs_per_layer=epl,
                          finetune_epochs=fte, batch_size=bs, int8=not args.no_int8,
-                         fold=not args.no_fold, schedule=args.schedule, validation=(Xte, yte),
+                         fold=not args.no_fold, schedule=args.schedule, noise=args.noise, validation=(Xte, yte),
                          random_state=args.seed, verbose=not args.quiet, **kw)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}")

@@ -221,8 +221,8 @@ def _describe(layer):
 # ------------------------------------------------------------------ convert
 def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_rows=8192,
             init_params=None, epochs_per_layer=2, finetune_epochs=1, batch_size=256, lr=1e-2,
-            finetune_lr=None, tau=0.3, temperature=1.0, train_bn=True, distill=0.5, int8=True,
-            fold=True,
+            finetune_lr=None, tau=0.3, temperature=1.0, train_bn=True, distill=0.5,
+            distill_temperature=1.0, noise=0.3, column_orders=None, int8=True, fold=True,
             pretrain_epochs=0, pretrain_lr=1e-3, schedule="layerwise", validation=None,
             random_state=None, verbose=False):
     """Convert every Linear/Conv2d layer of a trained model to lookup tables.
@@ -248,7 +248,14 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
         layer train too (the other BatchNorms stay frozen)
     distill : float in [0, 1], weight of the float model's own predictions in the
         training targets (knowledge distillation): targets are ``distill *
-        softmax(float logits) + (1 - distill) * onehot(y)``; 0 trains on labels only
+        softmax(float logits / distill_temperature) + (1 - distill) * onehot(y)``;
+        0 trains on labels only
+    distill_temperature : float > 0, softens the float model's probabilities
+    noise : float >= 0, training-time input noise of every DM layer, in units of each
+        input column's standard deviation (see :class:`nimbus.strategies.DM`)
+    column_orders : optional dict {converted-layer number (1-based): permutation of
+        that layer's input columns}: which columns each codebook sees (e.g.
+        :func:`nimbus.strategies.dm.patch_order` for image patches)
     int8 : bool, quantize LUTs to 8 bits (stage 4); else keep float LUTs
     fold : bool, fold BatchNorm and ReLU (stage 5); the model's modules are replaced
         by the folded chain
@@ -288,6 +295,14 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
         finetune_lr, "finetune_lr", 0.0, lo_open=True)
     init_rows = validate.check_int(init_rows, "init_rows", lo=16)
     distill = validate.check_float(distill, "distill", 0.0, 1.0)
+    distill_temperature = validate.check_float(distill_temperature, "distill_temperature", 0.0,
+                                               lo_open=True)
+    noise = validate.check_float(noise, "noise", 0.0)
+    column_orders = dict(column_orders or {})
+    for k in column_orders:
+        if not (isinstance(k, int) and 1 <= k <= len(positions)):
+            raise ValueError(f"column_orders keys are converted-layer numbers 1..{len(positions)}"
+                             f", got {k!r}")
     if ncodebooks is not None and codebook_dim != 8:
         raise ValueError("give ncodebooks or codebook_dim, not both")
     rng = validate.random_state(random_state)
@@ -306,11 +321,12 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
         # refinement passes cost more than they give once DM trains the layer
         init_params = {"refine": 0}
     dm_params = {"tau": tau, "temperature": temperature, "init": init,
-                 "init_params": init_params}
+                 "init_params": init_params, "noise": noise}
     settings = {"codebook_dim": codebook_dim, "ncodebooks": ncodebooks, "init": init,
                 "epochs_per_layer": epochs_per_layer, "finetune_epochs": finetune_epochs,
                 "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr, "tau": tau,
                 "temperature": temperature, "train_bn": train_bn, "distill": distill,
+                "distill_temperature": distill_temperature, "noise": noise,
                 "int8": int8, "fold": fold,
                 "schedule": schedule}
     report = ConversionReport(evaluated_on, settings)
@@ -338,12 +354,14 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
     log(report.add("float", _accuracy_of(mods, Xv, yv), time.perf_counter() - t0,
                    time.perf_counter() - t_start))
     # training targets: labels, or labels mixed with the float model's predictions
-    T = y if distill == 0 else soft_targets(_run(mods, X), y, 1.0 - distill)
+    T = y if distill == 0 else soft_targets(_run(mods, X) / np.float32(distill_temperature), y,
+                                            1.0 - distill)
 
-    def use_dm(layer, inputs):
+    def use_dm(li, layer, inputs):
         layer.use("dm", inputs, ncodebooks=ncodebooks,
                   codebook_dim=None if ncodebooks is not None else codebook_dim,
-                  max_fit_rows=init_rows, random_state=rng, **dm_params)
+                  max_fit_rows=init_rows, random_state=rng,
+                  column_order=column_orders.get(li), **dm_params)
 
     # 2. layer by layer ------------------------------------------------------
     if schedule == "layerwise":
@@ -354,7 +372,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
             Hv = _run(mods[prev:pos], Hv) if Xv is not X else H
             prev = pos
             layer = mods[pos]
-            use_dm(layer, H)
+            use_dm(li, layer, H)
             suffix = mods[pos:]
             bns = _bn_after(mods, [pos]) if train_bn else []
             losses = _train(model, [layer], bns, _chain(suffix), H, T, epochs_per_layer,
@@ -366,7 +384,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, init="auto", init_r
         for li, pos in enumerate(positions, start=1):
             t0 = time.perf_counter()
             layer = mods[pos]
-            use_dm(layer, _run(mods[:pos], X))     # no cache: the prefix reruns
+            use_dm(li, layer, _run(mods[:pos], X))     # no cache: the prefix reruns
             trained = [mods[p] for p in positions[:li]]
             bns = _bn_after(mods, positions[:li]) if train_bn else []
             losses = _train(model, trained, bns, _chain(mods), X, T, epochs_per_layer,

@@ -23,10 +23,34 @@ from __future__ import annotations
 import numpy as np
 
 from ..arrays import backend, kernels, validate
-from ..arrays.autograd import Function, Tensor
+from ..arrays.autograd import Function, Tensor, is_grad_enabled
 from .base import NBUCKETS, Strategy, subspace_starts
 
 NNODES = 15
+
+
+def patch_order(height, width, patch_height, patch_width, channels=1):
+    """Column order that groups an image's pixels into patches, for ``column_order``.
+
+    For inputs that are images flattened row-major as (channels, height, width), the
+    permutation lists the pixels of each ``patch_height x patch_width`` patch (all
+    channels) one patch after the other, patches row-major. With ``codebook_dim =
+    channels * patch_height * patch_width`` every codebook then sees one patch.
+
+    Returns
+    -------
+    (channels * height * width,) int64 NumPy array, a permutation
+    """
+    for name, v in (("height", height), ("width", width), ("patch_height", patch_height),
+                    ("patch_width", patch_width), ("channels", channels)):
+        validate.check_int(v, name, lo=1)
+    if height % patch_height or width % patch_width:
+        raise ValueError(f"a {patch_height} x {patch_width} patch does not tile a {height} x "
+                         f"{width} image")
+    idx = np.arange(channels * height * width).reshape(channels, height // patch_height,
+                                                       patch_height, width // patch_width,
+                                                       patch_width)
+    return np.ascontiguousarray(idx.transpose(1, 3, 0, 2, 4)).reshape(-1).astype(np.int64)
 
 
 class DMFunction(Function):
@@ -82,6 +106,18 @@ class DM(Strategy):
         "level", passed to the initial tree learner
     init_params : dict, optional, more hyperparameters of the initial tree learner
         (e.g. ``{"refine": 0}`` for a faster MADDNESS fit)
+    column_order : optional permutation of range(D) (list or array): which columns
+        each codebook sees. The initial tree learner cuts ``A[:, column_order]``
+        into C consecutive subspaces, so codebook c sees the columns
+        ``column_order[starts_[c]:starts_[c + 1]]`` (e.g. 2 x 4 pixel patches of an
+        image instead of 1 x 8 strips, see :func:`patch_order`). The trees store
+        absolute column indices, so the order costs nothing at inference; None:
+        the columns in their own order
+    noise : float >= 0, training-time input noise: while DM trains (gradients on),
+        Gaussian noise of ``noise`` times each column's standard deviation (on the
+        rows DM was initialised from) is added to the inputs, so rows near a
+        threshold visit both sides and neighbouring leaves learn consistent LUT
+        rows (a data augmentation; evaluation and hard inference see no noise)
     epochs : int >= 0, epochs of standalone training in ``fit`` that minimise
         ``||A B - DM(A)||^2`` (0: ``fit`` only initialises; a NimbusLayer trains DM
         inside a network instead)
@@ -104,7 +140,7 @@ class DM(Strategy):
     name = "dm"
 
     def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
-                 init_params=None, epochs=0, lr=1e-2, batch_size=256, random_state=None,
+                 init_params=None, column_order=None, noise=0.0, epochs=0, lr=1e-2, batch_size=256, random_state=None,
                  verbose=False):
         super().__init__(ncodebooks, quantize=False, random_state=random_state)
         self.tau = tau
@@ -112,6 +148,8 @@ class DM(Strategy):
         self.init = init
         self.split = split
         self.init_params = init_params
+        self.column_order = column_order
+        self.noise = noise
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -125,6 +163,7 @@ class DM(Strategy):
         validate.check_choice(self.split, "split", ("level", "node"))
         if self.init_params is not None and not isinstance(self.init_params, dict):
             raise TypeError(f"init_params must be a dict or None, got {self.init_params!r}")
+        validate.check_float(self.noise, "noise", lo=0.0)
         validate.check_int(self.epochs, "epochs", lo=0)
         validate.check_float(self.lr, "lr", 0.0, lo_open=True)
         validate.check_int(self.batch_size, "batch_size", lo=1)
@@ -150,11 +189,33 @@ class DM(Strategy):
         validate.check_inner(A, B)
         self._reset()
         rng = validate.random_state(self.random_state)
-        tree = self._initial_tree(rng).fit(A, B)
+        order = self._order(A.shape[1])
+        if order is None:
+            tree = self._initial_tree(rng).fit(A, B)
+        else:
+            xp = backend.namespace(A)
+            o = xp.asarray(order)
+            tree = self._initial_tree(rng).fit(xp.ascontiguousarray(A[:, o]),
+                                               xp.ascontiguousarray(B[o]))
+            # back to absolute columns of A (trees index columns directly)
+            tree.dims_ = o[xp.asarray(tree.dims_)].astype(np.int32)
         self._take_tree(tree, A)
         if self.epochs:
             self.train(A, B, rng=rng)
         return self
+
+    def _order(self, D):
+        """The checked column order as an int64 host array, or None."""
+        if self.column_order is None:
+            return None
+        order = np.asarray(backend.to_host(np.asarray(self.column_order)
+                                           if not backend.is_cupy(self.column_order)
+                                           else self.column_order))
+        if order.ndim != 1 or order.dtype.kind not in "iu" or order.shape[0] != D or \
+                not np.array_equal(np.sort(order), np.arange(D)):
+            raise ValueError(f"column_order must be a permutation of range({D}) (the layer's "
+                             f"input columns), got an array of shape {order.shape}")
+        return order.astype(np.int64)
 
     def train(self, A, B, epochs=None, rng=None):
         """Standalone training: Adam on ``mean ||A B - DM(A)||^2 / mean ||A B||^2``.
@@ -236,8 +297,10 @@ class DM(Strategy):
         if A is not None:
             std = A.std(axis=0).astype(np.float32)
             floor = np.float32(1e-3) * std.mean() + np.float32(1e-12)    # constant columns
-            self.node_scale_ = xp.maximum(std, floor)[self.dims_]
+            self.col_scale_ = xp.ascontiguousarray(xp.maximum(std, floor), dtype=np.float32)
+            self.node_scale_ = self.col_scale_[self.dims_]
         else:
+            self.col_scale_ = xp.ones(self.n_features_in_, dtype=np.float32)
             self.node_scale_ = xp.ones(self.dims_.shape, dtype=np.float32)
         self.node_scale_ = xp.ascontiguousarray(self.node_scale_, dtype=np.float32)
         self.init_ = getattr(tree, "name", type(tree).__name__)
@@ -292,8 +355,25 @@ class DM(Strategy):
         self._check_fitted("lut_")
         thr, lut = self.parameters()
         self._cache = {}          # the LUT changes in place while training: drop device copies
+        if self.noise and is_grad_enabled() and (thr.requires_grad or lut.requires_grad):
+            x = x + self._noise_like(x)
         return DMFunction.apply(x, thr, lut, dims=self.dims_, inv_tau=self.inv_tau(),
                                 inv_temp=1.0 / float(self.temperature))
+
+    def _noise_like(self, x):
+        """(N, D) float32 Gaussian noise, ``noise * col_scale_`` per column, x's library."""
+        gen = getattr(self, "_noise_gen", None)
+        if gen is None:
+            seed = validate.random_state(self.random_state).randint(2 ** 31)
+            gen = self._noise_gen = np.random.default_rng(seed)
+        scale = getattr(self, "col_scale_", None)
+        z = gen.standard_normal(x.shape, dtype=np.float32)
+        z = backend.like(z, x.data)
+        if scale is not None:
+            z *= backend.like(scale, x.data)[None, :] * np.float32(self.noise)
+        else:
+            z *= np.float32(self.noise)
+        return z
 
     # ------------------------------------------------------------- applying
     def _encode(self, A):

@@ -132,6 +132,15 @@ def test_bad_input(rng):
         nn.convert(model, Xtr, ytr[:-1])
     with pytest.raises(ValueError, match="schedule"):
         nn.convert(model, Xtr, ytr, schedule="fast")
+    with pytest.raises(ValueError, match="noise"):
+        nn.convert(model, Xtr, ytr, noise=-0.1)
+    with pytest.raises(ValueError, match="distill_temperature"):
+        nn.convert(model, Xtr, ytr, distill_temperature=0)
+    with pytest.raises(ValueError, match="column_orders keys"):
+        nn.convert(model, Xtr, ytr, column_orders={3: np.arange(16)})
+    with pytest.raises(ValueError, match="permutation"):
+        nn.convert(model, Xtr, ytr, column_orders={1: np.arange(10)}, epochs_per_layer=0,
+                   finetune_epochs=0)
     with pytest.raises(ValueError, match="labels go up to"):
         nn.fit(model, Xtr, ytr + 5, epochs=1)
 
@@ -147,3 +156,15 @@ def test_digits_pipeline_on_gpu(rng):
     assert model.library() == "cupy"
     assert report.final_accuracy >= report.float_accuracy - 0.1
     assert isinstance(model.predict(Xte), cp.ndarray)
+
+
+def test_column_orders_reach_the_layer(rng):
+    Xtr, ytr, Xte, yte = _digits(np)
+    model = _mlp(rng, [64, 16, 10])
+    nn.fit(model, Xtr, ytr, epochs=2, batch_size=64, random_state=0)
+    order = rng.permutation(64)
+    nn.convert(model, Xtr, ytr, codebook_dim=8, column_orders={1: order}, epochs_per_layer=1,
+               finetune_epochs=0, random_state=0)
+    first = model[0].strategy
+    for c in range(8):          # codebook c reads only the 8 columns it was given
+        assert set(np.asarray(first.dims_[c]).ravel().tolist()) <= set(order[8 * c:8 * c + 8])

@@ -13,7 +13,7 @@ from nimbus.arrays import backend, kernels
 from nimbus.arrays.autograd import Tensor
 from nimbus.arrays.kernels import dm_reference
 from nimbus.strategies import DM, Maddness
-from nimbus.strategies.dm import DMFunction
+from nimbus.strategies.dm import DMFunction, patch_order
 
 
 def _h(x):
@@ -258,6 +258,58 @@ def test_bad_input():
         DM.from_tree(pq)
     with pytest.raises(nimbus.strategies.NotFittedError):
         DM().parameters()
+
+
+def test_column_order_is_the_fit_of_permuted_columns(rng):
+    # fitting with column_order = the fit on A[:, order] with the trees' columns mapped back
+    A, At, B = nimbus.nn.data.digits_task()
+    order = rng.permutation(A.shape[1])
+    seed = int(rng.integers(1000))
+    dm = DM(ncodebooks=8, column_order=order, random_state=seed).fit(A, B)
+    ref = DM(ncodebooks=8, random_state=seed).fit(np.ascontiguousarray(A[:, order]),
+                                                  np.ascontiguousarray(B[order]))
+    np.testing.assert_array_equal(dm.dims_, order[ref.dims_])
+    np.testing.assert_array_equal(dm.encode(At), ref.encode(np.ascontiguousarray(At[:, order])))
+    np.testing.assert_allclose(dm(At), ref(np.ascontiguousarray(At[:, order])), rtol=1e-5,
+                               atol=1e-4)
+    # each tree only reads the columns its codebook was given
+    per = -(-A.shape[1] // 8)
+    for c in range(8):
+        assert set(dm.dims_[c].tolist()) <= set(order[c * per:(c + 1) * per].tolist())
+    for bad in (order[:-1], np.zeros(A.shape[1], dtype=int), order.astype(float)):
+        with pytest.raises(ValueError, match="permutation"):
+            DM(ncodebooks=8, column_order=bad).fit(A, B)
+
+
+def test_patch_order():
+    o = patch_order(4, 6, 2, 3)
+    assert sorted(o.tolist()) == list(range(24))
+    img = np.arange(24).reshape(4, 6)
+    np.testing.assert_array_equal(o[:6], img[:2, :3].ravel())     # first patch: top left
+    np.testing.assert_array_equal(o[6:12], img[:2, 3:].ravel())   # then to its right
+    np.testing.assert_array_equal(o[12:18], img[2:, :3].ravel())
+    two = patch_order(2, 2, 1, 2, channels=2)          # (channels, h, w): both channels
+    np.testing.assert_array_equal(two, [0, 1, 4, 5, 2, 3, 6, 7])
+    with pytest.raises(ValueError, match="does not tile"):
+        patch_order(28, 28, 3, 4)
+
+
+def test_noise_only_while_training(rng):
+    dm, A, At, B, _ = _digits_dm(np, rng, noise=0.5)
+    plain = DM.from_tree(dm.harden(quantize=False), A)
+    x = Tensor(At)
+    # evaluation: no noise, the hard forward of the same trees and LUT
+    np.testing.assert_array_equal(dm(At), plain(At))
+    thr, lut = dm.parameters()
+    thr.requires_grad = lut.requires_grad = True
+    y1, y2 = dm.forward(x).data, dm.forward(x).data
+    assert not np.array_equal(y1, y2)           # fresh noise on every training call
+    assert not np.array_equal(y1, plain(At))
+    with pytest.raises(ValueError, match="noise"):
+        DM(ncodebooks=4, noise=-1.0).fit(A, B)
+    zero = DM.from_tree(dm.harden(quantize=False), A)
+    zero.noise = 0.0
+    np.testing.assert_array_equal(zero.forward(x).data, plain(At))
 
 
 @pytest.mark.gpu
