@@ -31,11 +31,18 @@ def _median_time(fn, repeat):
     return float(np.median(ts))
 
 
-def _data(n, D, rng):
-    # ReLU of a rank-16 signal plus noise: activation-like rows
+def _data(n_train, n, D, rng):
+    """(n_train, D) training rows and (n, D) new rows of one distribution, float32.
+
+    ReLU of a rank-16 signal plus noise: activation-like rows. The mixing matrix is drawn
+    once, so the new rows come from the distribution the op was fitted on."""
     r = 16
-    A = rng.standard_normal((n, r)).astype(np.float32) @ rng.standard_normal((r, D)).astype(np.float32)
-    return np.maximum(A + 0.3 * rng.standard_normal((n, D)).astype(np.float32), 0)
+    mix = rng.standard_normal((r, D)).astype(np.float32)
+    out = []
+    for rows in (n_train, n):
+        A = rng.standard_normal((rows, r)).astype(np.float32) @ mix
+        out.append(np.maximum(A + 0.3 * rng.standard_normal((rows, D)).astype(np.float32), 0))
+    return out
 
 
 def main(argv=None):
@@ -49,8 +56,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    A_train = _data(args.n_train, args.d, rng)
-    A = _data(args.n, args.d, rng)
+    A_train, A = _data(args.n_train, args.n, args.d, rng)
     Bs = {M: rng.standard_normal((args.d, M)).astype(np.float32) for M in args.m}
     try:
         from threadpoolctl import threadpool_info
