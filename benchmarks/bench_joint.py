@@ -35,28 +35,10 @@ from nimbus.arrays import kernels  # noqa: E402
 from nimbus.nn.data import digits_task, load_fashion_mnist  # noqa: E402
 from nimbus.strategies._lut import quantize_lut  # noqa: E402
 from nimbus.strategies.joint import quantize_lut_per_column  # noqa: E402
+from tests.anchor_data import make_data  # noqa: E402  (shared/anchors/synth.py's data)
 
 METHODS = [("pq", "pq", {"random_state": 0}), ("maddness", "maddness", {}),
            ("joint", "joint", {}), ("joint_level", "joint", {"split": "level"})]
-
-
-def make_data(kind, n_train, n_test, D, M, seed=0):
-    """shared/anchors/synth.py: the data of the published comparisons (same seed, order)."""
-    rng = np.random.RandomState(seed)
-    N = n_train + n_test
-    if kind == "gauss":
-        A = rng.randn(N, D)
-    elif kind == "lowrank":
-        r = max(2, D // 8)
-        A = rng.randn(N, r) @ rng.randn(r, D) + 0.1 * rng.randn(N, D)
-    elif kind == "relu":
-        r = max(2, D // 8)
-        A = np.maximum(0, rng.randn(N, r) @ rng.randn(r, D) + 0.3 * rng.randn(N, D))
-    else:
-        raise ValueError(kind)
-    A = A.astype(np.float32)
-    B = rng.randn(D, M).astype(np.float32)
-    return A[:n_train], A[n_train:], B
 
 
 def fashion_layers(n_train=5000, n_test=1000):

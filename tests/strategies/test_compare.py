@@ -12,27 +12,7 @@ import pytest
 import nimbus
 from nimbus.nn.data import digits_task
 from nimbus.table import Table
-
-
-
-def make_data(kind, n_train, n_test, D, M, seed=0):
-    """The anchor data of ANCHORS.md (a copy of shared/anchors/synth.py: same seed,
-    same order of draws, so the figures are comparable with the published ones)."""
-    rng = np.random.RandomState(seed)
-    N = n_train + n_test
-    if kind == "gauss":
-        A = rng.randn(N, D)
-    elif kind == "lowrank":
-        r = max(2, D // 8)
-        A = rng.randn(N, r) @ rng.randn(r, D) + 0.1 * rng.randn(N, D)
-    elif kind == "relu":
-        r = max(2, D // 8)
-        A = np.maximum(0, rng.randn(N, r) @ rng.randn(r, D) + 0.3 * rng.randn(N, D))
-    else:
-        raise ValueError(kind)
-    A = A.astype(np.float32)
-    B = rng.randn(D, M).astype(np.float32)
-    return A[:n_train], A[n_train:], B
+from tests.anchor_data import make_data
 
 
 def _lowrank(rng, n, D, r=4):
