@@ -3,6 +3,8 @@
 Without a CUDA device the cupy cases are skipped; `pytest --require-gpu` turns
 that skip into a failure (for runs on the GPU machine).
 
+Under compute-sanitizer set NIMBUS_NO_CUPY_POOL=1 (CuPy's memory pool off).
+
 Random data: the `rng` fixture draws a fresh seed per session (printed in the
 header; set NIMBUS_TEST_SEED to replay one), so no test is tuned to one seed.
 """
@@ -20,6 +22,13 @@ SESSION_SEED = int(os.environ.get("NIMBUS_TEST_SEED", np.random.SeedSequence().e
 def pytest_addoption(parser):
     parser.addoption("--require-gpu", action="store_true", default=False,
                      help="fail (instead of skip) tests marked gpu when no CUDA device is usable")
+
+
+def pytest_configure(config):
+    # under compute-sanitizer the memory pool would hide out-of-bounds accesses inside
+    # its larger blocks: NIMBUS_NO_CUPY_POOL=1 gives every allocation its true bounds
+    if os.environ.get("NIMBUS_NO_CUPY_POOL") and backend.has_cuda():
+        backend.cupy().cuda.set_allocator(None)
 
 
 def pytest_report_header(config):
