@@ -140,8 +140,8 @@ class DM(Strategy):
     name = "dm"
 
     def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
-                 init_params=None, column_order=None, noise=0.0, epochs=0, lr=1e-2, batch_size=256, random_state=None,
-                 verbose=False):
+                 init_params=None, column_order=None, noise=0.0, epochs=0, lr=1e-2,
+                 batch_size=256, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=False, random_state=random_state)
         self.tau = tau
         self.temperature = temperature
@@ -208,9 +208,7 @@ class DM(Strategy):
         """The checked column order as an int64 host array, or None."""
         if self.column_order is None:
             return None
-        order = np.asarray(backend.to_host(np.asarray(self.column_order)
-                                           if not backend.is_cupy(self.column_order)
-                                           else self.column_order))
+        order = backend.to_host(self.column_order)
         if order.ndim != 1 or order.dtype.kind not in "iu" or order.shape[0] != D or \
                 not np.array_equal(np.sort(order), np.arange(D)):
             raise ValueError(f"column_order must be a permutation of range({D}) (the layer's "
