@@ -136,11 +136,27 @@ def fit_strategy(D, C, train, verbose=True):
     return op
 
 
+def variant_fits(kw, C, M, D, isz):
+    """Whether a fused variant runs as asked (not falling back to another plan)."""
+    from nimbus.arrays.kernels import cuda, cuda_mma
+    cp = backend.cupy()
+    dev = cuda.device_info(cp.cuda.Device().id)
+    if kw.get("engine") == "mma":
+        cfg = cuda_mma.config(C, M, D, isz, dev, kw.get("nstage"), kw.get("mpw"))
+        return cfg is not None and cfg[4] == kw.get("nstage", cfg[4])
+    cfg = cuda._fused_config(C, M, D, isz, dev, kw.get("mt"), kw.get("rpt"), kw.get("nstage"),
+                             kw.get("ahead", False))
+    return cfg is not None
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="headline shape only")
     ap.add_argument("--json", default=None, help="write all figures to this file")
     ap.add_argument("--trials", type=int, default=11)
+    ap.add_argument("--variants", action="store_true",
+                    help="also time the simt fused engine on every shape (the headline always "
+                         "times its variants)")
     args = ap.parse_args(argv)
 
     cp = backend.cupy()
@@ -219,45 +235,52 @@ def main(argv=None):
                     codes = [cuda.encode_tree(a, dims, thr, check_finite=False) for a in As]
                     r["encode_ms"] = timer(lambda i: cuda.encode_tree(As[i], dims, thr,
                                                                       check_finite=False), nbuf)
-                    accs = (0, 1, 2) if (N, D, M, C) == HEADLINE else (1,)
-                    for acc in accs:
-                        check("fused", acc)
-                        check("split", acc)
-                        r[f"lookup_acc{acc}_ms"] = timer(
-                            lambda i: cuda.lookup_q(codes[i], lq, sc, bi, dt, acc_mode=acc), nbuf)
-                        r[f"fused_acc{acc}_ms"] = timer(
-                            lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
-                                                           mode="fused", acc_mode=acc,
-                                                           check_finite=False), nbuf)
-                    best_acc = min(accs, key=lambda a: r[f"lookup_acc{a}_ms"])
-                    fused_acc = min(accs, key=lambda a: r[f"fused_acc{a}_ms"])
-                    if len(accs) > 1:        # pipeline depth and rows per thread
-                        r["fused_nstage2_ms"] = timer(
-                            lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
-                                                           mode="fused", acc_mode=fused_acc,
-                                                           nstage=2, check_finite=False), nbuf)
-                        for tag2, kw in (("mt256_rpt1_ns2", dict(mt=256, rpt=1, nstage=2)),
-                                         ("rpt1_ns3", dict(rpt=1, nstage=3))):
-                            check_kw = dict(kw)
-                            got = cuda.encode_lookup_q(sl, dims, thr, lq, sc, bi, dt, mode="fused",
-                                                       acc_mode=fused_acc, **check_kw)
-                            if not np.array_equal(backend.to_host(got), want):
-                                raise AssertionError(f"fused {tag2} differs from the reference")
-                            r[f"fused_{tag2}_ms"] = timer(
-                                lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
-                                                               mode="fused", acc_mode=fused_acc,
-                                                               check_finite=False, **kw), nbuf)
-                        r["lookup_rpt2_ms"] = timer(
-                            lambda i: cuda.lookup_q(codes[i], lq, sc, bi, dt, acc_mode=best_acc,
-                                                    rpt=2), nbuf)
-                    r["lookup_ms"] = r[f"lookup_acc{best_acc}_ms"]
+                    def fused(i, **kw):
+                        return cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt, mode="fused",
+                                                    check_finite=False, **kw)
+
+                    def check_fused(tag2, **kw):
+                        got = cuda.encode_lookup_q(sl, dims, thr, lq, sc, bi, dt, mode="fused", **kw)
+                        if not np.array_equal(backend.to_host(got), want):
+                            raise AssertionError(f"fused {tag2} differs from the reference")
+
+                    check("split", 1)
+                    r["lookup_ms"] = timer(
+                        lambda i: cuda.lookup_q(codes[i], lq, sc, bi, dt, acc_mode=1), nbuf)
+                    check("fused", 1)                       # the default engine
+                    r["fused_ms"] = timer(lambda i: fused(i), nbuf)
+                    variants = {}
+                    if (N, D, M, C) == HEADLINE:
+                        variants = {}
+                        for ahead, mt, rpt, ns in ((False, 512, None, 2), (False, 512, None, 3),
+                                                   (False, 256, 1, 4), (True, 512, None, 3),
+                                                   (True, 512, 1, 3), (True, 512, 1, 5),
+                                                   (True, 256, 1, 4), (True, 256, 1, 5)):
+                            for acc in ((1, 2) if not ahead and ns == 2 else (1,)):
+                                variants[f"simt{'_ahead' if ahead else ''}_mt{mt}_rpt"
+                                         f"{rpt or 'd'}_ns{ns}_acc{acc}"] = dict(
+                                    engine="simt", mt=mt, rpt=rpt, nstage=ns, acc_mode=acc,
+                                    ahead=ahead)
+                        for ns, mpw in ((3, 2), (6, 1)):
+                            variants[f"mma_ns{ns}_mpw{mpw}"] = dict(engine="mma", nstage=ns,
+                                                                    mpw=mpw)
+                    elif args.variants:
+                        variants = {"simt": dict(engine="simt")}
+                    for tag2, kw in variants.items():
+                        try:
+                            if not variant_fits(kw, C, M, D, As[0].itemsize):
+                                raise ValueError("does not fit in shared memory")
+                            check_fused(tag2, **kw)
+                            r[f"fused_{tag2}_ms"] = timer(lambda i: fused(i, **kw), nbuf)
+                        except Exception as exc:      # a variant that does not fit, say
+                            r[f"fused_{tag2}_ms"] = None
+                            print(f"    variant {tag2}: {type(exc).__name__}: {exc}", flush=True)
                     r["split_ms"] = timer(
                         lambda i: cuda.encode_lookup_q(As[i], dims, thr, lq, sc, bi, dt,
-                                                       mode="split", acc_mode=best_acc,
-                                                       check_finite=False), nbuf)
-                    r["fused_ms"] = min(r[f"fused_acc{a}_ms"] for a in accs)
+                                                       mode="split", check_finite=False), nbuf)
                     r["total_ms"] = min(r["fused_ms"], r["split_ms"])
                     r["best_path"] = "fused" if r["fused_ms"] <= r["split_ms"] else "split"
+                    r["fused_engine"] = "simt"     # what engine="auto" runs (see encode_lookup_q)
                     r["op_call_ms"] = wall_ms(cp, lambda i: op(As[i]), nbuf)
                     r["enc_gb_s"] = (N * D * As[0].itemsize + N * C) / (r["encode_ms"] * 1e-3) / 1e9
                     r["lookups_s"] = N * M * C / (r["lookup_ms"] * 1e-3)
@@ -268,20 +291,16 @@ def main(argv=None):
                         r[f"x_{k}"] = blas[k] / r["total_ms"]
                     print(f"  C={C} {tag}: encode {r['encode_ms']:.4f} ms "
                           f"({r['enc_gb_s']:.0f} GB/s), lookup {r['lookup_ms']:.4f} ms "
-                          f"(acc{best_acc}, {r['lookups_s'] / 1e12:.2f}e12/s = "
+                          f"(acc1, {r['lookups_s'] / 1e12:.2f}e12/s = "
                           f"{100 * r['lookup_roof_frac']:.0f}% smem roof), split {r['split_ms']:.4f}, "
-                          f"fused {r['fused_ms']:.4f} ms -> {r['total_ms']:.4f} ms "
+                          f"fused ({r['fused_engine']}) {r['fused_ms']:.4f} ms -> {r['total_ms']:.4f} ms "
                           f"(floor {floor_ms:.4f}); x{r['x_fp32']:.1f} fp32, x{r['x_tf32']:.2f} "
                           f"tf32, x{r['x_fp16']:.2f} fp16; op(A) {r['op_call_ms']:.3f} ms wall; "
                           f"NMSE {r['nmse']:.3f}", flush=True)
-                    if len(accs) > 1:
-                        print("    variants: " + ", ".join(
-                            f"lookup acc{a} {r[f'lookup_acc{a}_ms']:.4f} / fused acc{a} "
-                            f"{r[f'fused_acc{a}_ms']:.4f}" for a in accs)
-                            + f"; fused 2 stages {r['fused_nstage2_ms']:.4f}, fused 256-column "
-                            f"tiles/1 row/2 stages {r['fused_mt256_rpt1_ns2_ms']:.4f}, fused 1 "
-                            f"row/3 stages {r['fused_rpt1_ns3_ms']:.4f}, lookup 2 rows/thread "
-                            f"{r['lookup_rpt2_ms']:.4f}", flush=True)
+                    if variants:
+                        print("    fused variants (ms): " + ", ".join(
+                            f"{k} {r[f'fused_{k}_ms']:.4f}" if r[f"fused_{k}_ms"] else f"{k} -"
+                            for k in variants), flush=True)
                 except Exception as exc:          # keep measuring the other configurations
                     r["error"] = f"{type(exc).__name__}: {exc}"
                     print(f"  C={C} {tag}: FAILED {r['error']}", flush=True)
@@ -292,19 +311,21 @@ def main(argv=None):
         print(f"\n# note: {timer.starved} trials queued slower than the spin; spin raised to "
               f"{timer.spin_ms:.1f} ms")
 
-    print("\n| N, D, M | C | I/O | encode ms | lookup ms | total ms (path) | cuBLAS fp32 / tf32 / fp16 ms "
-          "| x fp32 | x tf32 | x fp16 | encode GB/s | lookups/s (% smem roof) | op(A) ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| N, D, M | C | I/O | encode ms | lookup ms | split ms | fused ms (engine) | best ms (path) "
+          "| cuBLAS fp32 / tf32 / fp16 ms | x fp32 | x tf32 | x fp16 | encode GB/s "
+          "| lookups/s (% smem roof) | floor ms | op(A) ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['N']}, {r['D']}, {r['M']} | {r['C']} | {r['io']} | failed: {r['error']} |")
             continue
         print(f"| {r['N']}, {r['D']}, {r['M']} | {r['C']} | {r['io']} | {r['encode_ms']:.4f} | "
-              f"{r['lookup_ms']:.4f} | {r['total_ms']:.4f} ({r['best_path']}) | "
+              f"{r['lookup_ms']:.4f} | {r['split_ms']:.4f} | {r['fused_ms']:.4f} ({r['fused_engine']}) | "
+              f"{r['total_ms']:.4f} ({r['best_path']}) | "
               f"{r['blas_fp32_ms']:.3f} / {r['blas_tf32_ms']:.3f} / {r['blas_fp16_ms']:.3f} | "
               f"{r['x_fp32']:.1f} | {r['x_tf32']:.2f} | {r['x_fp16']:.2f} | {r['enc_gb_s']:.0f} | "
               f"{r['lookups_s'] / 1e12:.2f}e12 ({100 * r['lookup_roof_frac']:.0f}%) | "
-              f"{r['op_call_ms']:.3f} |")
+              f"{r['floor_ms']:.4f} | {r['op_call_ms']:.3f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(info=info, rows=rows), f, indent=1)

@@ -129,6 +129,121 @@ def test_accumulation_schemes_are_exact(rng, acc_mode, mode):
     np.testing.assert_array_equal(_h(got), _exact_isum(A, dims, thr, q).astype(np.float32))
 
 
+MMA_SHAPES = [  # (N, D, C, M): odd/even codebooks, M below one slice, ragged, two tiles
+    (1, 1, 1, 1), (257, 37, 5, 7), (1000, 64, 16, 33), (517, 129, 16, 512),
+    (3001, 64, 16, 512), (333, 40, 3, 100), (700, 24, 15, 700), (90, 16, 2, 1100),
+]
+
+
+def _compiled(name, **defs):
+    """Whether kernel ``name`` was compiled for substitutions including ``defs``."""
+    want = {k: (str(np.dtype(v)) if k in ("IN", "OUT") else v) for k, v in defs.items()}
+    return any(k[0] == name and all(dict(k[2]).get(d) == v for d, v in want.items())
+               for k in _cuda().cache_info())
+
+
+@gpu
+@pytest.mark.parametrize("N,D,C,M", MMA_SHAPES)
+@pytest.mark.parametrize("in_dtype,out_dtype", [(np.float32, np.float32),
+                                                (np.float16, np.float16),
+                                                (np.float16, np.float32)])
+def test_mma_engine_matches_reference(rng, N, D, C, M, in_dtype, out_dtype):
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M, in_dtype)
+    cuda = _cuda()
+    got = cuda.encode_lookup_q(A, dims, thr, q, scale, bias, out_dtype, mode="fused",
+                               engine="mma")
+    assert got.dtype == out_dtype and got.shape == (N, M)
+    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias,
+                                                                 out_dtype)))
+    assert _compiled("encode_lookup_mma_kernel", NCB=C, IN=in_dtype, OUT=out_dtype)
+    ones, zeros = cp.ones(M, dtype=np.float32), cp.zeros(M, dtype=np.float32)
+    isum = cuda.encode_lookup_q(A, dims, thr, q, ones, zeros, mode="fused", engine="mma")
+    np.testing.assert_array_equal(_h(isum), _exact_isum(A, dims, thr, q).astype(np.float32))
+
+
+@gpu
+@pytest.mark.parametrize("nstage", [2, 3, 6])
+@pytest.mark.parametrize("mpw", [1, 2])
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
+def test_mma_pipeline_variants(rng, nstage, mpw, in_dtype):
+    # many batches per block: every stage buffer and both code buffers are reused
+    cp = _cp()
+    N, D, C, M = 20011, 96, 16, 512
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M, in_dtype)
+    want = _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias, in_dtype))
+    got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, in_dtype, mode="fused",
+                                  engine="mma", nstage=nstage, mpw=mpw)
+    np.testing.assert_array_equal(_h(got), want)
+
+
+@gpu
+def test_engine_choice(rng):
+    cp = _cp()
+    cuda = _cuda()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 300, 32, 13, 64, np.float16)
+    cuda.encode_lookup_q(A, dims, thr, q, scale, bias)          # auto: fused simt
+    assert _compiled("encode_lookup_q_kernel", NCB=13, IN=np.float16)
+    assert not _compiled("encode_lookup_mma_kernel", NCB=13, IN=np.float16)
+    got = cuda.encode_lookup_q(A, dims, thr, q, scale, bias, engine="mma", mode="fused")
+    assert _compiled("encode_lookup_mma_kernel", NCB=13, IN=np.float16)
+    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias)))
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 300, 32, 17, 64)   # C > 16: simt
+    got = cuda.encode_lookup_q(A, dims, thr, q, scale, bias, engine="mma", mode="fused")
+    assert not _compiled("encode_lookup_mma_kernel", NCB=17)
+    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias)))
+    with pytest.raises(ValueError, match="engine"):
+        cuda.encode_lookup_q(A, dims, thr, q, scale, bias, engine="tensor")
+
+
+@gpu
+@pytest.mark.parametrize("N,D,C,M", FUSED_SHAPES + [(20011, 96, 16, 512)])
+@pytest.mark.parametrize("nstage", [3, 5])
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
+def test_simt_encode_ahead_variant(rng, N, D, C, M, nstage, in_dtype):
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M, in_dtype)
+    want = _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias, in_dtype))
+    got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, in_dtype, mode="fused",
+                                  engine="simt", ahead=True, nstage=nstage)
+    np.testing.assert_array_equal(_h(got), want)
+    cuda = _cuda()
+    cfg = cuda._fused_config(C, M, D, np.dtype(in_dtype).itemsize,
+                             cuda.device_info(cp.cuda.Device().id), None, None, nstage, True)
+    if cfg is not None:                  # it fits: the variant itself ran
+        assert _compiled("encode_lookup_q_ahead_kernel", NCB=C, IN=in_dtype, NSTAGE=nstage)
+
+
+@gpu
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("kw", [dict(engine="mma"), dict(engine="simt", ahead=True)])
+def test_fused_variants_flag_nan_in_any_batch(rng, in_dtype, kw):
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 5000, 64, 16, 128, in_dtype)
+    for row in (0, 2500, 4999):
+        bad = A.copy()
+        bad[row, 63] = np.nan if row != 2500 else -np.inf
+        with pytest.raises(ValueError, match="non-finite|NaN"):
+            _cuda().encode_lookup_q(bad, dims, thr, q, scale, bias, mode="fused", **kw)
+
+
+@gpu
+def test_mma_engine_misaligned_inputs(rng):
+    cp = _cp()
+    N, D, C, M = 400, 64, 16, 36
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M)
+    flat = cp.empty(N * D + 1, dtype=np.float32)
+    flat[1:] = A.ravel()
+    qflat = cp.empty(q.size + 1, dtype=np.uint8)
+    qflat[1:] = q.ravel()
+    want = _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias))
+    for Av in (A, flat[1:].reshape(N, D), cp.asfortranarray(A)):
+        for qv in (q, qflat[1:].reshape(q.shape)):
+            got = _cuda().encode_lookup_q(Av, dims, thr, qv, scale, bias, mode="fused",
+                                          engine="mma")
+            np.testing.assert_array_equal(_h(got), want)
+
+
 @gpu
 @pytest.mark.parametrize("acc_mode", [0, 2])
 def test_lookup_q_float16_output(rng, acc_mode):
