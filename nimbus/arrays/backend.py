@@ -103,6 +103,19 @@ def like(x, ref):
     return to_host(x)
 
 
+def normal_sampler(seed, ref):
+    """A function ``shape -> float32 standard normal array`` in ``ref``'s library, drawn
+    where the array will be used (on the GPU for CuPy: no host draw and transfer per call).
+
+    seed : int; ref : NumPy or CuPy array (only its library matters)
+    """
+    if is_cupy(ref):
+        state = cupy().random.RandomState(seed)
+        return lambda shape: state.standard_normal(shape, dtype=np.float32)
+    gen = np.random.default_rng(seed)
+    return lambda shape: gen.standard_normal(shape, dtype=np.float32)
+
+
 def synchronize(*arrays):
     """Wait for queued GPU work on the devices of any CuPy arrays given (no-op for NumPy)."""
     for a in arrays:

@@ -360,17 +360,16 @@ class DM(Strategy):
 
     def _noise_like(self, x):
         """(N, D) float32 Gaussian noise, ``noise * col_scale_`` per column, x's library."""
+        lib = backend.library_name(x.data)
         gen = getattr(self, "_noise_gen", None)
-        if gen is None:
+        if gen is None or gen[0] != lib:          # drawn in x's library: no per-step transfer
             seed = validate.random_state(self.random_state).randint(2 ** 31)
-            gen = self._noise_gen = np.random.default_rng(seed)
-        scale = getattr(self, "col_scale_", None)
-        z = gen.standard_normal(x.shape, dtype=np.float32)
-        z = backend.like(z, x.data)
-        if scale is not None:
-            z *= backend.like(scale, x.data)[None, :] * np.float32(self.noise)
-        else:
-            z *= np.float32(self.noise)
+            gen = self._noise_gen = (lib, backend.normal_sampler(seed, x.data))
+        z = gen[1](x.shape)
+        scale = getattr(self, "col_scale_", None)          # absent in models saved before it
+        if scale is None:
+            return z * np.float32(self.noise)
+        z *= backend.like(scale, x.data)[None, :] * np.float32(self.noise)
         return z
 
     # ------------------------------------------------------------- applying
