@@ -13,17 +13,19 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "gpu tests rc=$?" | tee -a "$OUT/gpu_tests.log"; tail -3 "$OUT/gpu_tests.log"
 fi
 # kernel tests only; the 2-million-row test and GPU fitting are too slow under memcheck
+SAN=$(mktemp -d)
 python3 -m pytest --collect-only -q -m gpu tests/arrays/test_kernels.py tests/arrays/test_cuda.py \
-    -k "not many_rows and not fit_on_cupy and not fitted_maddness" 2>/dev/null | grep '::' > "$OUT/san_ids.txt"
-echo "sanitizer: $(wc -l < "$OUT/san_ids.txt") tests in $SHARDS shards, ${LIMIT}s each"
+    -k "not many_rows and not fit_on_cupy and not fitted_maddness" 2>/dev/null | grep '::' > "$SAN/ids.txt"
+echo "sanitizer: $(wc -l < "$SAN/ids.txt") tests in $SHARDS shards, ${LIMIT}s each" | tee "$OUT/sanitizer.txt"
 for s in $(seq 0 $((SHARDS - 1))); do
-  awk -v s="$s" -v n="$SHARDS" 'NR % n == s' "$OUT/san_ids.txt" > "$OUT/san_ids_$s.txt"
+  awk -v s="$s" -v n="$SHARDS" 'NR % n == s' "$SAN/ids.txt" > "$SAN/ids_$s.txt"
   NIMBUS_NO_CUPY_POOL=1 timeout "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 -m pytest -q -p no:cacheprovider --require-gpu $(cat "$OUT/san_ids_$s.txt") \
-    > "$OUT/sanitizer_$s.log" 2>&1 &
+    python3 -m pytest -q -p no:cacheprovider --require-gpu $(cat "$SAN/ids_$s.txt") \
+    > "$SAN/shard_$s.log" 2>&1 &
 done
 wait
 for s in $(seq 0 $((SHARDS - 1))); do
-  echo "shard $s: $(grep -E 'passed|failed|error' "$OUT/sanitizer_$s.log" | tail -1) |" \
-       "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$s.log" | tail -1)"
+  echo "shard $s: $(grep -E '[0-9]+ (passed|failed)' "$SAN/shard_$s.log" | tail -1) |" \
+       "$(grep -E 'ERROR SUMMARY' "$SAN/shard_$s.log" | tail -1)" | tee -a "$OUT/sanitizer.txt"
 done
+cat "$SAN"/shard_*.log > "$OUT/sanitizer_all.log"
