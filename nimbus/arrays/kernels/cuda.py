@@ -192,6 +192,19 @@ __device__ __forceinline__ u8 tree_leaf(const IN_T* row, const int* dims, const 
     return (u8)(node - 15);
 }
 
+// Codes of a staged batch: thread t encodes the (row, tree) pairs t, t + NT, ... of the
+// ``nrb`` x ``ncb`` batch into ``codes`` (row stride ``cp``); rows >= ``nr`` get code 0.
+// Inlined with compile-time nrb/ncb, so p / ncb stays a constant division.
+__device__ __forceinline__ void encode_batch(const IN_T* tile, int nr, int D, u8* codes, int cp,
+                                             int nrb, int ncb, const int* dims_s,
+                                             const float* thr_s) {
+    for (int p = threadIdx.x; p < nrb * ncb; p += NT) {
+        const int r = p / ncb, c = p - r * ncb;
+        codes[r * cp + c] = r < nr ? tree_leaf(tile + r * D, dims_s + c * 15, thr_s + c * 15)
+                                   : (u8)0;
+    }
+}
+
 __device__ __forceinline__ void stage_trees(int* dims_s, float* thr_s, const int* __restrict__ dims,
                                             const float* __restrict__ thr, int ntrees, int D) {
     for (int i = threadIdx.x; i < ntrees * 15; i += NT) {
@@ -226,11 +239,7 @@ encode_tree_tile(const IN_T* __restrict__ A, const int* __restrict__ dims,
         async_wait_all();
         __syncthreads();
         bad |= scan_tile(tile, nr, D, a_vec);
-        u8* out = codes + r0 * C;
-        for (int p = threadIdx.x; p < nr * C; p += NT) {
-            const int r = p / C, c = p - r * C;
-            out[p] = tree_leaf(tile + r * D, dims_s + c * 15, thr_s + c * 15);
-        }
+        encode_batch(tile, nr, D, codes + r0 * C, C, nr, C, dims_s, thr_s);
     }
     if (bad) atomicOr(flag, 1);
 }
@@ -668,11 +677,7 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
         const long long row0 = (long long)b * RB;
         const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
         bad |= scan_tile(cur, nr, D, a_vec);
-        for (int p = threadIdx.x; p < RB * NCB; p += NT) {
-            const int r = p / NCB, c = p - r * NCB;
-            codes_s[r * CP + c] = r < nr ? tree_leaf(cur + r * D, dims_s + c * 15, thr_s + c * 15)
-                                         : (u8)0;
-        }
+        encode_batch(cur, nr, D, codes_s, CP, RB, NCB, dims_s, thr_s);
         __syncthreads();
         lookup_q_rows<1>(lut_s, sc, bi, codes_s, Y, row0, nr, M, m0, one);
     }
@@ -734,11 +739,7 @@ encode_lookup_q_ahead_kernel(const IN_T* __restrict__ A, const int* __restrict__
     if (nmine > 0) {
         const int nr = BATCH_NR(0);
         bad |= scan_tile(TILE(0), nr, D, a_vec);
-        for (int p = threadIdx.x; p < RB * NCB; p += NT) {
-            const int r = p / NCB, c = p - r * NCB;
-            codes_s[r * CP + c] = r < nr ? tree_leaf(TILE(0) + r * D, dims_s + c * 15, thr_s + c * 15)
-                                         : (u8)0;
-        }
+        encode_batch(TILE(0), nr, D, codes_s, CP, RB, NCB, dims_s, thr_s);
     }
     for (int it = 0; it < nmine; ++it) {
         // the buffer refilled here held batch it-1, encoded before the previous barrier
@@ -752,11 +753,7 @@ encode_lookup_q_ahead_kernel(const IN_T* __restrict__ A, const int* __restrict__
             const int nr = BATCH_NR(it + 1);
             u8* cn = codes_s + ((it + 1) & 1) * (RB * CP);
             bad |= scan_tile(cur, nr, D, a_vec);
-            for (int p = threadIdx.x; p < RB * NCB; p += NT) {
-                const int r = p / NCB, c = p - r * NCB;
-                cn[r * CP + c] = r < nr ? tree_leaf(cur + r * D, dims_s + c * 15, thr_s + c * 15)
-                                        : (u8)0;
-            }
+            encode_batch(cur, nr, D, cn, CP, RB, NCB, dims_s, thr_s);
         }
         lookup_q_rows<1>(lut_s, sc, bi, codes_s + (it & 1) * (RB * CP), Y, BATCH_ROW(it),
                          BATCH_NR(it), M, m0, one);

@@ -194,11 +194,7 @@ encode_lookup_mma_kernel(const IN_T* __restrict__ A, const int* __restrict__ dim
     if (nmine > 0) {
         const int nr = BATCH_NR(0);
         bad |= scan_tile(TILE(0), nr, D, a_vec);
-        for (int p = threadIdx.x; p < RB * NCB; p += NT) {
-            const int r = p / NCB, c = p - r * NCB;
-            codes_s[r * CP + c] = r < nr ? tree_leaf(TILE(0) + r * D, dims_s + c * 15, thr_s + c * 15)
-                                         : (u8)0;
-        }
+        encode_batch(TILE(0), nr, D, codes_s, CP, RB, NCB, dims_s, thr_s);
     }
     for (int it = 0; it < nmine; ++it) {
         // the buffer refilled here held batch it-1, encoded before the previous barrier
@@ -212,11 +208,7 @@ encode_lookup_mma_kernel(const IN_T* __restrict__ A, const int* __restrict__ dim
             const int nr = BATCH_NR(it + 1);
             u8* cn = codes_s + ((it + 1) & 1) * (RB * CP);
             bad |= scan_tile(cur, nr, D, a_vec);
-            for (int p = threadIdx.x; p < RB * NCB; p += NT) {
-                const int r = p / NCB, c = p - r * NCB;
-                cn[r * CP + c] = r < nr ? tree_leaf(cur + r * D, dims_s + c * 15, thr_s + c * 15)
-                                        : (u8)0;
-            }
+            encode_batch(cur, nr, D, cn, CP, RB, NCB, dims_s, thr_s);
         }
         if (!slice_live) continue;
         const u8* cc = codes_s + (it & 1) * (RB * CP);
