@@ -77,10 +77,6 @@ def no_grad():
 
 
 # ------------------------------------------------------------------ helpers
-def _is_array(x) -> bool:
-    return isinstance(x, np.ndarray) or backend.is_cupy(x)
-
-
 def _is_float(dtype) -> bool:
     return np.dtype(dtype).kind == "f"
 
@@ -92,7 +88,7 @@ def _raw(x):
 
 def _xp_of(*items):
     """``xp`` of all arrays among ``items`` (Tensors unwrapped); TypeError when mixed."""
-    return backend.namespace(*[a for a in map(_raw, items) if _is_array(a)])
+    return backend.namespace(*[a for a in map(_raw, items) if backend.is_array(a)])
 
 
 def _scalar(value):
@@ -115,7 +111,7 @@ def _constant(value, like):
     arrays and lists become arrays of ``like``'s library and, when ``like`` holds
     floats, of its dtype.
     """
-    if isinstance(value, (numbers.Number, np.generic)) and not _is_array(value):
+    if isinstance(value, (numbers.Number, np.generic)) and not backend.is_array(value):
         value = _scalar(value)
         if not isinstance(value, numbers.Real):
             raise TypeError(f"complex operands are not supported, got {value!r}")
@@ -123,7 +119,7 @@ def _constant(value, like):
     xp = like.xp
     if isinstance(value, (list, tuple)):
         value = xp.asarray(value)
-    if not _is_array(value):
+    if not backend.is_array(value):
         raise TypeError(f"cannot combine a Tensor with {type(value).__name__}; "
                         "give a Tensor, an array or a real number")
     backend.namespace(value, like.data)  # raises TypeError when NumPy and CuPy are mixed
@@ -239,7 +235,7 @@ class Tensor:
     def __init__(self, data, requires_grad=False):
         if isinstance(data, Tensor):
             data = data.data
-        elif not _is_array(data):
+        elif not backend.is_array(data):
             if isinstance(data, bool) or not isinstance(data, (numbers.Real, list, tuple, np.generic)):
                 raise TypeError(f"Tensor data must be an array, a list or a real number, "
                                 f"got {type(data).__name__}")
@@ -428,7 +424,7 @@ class Tensor:
             grad = xp.ones(self.shape, dtype=self.dtype)
         else:
             grad = _raw(grad)
-            if not _is_array(grad):
+            if not backend.is_array(grad):
                 grad = xp.asarray(grad, dtype=self.dtype)
             backend.namespace(grad, self.data)
             if tuple(grad.shape) != self.shape:
@@ -444,10 +440,10 @@ def tensor(data, requires_grad=False, dtype=None, xp=None):
     """
     raw = _raw(data)
     if xp is None:
-        xp = backend.namespace(raw) if _is_array(raw) else np
-    if dtype is None and not _is_array(raw):
+        xp = backend.namespace(raw) if backend.is_array(raw) else np
+    if dtype is None and not backend.is_array(raw):
         dtype = DEFAULT_DTYPE
-    if _is_array(raw) and backend.library_name(raw) != xp.__name__.split(".")[0]:
+    if backend.is_array(raw) and backend.library_name(raw) != xp.__name__.split(".")[0]:
         raw = backend.to_host(raw)
     return Tensor(xp.array(raw, dtype=dtype, copy=True), requires_grad=requires_grad)
 
@@ -460,7 +456,7 @@ def _result(data, parents, backward, op):
     entries that are not Tensors (constants) get no gradient.
     """
     out = Tensor.__new__(Tensor)
-    if not _is_array(data):            # NumPy reductions return scalars, not 0-d arrays
+    if not backend.is_array(data):            # NumPy reductions return scalars, not 0-d arrays
         data = np.asarray(data)
     out.data = data
     out.grad = None
@@ -535,7 +531,7 @@ def _run_backward(root, grad, retain_graph):
 
 def _check_grad(pg, parent, op):
     """A gradient for ``parent`` as an array of its shape and dtype (errors name the op)."""
-    if not _is_array(pg):
+    if not backend.is_array(pg):
         if isinstance(pg, (numbers.Number, np.generic)):
             pg = parent.xp.asarray(pg, dtype=parent.dtype)
         else:
@@ -615,7 +611,7 @@ class Function:
         needs = tuple(enabled and _needs(x) for x in inputs)
         ctx = Context(needs)
         out = cls.forward(ctx, *[_raw(x) for x in inputs], **kwargs)
-        if isinstance(out, Tensor) or not (_is_array(out) or isinstance(out, np.generic)):
+        if isinstance(out, Tensor) or not (backend.is_array(out) or isinstance(out, np.generic)):
             raise TypeError(f"{name}.forward must return one raw array, got {type(out).__name__}")
         parents = tuple(x if isinstance(x, Tensor) else None for x in inputs)
 
@@ -692,7 +688,7 @@ def neg(a):
 def pow(a, exponent):
     """``a ** exponent`` for a real-number exponent (no gradient to the exponent)."""
     _tensor_arg(a, "pow")
-    if isinstance(exponent, Tensor) or _is_array(exponent):
+    if isinstance(exponent, Tensor) or backend.is_array(exponent):
         raise TypeError("only a real-number exponent is supported (x ** 2.0); "
                         "for a tensor exponent write exp(y * log(x))")
     p = _scalar(exponent)
@@ -893,7 +889,7 @@ def _has_integer_array(index):
     for item in items:
         if isinstance(item, (list, tuple)):
             item = np.asarray(item)
-        if _is_array(item) and item.dtype.kind in "iu":
+        if backend.is_array(item) and item.dtype.kind in "iu":
             return True
     return False
 
@@ -928,7 +924,7 @@ def take_rows(a, rows):
     _tensor_arg(a, "take_rows")
     rows = _raw(rows)
     xp = a.xp
-    if not _is_array(rows):
+    if not backend.is_array(rows):
         rows = xp.asarray(rows)
     backend.namespace(rows, a.data)
     if rows.dtype.kind not in "iu":
@@ -1267,7 +1263,7 @@ def _check_labels(labels, logits):
     labels = _raw(labels)
     if isinstance(labels, (list, tuple)):
         labels = xp.asarray(labels)
-    if not _is_array(labels):
+    if not backend.is_array(labels):
         raise TypeError(f"labels must be an integer array, got {type(labels).__name__}")
     backend.namespace(labels, logits.data)                   # same library as the logits
     if labels.dtype.kind not in "iu":

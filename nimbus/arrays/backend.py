@@ -93,6 +93,16 @@ def to_device(x):
     return cp.asarray(x)
 
 
+def is_array(x) -> bool:
+    """True for a NumPy or a CuPy array."""
+    return isinstance(x, np.ndarray) or is_cupy(x)
+
+
+def place(x):
+    """(library name, device id) of an array: -1 for NumPy's host memory."""
+    return library_name(x), (x.device.id if is_cupy(x) else -1)
+
+
 def like(x, ref):
     """``x`` moved to the library (and device) of ``ref``: the "output follows A" rule."""
     if is_cupy(ref):

@@ -51,7 +51,7 @@ def _as_input(X):
     """A raw input array: real numbers as contiguous float32, finite, at least 2-D."""
     if isinstance(X, Tensor):
         return X.data
-    if not (isinstance(X, np.ndarray) or backend.is_cupy(X)):
+    if not backend.is_array(X):
         X = np.asarray(X)
     if X.dtype.kind == "b" or X.dtype.kind not in "iuf":
         raise TypeError(f"model inputs must be real numbers, got dtype {X.dtype}")
@@ -680,7 +680,7 @@ class NimbusLayer(Module):
         if s is not None:
             for k, v in vars(s).items():
                 if k.endswith("_") and k != "starts_" and not k.startswith("_") and \
-                        (isinstance(v, np.ndarray) or backend.is_cupy(v)):
+                        backend.is_array(v):
                     yield v
 
     def _move(self, like):
@@ -689,7 +689,7 @@ class NimbusLayer(Module):
         if s is not None:
             for k, v in list(vars(s).items()):
                 if k.endswith("_") and not k.startswith("_") and \
-                        (isinstance(v, np.ndarray) or backend.is_cupy(v)) and k != "starts_":
+                        backend.is_array(v) and k != "starts_":
                     setattr(s, k, backend.like(v, like))
             s._cache = {}
 

@@ -30,7 +30,7 @@ def check_xy(model, X, y, name="X"):
         raise TypeError(f"model must be a nimbus.nn Module, got {type(model).__name__}")
     X = _as_input(X)
     y_arr = y.data if isinstance(y, Tensor) else y
-    if not (isinstance(y_arr, np.ndarray) or backend.is_cupy(y_arr)):
+    if not backend.is_array(y_arr):
         y_arr = np.asarray(y_arr)
     y_arr = validate.as_labels(y_arr, X.shape[0], "y")
     return X, backend.like(y_arr, X)

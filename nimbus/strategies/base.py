@@ -163,11 +163,10 @@ class Strategy:
     def _learned(self, name, like):
         """Learned array ``name`` in the library/device of ``like`` (converted once, cached)."""
         arr = getattr(self, name)
-        if backend.library_name(arr) == backend.library_name(like) and (
-                not backend.is_cupy(arr) or arr.device.id == like.device.id):
+        where = backend.place(like)
+        if backend.place(arr) == where:
             return arr
-        key = (name, backend.library_name(like),
-               like.device.id if backend.is_cupy(like) else -1)
+        key = (name,) + where
         hit = self._cache.get(key)
         if hit is None or hit[0] is not arr:
             hit = (arr, backend.like(arr, like))
@@ -255,7 +254,7 @@ class Strategy:
         for k, v in vars(self).items():
             if not k.endswith("_") or k.startswith("_"):
                 continue
-            if isinstance(v, np.ndarray) or backend.is_cupy(v):
+            if backend.is_array(v):
                 arrays[k] = backend.to_host(v)
             elif isinstance(v, (np.integer, np.floating)):
                 learned[k] = v.item()
