@@ -1,4 +1,4 @@
-"""Learning the depth-4 hash trees of MADDNESS (and of joint bucketing).
+"""Learning the hash trees of MADDNESS (depth 4 by default, any depth 1..8).
 
 One tree per codebook. Level by level, every bucket is split in two at a
 threshold on one column; the column and thresholds are chosen to minimise the
@@ -6,7 +6,8 @@ total within-bucket sum of squared errors (SSE) of a target matrix ``T`` (the
 subspace's own columns for MADDNESS; the partial product for joint bucketing).
 
 ``split="level"``: one column per level, shared by its buckets (the paper);
-``split="node"``: every bucket picks its own column (15 (column, threshold) pairs).
+``split="node"``: every bucket picks its own column (2**depth - 1 (column, threshold)
+pairs; 15 at the default depth 4).
 
 Ties: a split falls only between two distinct values of the column, at their
 midpoint (or at the lower value when the midpoint rounds up to the higher one
@@ -89,8 +90,8 @@ def _midpoints(lo, hi):
     return np.where(mid < hi, mid, lo).astype(np.float32)
 
 
-def learn_tree(X, cols, T=None, split="level", max_candidates=16):
-    """Learn one depth-4 tree.
+def learn_tree(X, cols, T=None, split="level", max_candidates=16, depth=DEPTH):
+    """Learn one tree of ``depth`` levels (2**depth leaves).
 
     Parameters
     ----------
@@ -101,11 +102,12 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16):
     split : "level" or "node"
     max_candidates : int; columns tried per level (those with the largest
         summed within-bucket SSE) when there are more
+    depth : int in 1..8
 
     Returns
     -------
-    dims : (15,) int32 host array, column tested at each node (heap order)
-    thresholds : (15,) float32 host array
+    dims : (2**depth - 1,) int32 host array, column tested at each node (heap order)
+    thresholds : (2**depth - 1,) float32 host array
     leaves : (N,) uint8 (library of X), bucket of each training row
     """
     xp = backend.namespace(X)
@@ -114,10 +116,10 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16):
     T = (Xc if T is None else T).astype(np.float64)
     N = X.shape[0]
     orders = {}                                   # column -> stable argsort, made on demand
-    dims = np.zeros(2 ** DEPTH - 1, dtype=np.int32)
-    thresholds = np.full(2 ** DEPTH - 1, np.inf, dtype=np.float32)
+    dims = np.zeros(2 ** depth - 1, dtype=np.int32)
+    thresholds = np.full(2 ** depth - 1, np.inf, dtype=np.float32)
     bucket = xp.zeros(N, dtype=np.uint8)
-    for level in range(DEPTH):
+    for level in range(depth):
         nb = 2 ** level
         counts = backend.to_host(xp.bincount(bucket, minlength=nb)).astype(np.int64)
         if len(cols) > max_candidates:
@@ -152,7 +154,7 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16):
     return dims, thresholds, bucket
 
 
-def learn_trees(X, starts, split="level", max_candidates=16, progress=None):
+def learn_trees(X, starts, split="level", max_candidates=16, progress=None, depth=DEPTH):
     """One tree per subspace, each minimising the SSE of its own subspace's columns.
 
     Parameters
@@ -160,20 +162,21 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None):
     X : (N, D) float32
     starts : (C + 1,) int, subspace column boundaries
     progress : callable() called after each tree, optional
+    depth : int in 1..8, levels of every tree
 
     Returns
     -------
-    dims : (C, 15) int32, thresholds : (C, 15) float32 (both in X's library),
-    codes : (N, C) uint8 training codes
+    dims : (C, 2**depth - 1) int32, thresholds : (C, 2**depth - 1) float32 (both in
+    X's library), codes : (N, C) uint8 training codes
     """
     xp = backend.namespace(X)
     C = len(starts) - 1
-    dims = np.zeros((C, 2 ** DEPTH - 1), dtype=np.int32)
-    thr = np.zeros((C, 2 ** DEPTH - 1), dtype=np.float32)
+    dims = np.zeros((C, 2 ** depth - 1), dtype=np.int32)
+    thr = np.zeros((C, 2 ** depth - 1), dtype=np.float32)
     codes = xp.empty((X.shape[0], C), dtype=np.uint8)
     for c in range(C):
         dims[c], thr[c], codes[:, c] = learn_tree(
-            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates)
+            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth)
         if progress is not None:
             progress()
     return xp.asarray(dims), xp.asarray(thr), codes
@@ -192,7 +195,7 @@ def _top_directions(R, rank, max_rows=8192):
 
 
 def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=32,
-                 progress=None):
+                 progress=None, depth=DEPTH):
     """One pass of block coordinate descent over the trees.
 
     With every other codebook's prototypes fixed, codebook c's tree is relearned
@@ -208,19 +211,21 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
     X : (N, D) float32
     starts : (C + 1,) int
     codes : (N, C) uint8 current codes
-    prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit)
+    prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit),
+        K = 2**depth
+    depth : int in 1..8, levels of every tree
 
     Returns
     -------
-    dims : (C, 15) int32, thresholds : (C, 15) float32, codes : (N, C) uint8
+    dims : (C, K - 1) int32, thresholds : (C, K - 1) float32, codes : (N, C) uint8
     """
     from ._lut import bucket_means
     xp = backend.namespace(X)
     C = len(starts) - 1
     codes = codes.copy()
     P = prototypes.astype(np.float32).copy()
-    dims = np.zeros((C, 2 ** DEPTH - 1), dtype=np.int32)
-    thr = np.zeros((C, 2 ** DEPTH - 1), dtype=np.float32)
+    dims = np.zeros((C, 2 ** depth - 1), dtype=np.int32)
+    thr = np.zeros((C, 2 ** depth - 1), dtype=np.float32)
     lookup = lambda c: P[c][codes[:, c].astype(np.int64)]  # noqa: E731
     R = X - sum(lookup(c) for c in range(C))          # the residual of all codebooks
     V = _top_directions(R, rank) if X.shape[1] > 2 * rank else None
@@ -228,9 +233,9 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
         s, e = int(starts[c]), int(starts[c + 1])
         Rc = R + lookup(c)                             # what codebook c should explain
         T = Rc if V is None else xp.concatenate([Rc @ V, Rc[:, s:e]], axis=1)
-        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates)
+        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates, depth)
         codes[:, c] = leaves
-        P[c] = bucket_means(leaves[:, None], Rc)[0]
+        P[c] = bucket_means(leaves[:, None], Rc, 2 ** depth)[0]
         R = Rc - lookup(c)
         if progress is not None:
             progress()

@@ -1,8 +1,9 @@
 """The Strategy base class: scikit-learn style parameters, a LUT, and apply.
 
 A strategy approximates ``A @ B`` for a fixed ``B`` (D x M) and new rows ``A``
-(N x D): ``encode`` maps rows to codes (N x C, uint8, one of K=16 buckets per
-codebook), ``lookup`` sums LUT rows ``LUT[c, codes[n, c], :]``.
+(N x D): ``encode`` maps rows to codes (N x C, uint8, one of K buckets per
+codebook: K = 16 by default, ``2**depth`` for the tree strategies), ``lookup`` sums
+LUT rows ``LUT[c, codes[n, c], :]``.
 
 Conventions, as in scikit-learn: ``__init__`` only stores hyperparameters
 (validated in ``fit``), learned state ends in ``_``, ``fit`` returns ``self``,
@@ -19,7 +20,13 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 
-NBUCKETS = 16
+NBUCKETS = 16           # K of every strategy at its default (depth-4 trees, 16 centroids)
+MAX_DEPTH = 8           # codes are uint8: at most 256 leaves per tree
+
+
+def check_depth(depth):
+    """The tree depth as an int in 1..8 (K = 2**depth leaves per codebook)."""
+    return validate.check_int(depth, "depth", lo=1, hi=MAX_DEPTH)
 
 
 def subspace_starts(D, C):
@@ -79,8 +86,16 @@ class Strategy:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
+    @property
+    def nbuckets(self):
+        """K, the buckets (LUT rows) per codebook: ``2**depth`` for tree strategies, else 16."""
+        depth = getattr(self, "depth", None)
+        return NBUCKETS if depth is None else 2 ** int(depth)
+
     def _check_params(self):
         validate.check_int(self.ncodebooks, "ncodebooks", lo=1)
+        if "depth" in self._param_names():
+            check_depth(self.depth)
         if not isinstance(self.quantize, (bool, np.bool_)):
             raise TypeError(f"quantize must be True or False, got {self.quantize!r}")
 
@@ -91,7 +106,7 @@ class Strategy:
         Parameters
         ----------
         A : (N, D) array of real numbers (NumPy or CuPy); coerced to float32.
-            N must be at least 16 (one row per bucket).
+            N must be at least K (one row per bucket: 16, or 2**depth).
         B : (D, M) array, optional; the fixed right-hand matrix.
 
         Returns
@@ -99,7 +114,7 @@ class Strategy:
         self
         """
         self._check_params()
-        A = validate.as_matrix(A, "A", min_rows=NBUCKETS if self.needs_codes else 1)
+        A = validate.as_matrix(A, "A", min_rows=self.nbuckets if self.needs_codes else 1)
         if B is not None:
             B = validate.as_matrix(B, "B")
             validate.check_inner(A, B)
@@ -201,14 +216,14 @@ class Strategy:
 
         Parameters
         ----------
-        codes : (N, C) uint8, values < 16 (as ``encode`` returns)
+        codes : (N, C) uint8, values < K (as ``encode`` returns)
 
         Returns
         -------
         Y : (N, M) float32, same library as ``codes``
         """
         self._check_fitted("lut_")
-        codes = validate.as_codes(codes, self.lut_.shape[0], NBUCKETS)
+        codes = validate.as_codes(codes, self.lut_.shape[0], self.lut_.shape[1])
         return self._lookup(codes)
 
     def _lookup(self, codes):

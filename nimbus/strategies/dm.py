@@ -1,13 +1,14 @@
 """Differentiable MADDNESS (DM): MADDNESS trees and LUT trained by backpropagation.
 
-Forward is exactly the hard MADDNESS op: depth-4 trees pick one of 16 LUT rows per
-codebook and the rows are summed. Backward uses surrogate gradients:
+Forward is exactly the hard MADDNESS op: trees of depth d (4 by default) pick one of
+K = 2**d LUT rows per codebook and the rows are summed. Backward uses surrogate
+gradients:
 
 * a node decision ``s = sign(x[dim] - t)`` passes gradient as
   ``tanh'((x - t) / tau) / tau`` to x and, negated, to t;
-* leaf scores ``b = s @ P^T`` with the fixed 16 x 15 path matrix P (+1 right, -1
-  left, 0 off path); the forward's one-hot leaf is differentiated as
-  ``softmax(b / T)``;
+* leaf scores ``b = s @ P^T`` with the fixed K x (K-1) path matrix P (+1 right, -1
+  left, 0 off path; never formed for deep trees: the kernels walk the tree); the
+  forward's one-hot leaf is differentiated as ``softmax(b / T)``;
 * the LUT gradient is the exact scatter-add of the output gradient.
 
 No O(C^2) selection matrix and no N x M x C tensor is ever made: the node values
@@ -24,9 +25,7 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 from ..arrays.autograd import Function, Tensor, is_grad_enabled
-from .base import NBUCKETS, Strategy, subspace_starts
-
-NNODES = 15
+from .base import Strategy, subspace_starts
 
 
 def patch_order(height, width, patch_height, patch_width, channels=1):
@@ -57,8 +56,8 @@ class DMFunction(Function):
     """The DM op as an autograd Function: ``Y = DMFunction.apply(x, thresholds, lut, ...)``.
 
     Positional inputs (Tensors or raw arrays of one library):
-    x : (N, D) float32; thresholds : (C, 15) float32; lut : (C, 16, M) float32.
-    Keyword arguments (no gradient): dims : (C, 15) int32; inv_tau : (C, 15) float32
+    x : (N, D) float32; thresholds : (C, K-1) float32; lut : (C, K, M) float32.
+    Keyword arguments (no gradient): dims : (C, K-1) int32; inv_tau : (C, K-1) float32
     (1 / tau per node); inv_temp : float (1 / T).
     Output: Y (N, M) float32, exactly the hard trees + LUT sum.
     """
@@ -104,6 +103,8 @@ class DM(Strategy):
         "maddness": the tree and LUT DM starts from
     split : "node" (every node picks its column: same encode cost, better fit) or
         "level", passed to the initial tree learner
+    depth : int in 1..8, levels of the initial trees (K = 2**depth LUT rows per
+        codebook; a DM made by :meth:`from_tree` takes its tree's depth)
     init_params : dict, optional, more hyperparameters of the initial tree learner
         (e.g. ``{"refine": 0}`` for a faster MADDNESS fit)
     column_order : optional permutation of range(D) (list or array): which columns
@@ -131,22 +132,23 @@ class DM(Strategy):
     ------------------
     n_features_in_ : D; n_outputs_ : M
     starts_ : (C + 1,) int64 subspace boundaries
-    dims_ : (C, 15) int32, thresholds_ : (C, 15) float32 (heap-ordered nodes)
-    node_scale_ : (C, 15) float32, tau's unit per node
-    lut_ : (C, 16, M) float32 (trained in place by an optimizer)
+    dims_ : (C, K-1) int32, thresholds_ : (C, K-1) float32 (heap-ordered nodes)
+    node_scale_ : (C, K-1) float32, tau's unit per node
+    lut_ : (C, K, M) float32 (trained in place by an optimizer)
     init_ : str, the strategy DM was initialised from
     """
 
     name = "dm"
 
     def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
-                 init_params=None, column_order=None, noise=0.0, epochs=0, lr=1e-2,
+                 depth=4, init_params=None, column_order=None, noise=0.0, epochs=0, lr=1e-2,
                  batch_size=256, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=False, random_state=random_state)
         self.tau = tau
         self.temperature = temperature
         self.init = init
         self.split = split
+        self.depth = depth
         self.init_params = init_params
         self.column_order = column_order
         self.noise = noise
@@ -174,7 +176,7 @@ class DM(Strategy):
 
         Parameters
         ----------
-        A : (N, D) array of real numbers (NumPy or CuPy), coerced to float32; N >= 16
+        A : (N, D) array of real numbers (NumPy or CuPy), coerced to float32; N >= 2**depth
         B : (D, M) array of real numbers; required (the LUT is ``prototypes @ B``)
 
         Returns
@@ -184,7 +186,7 @@ class DM(Strategy):
         self._check_params()
         if B is None:
             raise ValueError("DM.fit needs B: the LUT is learned for a given weight matrix")
-        A = validate.as_matrix(A, "A", min_rows=NBUCKETS)
+        A = validate.as_matrix(A, "A", min_rows=self.nbuckets)
         B = backend.like(validate.as_matrix(B, "B"), A)
         validate.check_inner(A, B)
         self._reset()
@@ -245,7 +247,7 @@ class DM(Strategy):
         name = _init_name(self.init)
         cls = REGISTRY[name]
         wanted = {"ncodebooks": self.ncodebooks, "quantize": False, "split": self.split,
-                  "random_state": rng, "verbose": self.verbose}
+                  "depth": self.depth, "random_state": rng, "verbose": self.verbose}
         names = cls._param_names()
         params = {k: v for k, v in wanted.items() if k in names}
         for k, v in (self.init_params or {}).items():
@@ -261,7 +263,7 @@ class DM(Strategy):
 
         Parameters
         ----------
-        tree : fitted Strategy with ``dims_`` (C, 15), ``thresholds_`` (C, 15), ``lut_`` (C, 16, M)
+        tree : fitted Strategy with ``dims_`` (C, K-1), ``thresholds_`` (C, K-1), ``lut_`` (C, K, M)
         A : (N, D) array, optional: rows that set each node's tau unit (column
             standard deviations); without it every unit is 1
         **params : DM hyperparameters (tau, temperature, ...)
@@ -270,6 +272,15 @@ class DM(Strategy):
             if not hasattr(tree, attr):
                 raise TypeError(f"DM.from_tree needs a fitted tree strategy (maddness or joint) "
                                 f"with a LUT; {type(tree).__name__} has no {attr}")
+        K = int(tree.lut_.shape[1])
+        if int(tree.dims_.shape[1]) != K - 1 or K & (K - 1):
+            raise ValueError(f"DM.from_tree: a tree with {int(tree.dims_.shape[1])} nodes and "
+                             f"{K} LUT rows is not a complete binary tree")
+        depth = K.bit_length() - 1
+        if params.get("depth", depth) != depth:
+            raise ValueError(f"DM.from_tree: depth={params['depth']!r} was asked for, but the "
+                             f"tree has depth {depth}")
+        params["depth"] = depth
         dm = cls(ncodebooks=int(tree.dims_.shape[0]), **params)
         dm._check_params()
         dm._reset()
@@ -310,7 +321,7 @@ class DM(Strategy):
 
     # ------------------------------------------------------------- autograd
     def parameters(self):
-        """The trainable tensors ``[thresholds (C, 15), lut (C, 16, M)]``.
+        """The trainable tensors ``[thresholds (C, K-1), lut (C, K, M)]``.
 
         They share memory with ``thresholds_`` and ``lut_``: an optimizer's in-place
         update changes the strategy. The same Tensor objects are returned until the
@@ -344,7 +355,7 @@ class DM(Strategy):
         return [Adam([thr], lr=lr * s_thr), Adam([lut], lr=lr * s_lut)]
 
     def inv_tau(self):
-        """(C, 15) float32: ``1 / (tau * node_scale_)``, per node."""
+        """(C, K-1) float32: ``1 / (tau * node_scale_)``, per node."""
         return (np.float32(1.0) / (np.float32(self.tau) * self.node_scale_)).astype(np.float32)
 
     def forward(self, x):
@@ -394,10 +405,11 @@ class DM(Strategy):
         from .maddness import Maddness
         self._check_fitted("lut_")
         xp = backend.namespace(self.lut_)
+        depth = int(self.lut_.shape[1]).bit_length() - 1
         level = all(bool((self.dims_[:, 2 ** l - 1:2 ** (l + 1) - 1]
-                          == self.dims_[:, 2 ** l - 1:2 ** l]).all()) for l in range(4))
+                          == self.dims_[:, 2 ** l - 1:2 ** l]).all()) for l in range(depth))
         m = Maddness(ncodebooks=self.ncodebooks, split="level" if level else "node",
-                     quantize=bool(quantize), random_state=self.random_state)
+                     depth=depth, quantize=bool(quantize), random_state=self.random_state)
         m._reset()
         m.n_features_in_ = self.n_features_in_
         m.n_outputs_ = self.n_outputs_

@@ -23,11 +23,11 @@ learns every tree against that error directly:
    once a pass gains less than ``tol`` of it.
 
 The LUT is stored as prototypes in A's space, ``P = ridge(onehot(codes), A)``
-(C, 16, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
+(C, K, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
 joint ridge refit against ``Y = A @ B``, and ``build_lut(B_new)`` gives the
 least-squares LUT for any other B (for the trees learned with the first B).
 
-The trees are ordinary depth-4 MADDNESS trees (one column of the subspace and
+The trees are ordinary MADDNESS trees (depth 4 by default; one column of the subspace and
 one threshold per node; ``split="level"`` shares the column across a level,
 ``split="node"`` lets every node choose), so encoding uses the same kernels.
 Thresholds fall only between distinct training values and ``x == t`` goes left,
@@ -39,10 +39,14 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
-from .base import NBUCKETS, Strategy, subspace_starts
+from .base import Strategy, subspace_starts
 
-DEPTH = 4
-NNODES = 2 ** DEPTH - 1
+DEPTH = 4                   # the default tree depth (16 leaves)
+# Largest C*K for which the joint LUT refit solves for all C*K rows at once (its Gram
+# matrix is (C*K)^2 float64); beyond it (deep trees over many codebooks) the refit is
+# block Gauss-Seidel: sweeps of exact per-codebook fits against the others' residual
+MAX_DENSE_UNKNOWNS = 4096
+GS_SWEEPS = 4
 # Candidate thresholds per column: a column with more distinct values is cut
 # near its quantiles (uint8 pixels and other small alphabets stay exact).
 MAX_BINS = 256
@@ -64,9 +68,9 @@ def _bucket_sums(xp, bucket, nb, T):
     return xp.bincount(b, minlength=nb).astype(np.float64), sums.reshape(nb, P)
 
 
-def _sse(xp, leaves, T):
-    """Within-bucket SSE of T (N, P) for bucket ids ``leaves`` (N,), as a float."""
-    n, s = _bucket_sums(xp, leaves, NBUCKETS, T)
+def _sse(xp, leaves, T, nb=2 ** DEPTH):
+    """Within-bucket SSE of T (N, P) for bucket ids ``leaves`` (N,) < nb, as a float."""
+    n, s = _bucket_sums(xp, leaves, nb, T)
     return float(((T.astype(np.float64) ** 2).sum() - ((s ** 2).sum(axis=1) / xp.maximum(n, 1)).sum()))
 
 
@@ -137,8 +141,8 @@ def bin_columns(Xc, max_bins=MAX_BINS):
     return XT, bins, cuts, ncut + 1
 
 
-def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None):
-    """One depth-4 tree on binned columns, minimising the within-bucket SSE of T.
+def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None, depth=DEPTH):
+    """One tree of ``depth`` levels on binned columns, minimising the within-bucket SSE of T.
 
     Level by level, every bucket gets the split (column, cut) that removes the
     most leave-one-out SSE of T (a side with n rows and SSE s counts
@@ -163,12 +167,13 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None)
     split : "node" or "level"
     min_leaf : int >= 1, fewest training rows on each side of a split
     max_candidates : int or None, columns searched per level (None: all)
+    depth : int in 1..8 (K = 2**depth leaves)
 
     Returns
     -------
-    dims : (15,) int64 host array, column (0..w-1) tested at each node (heap order)
-    thresholds : (15,) float32 host array
-    leaves : (N,) uint8, same library as T, leaf (0..15) of each training row
+    dims : (K - 1,) int64 host array, column (0..w-1) tested at each node (heap order)
+    thresholds : (K - 1,) float32 host array
+    leaves : (N,) uint8, same library as T, leaf (0..K-1) of each training row
     """
     XT, bins, cuts, nbins = binned
     xp = backend.namespace(bins, T)
@@ -179,13 +184,14 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None)
     T = T - T.mean(axis=0)
     Tt = xp.ascontiguousarray(T.T)                  # (P, N): one contiguous row per target
     sqn = (T ** 2).sum(axis=1)
-    dims = np.zeros(NNODES, dtype=np.int64)
-    thr = np.full(NNODES, np.inf, dtype=np.float32)
-    kcut = np.zeros(NNODES, dtype=np.int64)         # right iff bin > kcut (if thr finite)
+    nnodes = 2 ** depth - 1
+    dims = np.zeros(nnodes, dtype=np.int64)
+    thr = np.full(nnodes, np.inf, dtype=np.float32)
+    kcut = np.zeros(nnodes, dtype=np.int64)         # right iff bin > kcut (if thr finite)
     bucket = xp.zeros(N, dtype=np.int64)
     pos = xp.arange(N)
     screen = max_candidates is not None and w > max_candidates
-    for level in range(DEPTH):
+    for level in range(depth):
         nb = 2 ** level
         if screen:
             cand = _screen_columns(xp, XT, T, bucket, nb, max_candidates)
@@ -299,30 +305,40 @@ class _CodeRidge:
     codebook's own partial-product bucket means (``prior_of``): a bucket with few
     rows keeps about what its own subspace says instead of absorbing what the
     other codebooks miss on those rows (robust to heavy tails, small N).
-    The solution is ``(G^T G + reg I)^-1 (G^T Y + reg L0)``; ``G^T G`` (pair
-    counts), ``G^T Y`` and L0 are kept, so changing one codebook's codes costs
-    O(N C) instead of a new (N, C*K) product.
+
+    Dense (C*K <= MAX_DENSE_UNKNOWNS): the solution ``(G^T G + reg I)^-1 (G^T Y +
+    reg L0)``; ``G^T G`` (pair counts), ``G^T Y`` and L0 are kept, so changing one
+    codebook's codes costs O(N C) instead of a new (N, C*K) product.
+    Blockwise (larger C*K, deep trees): no Gram matrix; ``solve`` runs GS_SWEEPS block
+    Gauss-Seidel sweeps from the prior, each codebook's rows set to their exact
+    minimiser given the others. Every sweep lowers the objective, and the result is
+    linear in the targets and the prior, as the dense solution is.
     """
 
-    def __init__(self, codes, Y, reg, prior_of):
+    def __init__(self, codes, Y, reg, prior_of, nbuckets):
         xp = backend.namespace(codes, Y)
         self.xp = xp
         self.Y = Y
         self.reg = reg
         self.prior_of = prior_of
         self.codes = codes
+        self.K = K = nbuckets
         N, C = codes.shape
-        K = NBUCKETS
-        self.gram = xp.zeros((C * K, C * K), dtype=np.float64)
-        self.rhs = xp.zeros((C * K, Y.shape[1]), dtype=np.float64)
+        self.dense = C * K <= MAX_DENSE_UNKNOWNS
+        if self.dense:
+            self.gram = xp.zeros((C * K, C * K), dtype=np.float64)
+            self.rhs = xp.zeros((C * K, Y.shape[1]), dtype=np.float64)
         self.prior = xp.zeros((C, K, Y.shape[1]), dtype=np.float64)
         for c in range(C):
             self.update(c)
 
     def update(self, c):
         """Refresh the rows of codebook c (after ``codes[:, c]`` changed)."""
-        xp, codes, K = self.xp, self.codes, NBUCKETS
+        xp, codes, K = self.xp, self.codes, self.K
         N, C = codes.shape
+        self.prior[c] = self.prior_of(c, codes[:, c])
+        if not self.dense:
+            return
         # pair counts of (code in c, code in c') for every c' at once
         key = (codes[:, c].astype(np.int64)[:, None] * K + codes.astype(np.int64)
                + (xp.arange(C, dtype=np.int64) * K * K)[None, :])
@@ -331,30 +347,42 @@ class _CodeRidge:
         self.gram[c * K:(c + 1) * K, :] = rows
         self.gram[:, c * K:(c + 1) * K] = rows.T
         self.rhs[c * K:(c + 1) * K] = _bucket_sums(xp, codes[:, c], K, self.Y)[1]
-        self.prior[c] = self.prior_of(c, codes[:, c])
 
-    def solve(self, rhs=None, prior=None):
-        """The LUT (C, K, M) float32; or the solution for other targets X given
-        ``rhs = G^T X`` (from :meth:`rhs_for`) and their prior (C, K, P)."""
-        xp = self.xp
+    def solve(self, X=None, prior=None):
+        """The LUT (C, K, M) float32 for the targets Y; or, for other targets X (N, P)
+        and their prior (C, K, P), the same regression's solution (C, K, P)."""
+        xp, K = self.xp, self.K
         C = self.codes.shape[1]
-        rhs = self.rhs if rhs is None else rhs
+        X = self.Y if X is None else X
         prior = self.prior if prior is None else prior
+        if not self.dense:
+            return self._gauss_seidel(X, prior)
+        rhs = self.rhs if X is self.Y else xp.concatenate(
+            [_bucket_sums(xp, self.codes[:, c], K, X)[1] for c in range(C)])
         lhs = self.gram + self.reg * xp.eye(self.gram.shape[0])
         sol = xp.linalg.solve(lhs, rhs + self.reg * prior.reshape(rhs.shape))
-        return sol.reshape(C, NBUCKETS, -1).astype(np.float32)
+        return sol.reshape(C, K, -1).astype(np.float32)
 
-    def rhs_for(self, X):
-        """``G^T X`` for other targets X (N, P): (C*K, P) float64."""
-        xp = self.xp
-        C = self.codes.shape[1]
-        return xp.concatenate([_bucket_sums(xp, self.codes[:, c], NBUCKETS, X)[1]
-                               for c in range(C)])
+    def _gauss_seidel(self, X, prior):
+        xp, K, codes = self.xp, self.K, self.codes
+        C = codes.shape[1]
+        L = prior.astype(np.float64).copy()
+        idx = [codes[:, c].astype(np.int64) for c in range(C)]
+        recon = sum(L[c][idx[c]] for c in range(C))
+        X = X.astype(np.float64)
+        for _ in range(GS_SWEEPS):
+            for c in range(C):
+                R = X - recon + L[c][idx[c]]                 # what codebook c should explain
+                n, sums = _bucket_sums(xp, codes[:, c], K, R)
+                new = (sums + self.reg * prior[c]) / (n + self.reg)[:, None]
+                recon += new[idx[c]] - L[c][idx[c]]
+                L[c] = new
+        return L.astype(np.float32)
 
 
 # ----------------------------------------------------------------- strategy
 class Joint(Strategy):
-    """Joint bucketing: depth-4 hash trees learned against the error of ``A @ B``.
+    """Joint bucketing: hash trees learned against the error of ``A @ B``.
 
     See the module docstring for the algorithm. Encoding and lookup are those of
     MADDNESS (same trees, same 8-bit LUT format), so the apply cost is the same;
@@ -368,6 +396,9 @@ class Joint(Strategy):
         fit also runs with per-level trees (they are node trees too) and the
         lower training loss wins: the coordinate descent from greedy per-node
         trees sometimes settles in a worse optimum. Fit time doubles.
+    depth : int in 1..8, levels of every tree (K = 2**depth buckets per codebook;
+        default 4). With C*K > 4096 the joint LUT refit runs as block Gauss-Seidel
+        sweeps instead of one dense solve (see ``_CodeRidge``)
     refine : int >= 0, most block-coordinate passes in product space (0: the
         partial-product trees plus the joint ridge refit only)
     tol : float >= 0, stop the passes once one lowers the loss by less than
@@ -393,22 +424,23 @@ class Joint(Strategy):
     ------------------
     n_features_in_ : D
     starts_ : (C+1,) int64 subspace boundaries
-    dims_ : (C, 15) int32 absolute columns, thresholds_ : (C, 15) float32
-    prototypes_ : (C, 16, D) float32, ridge prototypes in A's space
+    dims_ : (C, K - 1) int32 absolute columns, thresholds_ : (C, K - 1) float32
+    prototypes_ : (C, K, D) float32, ridge prototypes in A's space
     train_loss_ : (passes + 1,) float64 host array, training loss (float LUT,
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
-    lut_ : (C, 16, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
+    lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
         (8-bit, see :func:`quantize_lut_per_column`)
     """
 
     name = "joint"
 
-    def __init__(self, ncodebooks=16, *, split="node", refine=20, tol=1e-3, ridge=1e-2,
+    def __init__(self, ncodebooks=16, *, split="node", depth=4, refine=20, tol=1e-3, ridge=1e-2,
                  rank=16, min_leaf=None, max_candidates=32, quantize=True,
                  random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
+        self.depth = depth
         self.refine = refine
         self.tol = tol
         self.ridge = ridge
@@ -456,17 +488,18 @@ class Joint(Strategy):
         # The same ridge in A's space (prior: each codebook's bucket means of its own
         # columns): P @ B is the refit against Y = A @ B, as the solution is linear
         # in the targets and the prior
-        self.prototypes_ = ridge.solve(ridge.rhs_for(A), self._own_means(A, ridge.codes))
+        self.prototypes_ = ridge.solve(A, self._own_means(A, ridge.codes))
         self.train_loss_ = np.asarray(history, dtype=np.float64)
 
     def _own_means(self, A, codes):
         """(C, K, D) float64: bucket means of each codebook's own columns, 0 elsewhere."""
         xp = backend.namespace(A)
         C = codes.shape[1]
-        out = xp.zeros((C, NBUCKETS, A.shape[1]), dtype=np.float64)
+        K = self.nbuckets
+        out = xp.zeros((C, K, A.shape[1]), dtype=np.float64)
         for c in range(C):
             s, e = int(self.starts_[c]), int(self.starts_[c + 1])
-            n, sums = _bucket_sums(xp, codes[:, c], NBUCKETS, A[:, s:e])
+            n, sums = _bucket_sums(xp, codes[:, c], K, A[:, s:e])
             out[c, :, s:e] = sums / xp.maximum(n, 1)[:, None]
         return out
 
@@ -476,7 +509,7 @@ class Joint(Strategy):
         Returns
         -------
         history : list of float, training loss after the start and each pass
-        dims : (C, 15) int32 host, thresholds : (C, 15) float32 host,
+        dims : (C, K - 1) int32 host, thresholds : (C, K - 1) float32 host,
         ridge : the final ``_CodeRidge`` (its ``codes`` are the training codes)
         """
         xp = backend.namespace(A)
@@ -484,9 +517,10 @@ class Joint(Strategy):
         C = self.ncodebooks
         starts = self.starts_
         y_ss = float(((Y - Y.mean(axis=0)).astype(np.float64) ** 2).sum())
-        reg = self.ridge * N / (C * NBUCKETS) + 1e-6    # as ridge_on_codes
-        dims = np.zeros((C, NNODES), dtype=np.int32)
-        thr = np.full((C, NNODES), np.inf, dtype=np.float32)
+        K = self.nbuckets
+        reg = self.ridge * N / (C * K) + 1e-6    # as ridge_on_codes
+        dims = np.zeros((C, K - 1), dtype=np.int32)
+        thr = np.full((C, K - 1), np.inf, dtype=np.float32)
         codes = xp.empty((N, C), dtype=np.uint8)
         # a leaf of a few rows has a mean that heavy tails can throw far off
         min_leaf = self.min_leaf if self.min_leaf is not None else max(1, N // 500)
@@ -496,19 +530,19 @@ class Joint(Strategy):
             if c not in binned:
                 binned[c] = bin_columns(A[:, s:e])
             d, t, leaves = learn_product_tree(binned[c], T, mode, min_leaf,
-                                              self.max_candidates)
+                                              self.max_candidates, self.depth)
             return (d + s).astype(np.int32), t, leaves
 
         def prior_of(c, leaves):
             # bucket means of the partial product A_c @ B_c: (K, M)
             s, e = int(starts[c]), int(starts[c + 1])
-            n, sums = _bucket_sums(xp, leaves, NBUCKETS, A[:, s:e])
+            n, sums = _bucket_sums(xp, leaves, K, A[:, s:e])
             return (sums / xp.maximum(n, 1)[:, None]) @ B[s:e].astype(np.float64)
 
         def block_fit(leaves, R, c):
             # min over this block's LUT rows L of ||R - L[leaves]||^2 + reg ||L - L0||^2:
             # L = (S + reg L0) / (n + reg); returns (loss less ||R||^2, L)
-            n, sums = _bucket_sums(xp, leaves, NBUCKETS, R)
+            n, sums = _bucket_sums(xp, leaves, K, R)
             p = prior_of(c, leaves)
             top = sums + reg * p
             loss = float(reg * (p ** 2).sum() - ((top ** 2).sum(axis=1) / (n + reg)).sum())
@@ -533,14 +567,15 @@ class Joint(Strategy):
             dims[c], thr[c], codes[:, c] = learn(c, Z)
             bar.update()
         # 2. joint ridge refit of all LUTs against Y
-        ridge = _CodeRidge(codes, Y, reg, prior_of)
+        ridge = _CodeRidge(codes, Y, reg, prior_of, K)
         lut, recon = refit()
         history = [loss_of(lut, recon)]
         # 3. block-coordinate passes in product space; every step lowers the loss.
         # A joint refit after each tree (each C/32 trees for larger C, where the
-        # (16 C)^3 solve gets dear) lets the others adapt before the next tree:
+        # (K C)^3 solve gets dear) lets the others adapt before the next tree:
         # fewer passes to converge, and a lower optimum, than one refit per pass.
-        every = max(1, C // 32)
+        # (blockwise refits are sweeps over all codebooks: one per pass is enough)
+        every = max(1, C // 32) if ridge.dense else C
         for done in range(self.refine):
             for c in range(C):
                 own = lut[c][codes[:, c].astype(np.int64)]

@@ -19,8 +19,14 @@ def _reconstruction_sse(A, codes, P):
     return float((R ** 2).sum())
 
 
+# Largest C*K for the joint ridge step: its Gram matrix is (C*K)^2 float64 and its solve
+# O((C*K)^3); beyond this (deep trees over many codebooks) the prototypes stay the plain
+# bucket means of each codebook's own columns, the paper's prototypes before its ridge step
+MAX_RIDGE_UNKNOWNS = 4096
+
+
 class Maddness(Strategy):
-    """MADDNESS: a depth-4 hash tree per codebook, prototypes refined by ridge regression.
+    """MADDNESS: a hash tree per codebook, prototypes refined by ridge regression.
 
     Learning (per codebook c, on the columns of subspace c): level by level the
     tree splits every bucket at a threshold on one column, chosen to minimise the
@@ -33,17 +39,22 @@ class Maddness(Strategy):
     Beyond the paper: thresholds fall only between distinct values (integer
     pixels and ReLU zeros encode as they were learned), constant columns and
     one-row buckets are handled, D need not be a multiple of C, and
-    ``split="node"`` lets every node choose its own column.
+    ``split="node"`` lets every node choose its own column, and ``depth`` sets the
+    trees' depth (the paper's 4: 16 buckets per codebook; deeper trees give 2**depth
+    buckets, a finer partition of each subspace for a LUT 2**(depth-4) times as large,
+    at the same lookup cost).
 
     Parameters
     ----------
     ncodebooks : int, C (1 <= C <= D)
     split : "level" (paper) or "node"
+    depth : int in 1..8, levels of every tree (K = 2**depth buckets per codebook)
     ridge : "auto" or float >= 0, ridge penalty relative to the mean bucket size,
         shrinking the all-column prototypes towards each codebook's plain bucket
         means; "auto" picks it from a grid on 20% held-out rows (never worse there
         than no ridge step at all; noisy on small training sets); 0 is plain
-        least squares
+        least squares. Skipped when C * 2**depth exceeds 4096 (the step solves for
+        all C*K prototypes at once): the prototypes are then the bucket means
     refine : int >= 0, passes of block coordinate descent over the trees after the
         first ridge fit (each tree relearned against what the other codebooks leave
         unexplained, over all D columns); a pass is kept only if it lowers the
@@ -60,17 +71,18 @@ class Maddness(Strategy):
     ------------------
     n_features_in_ : D
     starts_ : (C+1,) int64 subspace boundaries
-    dims_ : (C, 15) int32, thresholds_ : (C, 15) float32 (heap-ordered nodes)
-    prototypes_ : (C, 16, D) float32
-    lut_ : (C, 16, M) float32; lut_q_, lut_scale_, lut_bias_ when quantized
+    dims_ : (C, K - 1) int32, thresholds_ : (C, K - 1) float32 (heap-ordered nodes)
+    prototypes_ : (C, K, D) float32
+    lut_ : (C, K, M) float32; lut_q_, lut_scale_, lut_bias_ when quantized
     """
 
     name = "maddness"
 
-    def __init__(self, ncodebooks=16, *, split="level", ridge=1e-2, max_candidates=16, refine=1,
-                 clip=1e-3, quantize=True, random_state=None, verbose=False):
+    def __init__(self, ncodebooks=16, *, split="level", depth=4, ridge=1e-2, max_candidates=16,
+                 refine=1, clip=1e-3, quantize=True, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
+        self.depth = depth
         self.ridge = ridge
         self.max_candidates = max_candidates
         self.refine = refine
@@ -92,13 +104,14 @@ class Maddness(Strategy):
         self.starts_ = subspace_starts(A.shape[1], C)
         with progress_bar(C, "maddness trees", self.verbose) as bar:
             dims, thr, codes = learn_trees(A, self.starts_, self.split, self.max_candidates,
-                                           progress=bar.update)
+                                           progress=bar.update, depth=self.depth)
         P = self._ridge(codes, A, rng)
         err = _reconstruction_sse(A, codes, P)
         for _ in range(self.refine):
             with progress_bar(C, "maddness refine", self.verbose) as bar:
                 dims2, thr2, codes2 = refine_trees(A, self.starts_, codes, P, self.split,
-                                                   self.max_candidates, progress=bar.update)
+                                                   self.max_candidates, progress=bar.update,
+                                                   depth=self.depth)
             P2 = self._ridge(codes2, A, rng)
             err2 = _reconstruction_sse(A, codes2, P2)
             if err2 >= err:       # greedy trees on projected targets can lose: keep the better
@@ -109,16 +122,19 @@ class Maddness(Strategy):
     def _ridge(self, codes, A, rng):
         """Prototypes over all D columns, shrunk towards the plain bucket means of each
         codebook's own subspace (the paper's prototypes before its ridge step)."""
-        prior = bucket_means(codes, A)                               # (C, K, D)
+        K = self.nbuckets
+        prior = bucket_means(codes, A, K)                            # (C, K, D)
         xp = backend.namespace(A)
         cols = xp.arange(A.shape[1])
         starts = xp.asarray(self.starts_)
         own = (cols[None, :] >= starts[:-1, None]) & (cols[None, :] < starts[1:, None])
         prior = prior * own[:, None, :]
+        if codes.shape[1] * K > MAX_RIDGE_UNKNOWNS:
+            return prior.astype(np.float32)
         if self.ridge == "auto":
-            P, self.ridge_chosen_ = ridge_auto(codes, A, prior, rng)
+            P, self.ridge_chosen_ = ridge_auto(codes, A, prior, rng, nbuckets=K)
             return P
-        return ridge_on_codes(codes, A, self.ridge, prior=prior)
+        return ridge_on_codes(codes, A, self.ridge, K, prior=prior)
 
     def _encode(self, A):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))

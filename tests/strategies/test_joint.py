@@ -166,13 +166,16 @@ def test_training_loss_never_increases_and_node_beats_level(rng):
 
 def test_beats_maddness_where_B_ignores_directions(rng):
     # low-rank rows, few outputs: bucketing by the product pays off (measured: joint
-    # 0.15-0.36x MADDNESS over 8 seeds)
-    A = _lowrank(rng, 5000, 64, r=8)
-    B = rng.standard_normal((64, 8)).astype(np.float32)
-    tr, te = A[:4000], A[4000:]
-    j = nimbus.nmse(te @ B, nimbus.fit(tr, B, "joint", 8)(te))
-    m = nimbus.nmse(te @ B, nimbus.fit(tr, B, "maddness", 8)(te))
-    assert j < 0.6 * m, (j, m)
+    # 0.13-0.35x MADDNESS on 12 of 13 draws, 0.76x on one): the median of 3 draws
+    ratios = []
+    for _ in range(3):
+        A = _lowrank(rng, 5000, 64, r=8)
+        B = rng.standard_normal((64, 8)).astype(np.float32)
+        tr, te = A[:4000], A[4000:]
+        j = nimbus.nmse(te @ B, nimbus.fit(tr, B, "joint", 8)(te))
+        m = nimbus.nmse(te @ B, nimbus.fit(tr, B, "maddness", 8)(te))
+        ratios.append(j / m)
+    assert np.median(ratios) < 0.6, ratios
 
 
 def test_exact_on_columns_with_few_values(rng):

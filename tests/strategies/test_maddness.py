@@ -121,7 +121,7 @@ def test_params_and_repr():
     op.set_params(ridge=2.0)
     assert op.ridge == 2.0
     with pytest.raises(ValueError, match="no parameter"):
-        op.set_params(depth=5)
+        op.set_params(depht=5)
     assert not hasattr(op, "dims_")           # __init__ stores only
 
 
