@@ -481,3 +481,241 @@ def test_fitted_maddness_applies_on_gpu_with_float16_io(rng):
     assert abs(_nmse(y16, exact) - _nmse(y_np, exact)) <= 2e-2
     codes = op.encode(cp.asarray(A_test))
     np.testing.assert_array_equal(_h(codes), op.encode(A_test))
+
+
+# ------------------------------------------------------------------ trees of any depth, any K
+# Host oracles written here for depths other than 4 (float64 where it matters): the
+# encode walks the heap-ordered tree; the DM backward uses the dense path matrix.
+def _encode_host(A, dims, thr):
+    """(N, D), (C, K-1), (C, K-1) -> (N, C) uint8 leaves, right iff x > t (float32)."""
+    A, dims, thr = _h(A).astype(np.float32), _h(dims), _h(thr)
+    N = A.shape[0]
+    C, nn = dims.shape
+    depth = (nn + 1).bit_length() - 1
+    node = np.zeros((N, C), dtype=np.int64)
+    cols = np.arange(C)[None, :]
+    for _ in range(depth):
+        x = np.take_along_axis(A, dims[cols, node], axis=1)
+        node = 2 * node + 1 + (x > thr[cols, node])
+    return (node - nn).astype(np.uint8)
+
+
+def _trees(rng, xp, N, D, C, depth, in_dtype=np.float32):
+    """Rows with exact ties against the thresholds and trees of ``depth`` (some +inf)."""
+    nn = 2 ** depth - 1
+    A = rng.integers(-4, 5, size=(N, D)).astype(np.float32)
+    A[:, : D // 2] += rng.standard_normal((N, D // 2)).astype(np.float32)
+    dims = rng.integers(0, D, size=(C, nn)).astype(np.int32)
+    thr = rng.integers(-3, 4, size=(C, nn)).astype(np.float32)
+    thr[rng.random((C, nn)) < 0.1] = np.inf
+    return xp.asarray(A.astype(in_dtype)), xp.asarray(dims), xp.asarray(thr)
+
+
+DEPTH_SHAPES = [  # (depth, N, D, C): ragged; at depth 8 C = 120 trees overflow shared memory
+    (1, 1, 1, 1), (1, 257, 37, 5), (2, 100, 9, 3), (3, 1000, 64, 16), (5, 517, 129, 32),
+    (6, 64, 300, 7), (7, 300, 40, 2), (8, 1000, 512, 16), (8, 70, 33, 120),
+]
+
+
+@gpu
+@pytest.mark.parametrize("depth,N,D,C", DEPTH_SHAPES)
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
+def test_encode_tree_any_depth(rng, depth, N, D, C, in_dtype):
+    cp = _cp()
+    A, dims, thr = _trees(rng, cp, N, D, C, depth, in_dtype)
+    got = kernels.encode_tree(A, dims, thr)
+    assert got.dtype == np.uint8 and got.shape == (N, C)
+    want = _encode_host(A, dims, thr)
+    np.testing.assert_array_equal(_h(got), want)
+    assert int(_h(got).max()) < 2 ** depth
+    if depth == 4 or C > 100:
+        return
+    keys = {dict(k[2]).get("TREE_DEPTH") for k in _cuda().cache_info() if k[0] == "encode_tree_tile"}
+    assert depth in keys
+
+
+@gpu
+def test_encode_tree_depth_comes_from_the_shape(rng):
+    cp = _cp()
+    A, dims, thr = _trees(rng, cp, 20, 8, 2, 3)
+    for nn in (0, 2, 14, 16, 511):
+        bad = cp.zeros((2, nn), dtype=np.int32)
+        with pytest.raises(ValueError, match=r"2\*\*d - 1"):
+            _cuda().encode_tree(A, bad, bad.astype(np.float32))
+    A8, dims8, thr8 = _trees(rng, cp, 20, 8, 2, 8)
+    bad = A8.copy()
+    bad[5, 1] = np.nan
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        kernels.encode_tree(bad, dims8, thr8)
+
+
+def _lut_q(rng, cp, C, K, M):
+    q = rng.integers(0, 256, size=(C, K, M)).astype(np.uint8)
+    q[:, :, 0] = 255                         # worst case for 16-bit lane sums
+    scale = (rng.random(M) + 0.5).astype(np.float32)
+    bias = rng.standard_normal(M).astype(np.float32)
+    return cp.asarray(q), cp.asarray(scale), cp.asarray(bias)
+
+
+K_SHAPES = [  # (K, N, C, M): the last two overflow shared memory (L1/L2 fallback kernels)
+    (1, 33, 3, 5), (2, 257, 5, 7), (3, 100, 4, 33), (32, 1000, 16, 100), (100, 300, 9, 64),
+    (256, 517, 8, 130), (256, 300, 64, 36), (200, 77, 80, 5),
+]
+
+
+@gpu
+@pytest.mark.parametrize("K,N,C,M", K_SHAPES)
+@pytest.mark.parametrize("out_dtype", [np.float32, np.float16])
+def test_lookups_any_k(rng, K, N, C, M, out_dtype):
+    cp = _cp()
+    cuda = _cuda()
+    codes = cp.asarray(rng.integers(0, K, size=(N, C)).astype(np.uint8))
+    q, scale, bias = _lut_q(rng, cp, C, K, M)
+    # exact integer sums (unit scale, zero bias), then the scaled result
+    ones, zeros = cp.ones(M, dtype=np.float32), cp.zeros(M, dtype=np.float32)
+    isum = sum(_h(q).astype(np.int64)[c][_h(codes)[:, c].astype(np.int64)] for c in range(C))
+    np.testing.assert_array_equal(_h(cuda.lookup_q(codes, q, ones, zeros)), isum)
+    got = cuda.lookup_q(codes, q, scale, bias, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (N, M)
+    want = ref.lookup_q(codes, q, scale, bias).astype(out_dtype)
+    np.testing.assert_array_equal(_h(got), _h(want))
+    for lut_dt in (np.float32, np.float16):
+        lut = cp.asarray(rng.standard_normal((C, K, M)).astype(lut_dt))
+        got = cuda.lookup(codes, lut, out_dtype)
+        want = ref.lookup(codes, lut).astype(out_dtype)   # float32 sums in codebook order
+        np.testing.assert_array_equal(_h(got), _h(want))
+    g = cp.asarray(rng.standard_normal((N, M)).astype(np.float32))
+    gl = cuda.lookup_backward(codes, g, K)
+    assert gl.shape == (C, K, M)
+    np.testing.assert_allclose(_h(gl), _h(ref.lookup_backward(codes, g, K)), rtol=1e-4,
+                               atol=1e-4)
+
+
+@gpu
+def test_lookups_fall_back_to_global_reads(rng):
+    # C * K * 16 bytes above the opt-in shared memory: no LUT tile fits
+    cp = _cp()
+    cuda = _cuda()
+    K, C = 256, 64
+    codes = cp.asarray(rng.integers(0, K, size=(50, C)).astype(np.uint8))
+    q, scale, bias = _lut_q(rng, cp, C, K, 12)
+    cuda.lookup_q(codes, q, scale, bias)
+    cuda.lookup(codes, q.astype(np.float32))
+    kinds = {dict(k[2]).get("LUT_Q") for k in cuda.cache_info()
+             if k[0] == "lookup_global_kernel" and dict(k[2]).get("NK") == K}
+    assert kinds == {0, 1}                       # the 8-bit and the float LUT variant
+    # misaligned and odd-width LUTs take the scalar paths
+    for M in (12, 13):
+        q, scale, bias = _lut_q(rng, cp, C, K, M)
+        flat = cp.empty(q.size + 1, dtype=np.uint8)
+        flat[1:] = q.ravel()
+        qv = flat[1:].reshape(q.shape)
+        np.testing.assert_array_equal(_h(cuda.lookup_q(codes, qv, scale, bias)),
+                                      _h(ref.lookup_q(codes, q, scale, bias)))
+        lut = cp.asarray(rng.standard_normal((C, K, M)).astype(np.float32))
+        fl = cp.empty(lut.size + 1, dtype=np.float32)
+        fl[1:] = lut.ravel()
+        np.testing.assert_array_equal(_h(cuda.lookup(codes, fl[1:].reshape(lut.shape))),
+                                      _h(ref.lookup(codes, lut)))
+
+
+@gpu
+def test_lookups_reject_bad_k(rng):
+    cp = _cp()
+    cuda = _cuda()
+    codes = cp.zeros((4, 2), dtype=np.uint8)
+    with pytest.raises(ValueError, match="buckets"):
+        cuda.lookup_q(codes, cp.zeros((2, 257, 3), np.uint8), cp.ones(3, np.float32),
+                      cp.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="buckets"):
+        cuda.lookup(codes, cp.zeros((2, 0, 3), np.float32))
+    with pytest.raises(ValueError, match="buckets"):
+        cuda.lookup_backward(codes, cp.zeros((4, 3), np.float32), 300)
+
+
+@gpu
+@pytest.mark.parametrize("depth,N,D,C,M", [(1, 300, 20, 5, 40), (3, 1000, 64, 16, 512),
+                                           (5, 517, 129, 12, 33), (8, 400, 96, 16, 100)])
+@pytest.mark.parametrize("mode", ["auto", "fused", "split"])
+def test_encode_lookup_q_any_depth(rng, depth, N, D, C, M, mode):
+    # depths other than 4 run the encode and lookup kernels in every mode
+    cp = _cp()
+    A, dims, thr = _trees(rng, cp, N, D, C, depth)
+    q, scale, bias = _lut_q(rng, cp, C, 2 ** depth, M)
+    codes = cp.asarray(_encode_host(A, dims, thr))
+    for dt in (np.float32, np.float16):
+        got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, dt, mode=mode)
+        np.testing.assert_array_equal(_h(got), _h(ref.lookup_q(codes, q, scale, bias).astype(dt)))
+    with pytest.raises(ValueError, match="buckets"):
+        _cuda().encode_lookup_q(A, dims, thr, q[:, :1], scale, bias, mode=mode)
+
+
+def _path_matrix(depth):
+    K = 2 ** depth
+    P = np.zeros((K, K - 1))
+    for k in range(K):
+        node = 0
+        for level in range(depth):
+            bit = (k >> (depth - 1 - level)) & 1
+            P[k, node] = 1.0 if bit else -1.0
+            node = 2 * node + 1 + bit
+    return P
+
+
+def _dm_host(A, dims, thr, inv_tau, lut, grad_Y, inv_temp):
+    """Float64 DM surrogate gradients with the dense path matrix: (grad_A, grad_t, grad_lut)."""
+    A, dims, thr, inv_tau, lut, grad_Y = (_h(a) for a in (A, dims, thr, inv_tau, lut, grad_Y))
+    N, D = A.shape
+    C, nn = dims.shape
+    K, M = nn + 1, lut.shape[2]
+    depth = K.bit_length() - 1
+    P = _path_matrix(depth)
+    diff = (A[:, dims.reshape(-1)].reshape(N, C, nn) - thr[None]).astype(np.float64)
+    s = np.where(diff > 0, 1.0, -1.0)
+    e = np.exp((s @ P.T - depth) * inv_temp)
+    p = e / e.sum(axis=2, keepdims=True)
+    G = (grad_Y.astype(np.float64) @ lut.reshape(C * K, M).astype(np.float64).T).reshape(N, C, K)
+    gb = p * (G - (p * G).sum(axis=2, keepdims=True)) * inv_temp
+    th = np.tanh(diff * inv_tau[None])
+    gx = (gb @ P) * (1 - th * th) * inv_tau[None]
+    grad_A = np.zeros((N, D))
+    np.add.at(grad_A, (np.repeat(np.arange(N), C * nn), np.tile(dims.reshape(-1), N)),
+              gx.reshape(-1))
+    codes = _encode_host(A, dims, thr)
+    grad_lut = np.zeros((C, K, M))
+    for c in range(C):
+        np.add.at(grad_lut[c], codes[:, c].astype(np.int64), grad_Y.astype(np.float64))
+    return grad_A, -gx.sum(axis=0), grad_lut
+
+
+@gpu
+@pytest.mark.parametrize("depth,N,D,C,M", [(1, 257, 37, 5, 7), (2, 300, 16, 3, 8),
+                                           (3, 500, 64, 40, 33), (5, 300, 64, 7, 16),
+                                           (6, 1000, 48, 3, 12), (8, 200, 96, 5, 20)])
+def test_dm_kernels_any_depth(rng, depth, N, D, C, M):
+    cp = _cp()
+    from nimbus.arrays.kernels import dm_cuda
+    nn = 2 ** depth - 1
+    A = rng.standard_normal((N, D)).astype(np.float32)
+    dims = rng.integers(0, D, size=(C, nn)).astype(np.int32)
+    thr = (0.5 * rng.standard_normal((C, nn))).astype(np.float32)
+    inv_tau = (1.0 / (0.3 + rng.random((C, nn)))).astype(np.float32)
+    lut = rng.standard_normal((C, 2 ** depth, M)).astype(np.float32)
+    gY = rng.standard_normal((N, M)).astype(np.float32)
+    A_, dims_, thr_, tau_, lut_, gY_ = (cp.asarray(a) for a in (A, dims, thr, inv_tau, lut, gY))
+    codes, Y = dm_cuda.dm_forward(A_, dims_, thr_, lut_)
+    want_codes = _encode_host(A, dims, thr)
+    np.testing.assert_array_equal(_h(codes), want_codes)
+    np.testing.assert_array_equal(_h(Y), _h(ref.lookup(cp.asarray(want_codes), lut_)))
+    got = dm_cuda.dm_backward(A_, dims_, thr_, tau_, lut_, codes, gY_, 0.8)
+    want = _dm_host(A, dims, thr, inv_tau, lut, gY, 0.8)
+    for name, g, w in zip(("grad_A", "grad_t", "grad_lut"), got, want):
+        assert g.shape == w.shape and g.dtype == np.float32, name
+        np.testing.assert_allclose(_h(g), w, rtol=1e-4, atol=1e-5 * (np.abs(w).max() + 1),
+                                   err_msg=name)
+    ga, gt, gl = dm_cuda.dm_backward(A_, dims_, thr_, tau_, lut_, codes, gY_, 0.8,
+                                     need_a=False, need_lut=False)
+    assert ga is None and gl is None
+    np.testing.assert_array_equal(_h(gt), _h(got[1]))      # deterministic partial sums
+    with pytest.raises(ValueError, match="lut"):
+        dm_cuda.dm_backward(A_, dims_, thr_, tau_, lut_[:, :1], codes, gY_, 0.8)

@@ -6,9 +6,9 @@ inside the launchers, never at import time. Each kernel is CUDA C++ compiled by
 NVRTC on its first launch and cached per (kernel, substitutions, device): the
 substitutions are the element types (float32 or float16 input/output, float32
 or float16 LUT) and compile-time sizes (codebooks, column tile, rows per
-thread), one source per kernel. Kernel semantics are exactly those of
-:mod:`.reference` (codes bit for bit, sums to float32 rounding; 8-bit LUT sums
-exactly in integers).
+thread, tree depth, buckets per codebook), one source per kernel. Kernel
+semantics are exactly those of :mod:`.reference` (codes bit for bit, sums to
+float32 rounding; 8-bit LUT sums exactly in integers).
 
 Ops
 ---
@@ -17,6 +17,13 @@ table's), plus ``encode_lookup_q``: MADDNESS applied in one kernel (tree encode
 into shared memory, then the 8-bit LUT sums), so the codes never reach device
 memory. ``lookup``/``lookup_q``/``encode_lookup_q`` take an ``out_dtype``
 (float32 or float16) so float16 I/O needs no extra cast pass.
+
+Trees of any depth d in 1..8 (dims (C, 2**d - 1), the depth read off the shape; each
+depth a ``TREE_DEPTH`` substitution) and LUTs of any K in 1..256 buckets (K read off
+the LUT; an ``NK`` substitution) are handled; depth 4 / K = 16 compile to the same code
+as before other sizes existed. The fused ``encode_lookup_q`` kernels are depth 4 only
+(other depths run the encode and lookup kernels). LUTs whose narrowest column tile does
+not fit in shared memory are read through L1/L2 by fallback kernels.
 
 Every launcher makes its arguments contiguous with the exact dtype, passes
 scalars as ``np.int32``/``np.uint32``, checks shapes (``ValueError``/``TypeError``
@@ -51,6 +58,20 @@ _MAX_INT32 = 2 ** 31 - 1
 # differs between variants. No CUDA header is included (NVRTC needs none): half
 # precision is handled as raw 16-bit words converted with cvt instructions.
 _PRELUDE = r"""
+#ifndef TREE_DEPTH
+#define TREE_DEPTH 4             // tree depth d: 2^d leaves, 2^d - 1 heap-ordered nodes
+#endif
+#define TNODES ((1 << TREE_DEPTH) - 1)
+#ifndef NK
+#define NK 16                    // buckets (LUT rows) per codebook: K, 1..256
+#endif
+// Bucket of the code byte in bits sh.. of w: codes >= NK never index past a LUT (taken
+// mod NK: a mask when NK is a power of two, as CuPy's indexing wraps).
+#if (NK & (NK - 1)) == 0
+#define BUCKET(w, sh) (((w) >> (sh)) & (u32)(NK - 1))
+#else
+#define BUCKET(w, sh) ((((w) >> (sh)) & 255u) % (u32)NK)
+#endif
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -182,14 +203,14 @@ __device__ __forceinline__ u32 scan_tile(const IN_T* tile, int nrows, int D, int
     return bad;
 }
 
-// Leaf reached by one row in one depth-4 tree: heap-ordered nodes, right iff x > t
-// (strictly: x == t goes left, as in learning). dims are already clamped to [0, D).
+// Leaf reached by one row in one tree of depth TREE_DEPTH: heap-ordered nodes, right iff
+// x > t (strictly: x == t goes left, as in learning). dims are already clamped to [0, D).
 __device__ __forceinline__ u8 tree_leaf(const IN_T* row, const int* dims, const float* thr) {
     int node = 0;
 #pragma unroll
-    for (int l = 0; l < 4; ++l)
+    for (int l = 0; l < TREE_DEPTH; ++l)
         node = 2 * node + 1 + (to_f32(row[dims[node]]) > thr[node] ? 1 : 0);
-    return (u8)(node - 15);
+    return (u8)(node - TNODES);
 }
 
 // Codes of a staged batch: thread t encodes the (row, tree) pairs t, t + NT, ... of the
@@ -200,14 +221,15 @@ __device__ __forceinline__ void encode_batch(const IN_T* tile, int nr, int D, u8
                                              const float* thr_s) {
     for (int p = threadIdx.x; p < nrb * ncb; p += NT) {
         const int r = p / ncb, c = p - r * ncb;
-        codes[r * cp + c] = r < nr ? tree_leaf(tile + r * D, dims_s + c * 15, thr_s + c * 15)
+        codes[r * cp + c] = r < nr ? tree_leaf(tile + r * D, dims_s + c * TNODES,
+                                                       thr_s + c * TNODES)
                                    : (u8)0;
     }
 }
 
 __device__ __forceinline__ void stage_trees(int* dims_s, float* thr_s, const int* __restrict__ dims,
                                             const float* __restrict__ thr, int ntrees, int D) {
-    for (int i = threadIdx.x; i < ntrees * 15; i += NT) {
+    for (int i = threadIdx.x; i < ntrees * TNODES; i += NT) {
         const unsigned d = (unsigned)dims[i];          // negative -> huge -> clamped
         dims_s[i] = (int)(d < (unsigned)D ? d : (unsigned)(D - 1));
         thr_s[i] = thr[i];
@@ -226,8 +248,8 @@ encode_tree_tile(const IN_T* __restrict__ A, const int* __restrict__ dims,
 {
     extern __shared__ __align__(16) u8 smem[];
     int* dims_s = (int*)smem;
-    float* thr_s = (float*)(smem + C * 60);
-    IN_T* tile = (IN_T*)(smem + ((C * 120 + 15) & ~15));
+    float* thr_s = (float*)(smem + C * TNODES * 4);
+    IN_T* tile = (IN_T*)(smem + ((C * TNODES * 8 + 15) & ~15));
     stage_trees(dims_s, thr_s, dims, thr, C, D);
     u32 bad = 0;
     const long long ntiles = ((long long)N + rows - 1) / rows;
@@ -259,12 +281,12 @@ encode_tree_direct(const IN_T* __restrict__ A, const int* __restrict__ dims,
         const int c = (int)(p - n * C);
         const IN_T* row = A + n * D;
         int node = 0;
-        for (int l = 0; l < 4; ++l) {
-            unsigned d = (unsigned)dims[c * 15 + node];
+        for (int l = 0; l < TREE_DEPTH; ++l) {
+            unsigned d = (unsigned)dims[c * TNODES + node];
             d = d < (unsigned)D ? d : (unsigned)(D - 1);
-            node = 2 * node + 1 + (to_f32(row[d]) > thr[c * 15 + node] ? 1 : 0);
+            node = 2 * node + 1 + (to_f32(row[d]) > thr[c * TNODES + node] ? 1 : 0);
         }
-        codes[p] = (u8)(node - 15);
+        codes[p] = (u8)(node - TNODES);
         if (c == 0) for (int j = 0; j < D; ++j) bad |= nonfinite_bits(row[j]);
     }
     if (bad) atomicOr(flag, 1);
@@ -319,9 +341,9 @@ _LOOKUP_Q_CORE = r"""
 #define CP ((NCB + 3) & ~3)      // codes row stride in shared memory: whole 32-bit words
 #define CH (16 / OUT_SIZE)       // output columns per 16-byte store: 4 (fp32) or 8 (fp16)
 #define NCHK (16 / CH)           // 16-byte stores per thread and row
-#define LUT_BYTES (NCB * 16 * MT)
+#define LUT_BYTES (NCB * NK * MT)
 
-// LUT tile in shared memory: [NCB][16][MT] bytes. Within a LUT row, thread tr's 16 bytes
+// LUT tile in shared memory: [NCB][NK][MT] bytes. Within a LUT row, thread tr's 16 bytes
 // sit together at 16*tr (one 16-byte load), and byte s of them is output column
 // (s / CH) * TPR * CH + tr * CH + s % CH of the tile: each thread's outputs are NCHK
 // chunks of CH adjacent columns, so a warp's 16-byte stores fill whole segments.
@@ -334,7 +356,7 @@ __device__ __forceinline__ void load_lut_q_tile(u8* lut_s, const u8* __restrict_
                                                 int m0, int unit) {
     if (unit >= 4) {
         const int per_row = MT / unit;
-        for (int i = threadIdx.x; i < NCB * 16 * per_row; i += NT) {
+        for (int i = threadIdx.x; i < NCB * NK * per_row; i += NT) {
             const int ck = i / per_row, j = (i - ck * per_row) * unit;   // tile column
             const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
             u8* dst = lut_s + ck * MT + tr * 16 + q * CH + (j - ch * CH);
@@ -343,7 +365,7 @@ __device__ __forceinline__ void load_lut_q_tile(u8* lut_s, const u8* __restrict_
             if (unit == 8) copy8(dst, src, ok); else copy4(dst, src, ok);
         }
     } else {
-        for (int i = threadIdx.x; i < NCB * 16 * MT; i += NT) {
+        for (int i = threadIdx.x; i < NCB * NK * MT; i += NT) {
             const int ck = i / MT, j = i - ck * MT;
             const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
             lut_s[ck * MT + tr * 16 + q * CH + (j - ch * CH)] =
@@ -462,12 +484,12 @@ __device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lu
                 const bool two = c + k + 1 < ce;
 #pragma unroll
                 for (int i = 0; i < RPT; ++i) {
-                    const u32 k0 = (cw[i] >> (8 * k)) & 15u;     // codes mod 16: memory safe
-                    const uint4 w0 = *(const uint4*)(lut_t + ((c + k) * 16 + k0) * MT);
+                    const u32 k0 = BUCKET(cw[i], 8 * k);        // memory safe
+                    const uint4 w0 = *(const uint4*)(lut_t + ((c + k) * NK + k0) * MT);
                     uint4 w1 = make_uint4(0u, 0u, 0u, 0u);
                     if (two) {
-                        const u32 k1 = (cw[i] >> (8 * k + 8)) & 15u;
-                        w1 = *(const uint4*)(lut_t + ((c + k + 1) * 16 + k1) * MT);
+                        const u32 k1 = BUCKET(cw[i], 8 * k + 8);
+                        w1 = *(const uint4*)(lut_t + ((c + k + 1) * NK + k1) * MT);
                     }
                     acc_word(a[i][0], a[i][1], aw[i][0], w0.x, w1.x, one);
                     acc_word(a[i][2], a[i][3], aw[i][1], w0.y, w1.y, one);
@@ -634,9 +656,9 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
     extern __shared__ __align__(16) u8 smem[];
     u8* lut_s = smem;
     int* dims_s = (int*)(smem + LUT_BYTES);
-    float* thr_s = (float*)(smem + LUT_BYTES + NCB * 60);
-    u8* codes_s = smem + ((LUT_BYTES + NCB * 120 + 15) & ~15);
-    const int off_tiles = (LUT_BYTES + NCB * 120 + 15) / 16 * 16 + (RB * CP + 15) / 16 * 16;
+    float* thr_s = (float*)(smem + LUT_BYTES + NCB * TNODES * 4);
+    u8* codes_s = smem + ((LUT_BYTES + NCB * TNODES * 8 + 15) & ~15);
+    const int off_tiles = (LUT_BYTES + NCB * TNODES * 8 + 15) / 16 * 16 + (RB * CP + 15) / 16 * 16;
     const int tile_bytes = (RB * D * IN_SIZE + 15) & ~15;
 
     const int m0 = blockIdx.y * MT;
@@ -712,8 +734,8 @@ encode_lookup_q_ahead_kernel(const IN_T* __restrict__ A, const int* __restrict__
     extern __shared__ __align__(16) u8 smem[];
     u8* lut_s = smem;
     int* dims_s = (int*)(smem + LUT_BYTES);
-    float* thr_s = (float*)(smem + LUT_BYTES + NCB * 60);
-    const int off_codes = (LUT_BYTES + NCB * 120 + 15) / 16 * 16;
+    float* thr_s = (float*)(smem + LUT_BYTES + NCB * TNODES * 4);
+    const int off_codes = (LUT_BYTES + NCB * TNODES * 8 + 15) / 16 * 16;
     u8* codes_s = smem + off_codes;                            // [2][RB][CP]
     const int off_tiles = off_codes + (2 * RB * CP + 15) / 16 * 16;
     const int tile_bytes = (RB * D * IN_SIZE + 15) & ~15;
@@ -795,10 +817,10 @@ lookup_kernel(const u8* __restrict__ codes, const LUT_T* __restrict__ lut,
 {
     extern __shared__ __align__(16) u8 smem[];
     LUT_T* lut_s = (LUT_T*)smem;
-    u8* codes_s = smem + NCB * 16 * MT * LUT_SIZE;
+    u8* codes_s = smem + NCB * NK * MT * LUT_SIZE;
     const int m0 = blockIdx.y * MT;
     const int nv = MT / VL;
-    for (int i = threadIdx.x; i < NCB * 16 * nv; i += NT) {
+    for (int i = threadIdx.x; i < NCB * NK * nv; i += NT) {
         const int ck = i / nv, v = i - ck * nv;
         const int m = m0 + v * VL;
         const LUT_T* src = lut + (long long)ck * M + m;
@@ -820,7 +842,7 @@ lookup_kernel(const u8* __restrict__ codes, const LUT_T* __restrict__ lut,
         const u8* src = codes + row0 * NCB;
         for (int i = threadIdx.x; i < RB * CP; i += NT) {
             const int r = i / CP, c = i - r * CP;
-            codes_s[i] = (r < nr && c < NCB) ? (u8)(src[r * NCB + c] & 15) : (u8)0;
+            codes_s[i] = (r < nr && c < NCB) ? (u8)BUCKET((u32)src[r * NCB + c], 0) : (u8)0;
         }
         __syncthreads();
         float acc[RPT][VL];
@@ -833,7 +855,7 @@ lookup_kernel(const u8* __restrict__ codes, const LUT_T* __restrict__ lut,
 #pragma unroll
             for (int i = 0; i < RPT; ++i) {
                 const int k = codes_s[(rg + RG * i) * CP + c];
-                add_lut(acc[i], *(const uint4*)(lut_t + (c * 16 + k) * MT));
+                add_lut(acc[i], *(const uint4*)(lut_t + (c * NK + k) * MT));
             }
         }
 #pragma unroll
@@ -875,30 +897,139 @@ extern "C" __global__ void __launch_bounds__(NT)
 lookup_backward_kernel(const u8* __restrict__ codes, const float* __restrict__ g,
                        float* __restrict__ out, int N, int C, int M, int rows_per_chunk, int CB)
 {
-    extern __shared__ __align__(16) float acc_s[];      // [CB][16][32]
+    extern __shared__ __align__(16) float acc_s[];      // [CB][NK][32]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int m = blockIdx.x * 32 + lane;
     const int c0 = blockIdx.z * CB;
     const int ncb = C - c0 < CB ? C - c0 : CB;
     for (int cl = warp; cl < ncb; cl += NT / 32)
+#if NK <= 16
 #pragma unroll
-        for (int k = 0; k < 16; ++k) acc_s[(cl * 16 + k) * 32 + lane] = 0.f;
+#else
+#pragma unroll 16
+#endif
+        for (int k = 0; k < NK; ++k) acc_s[(cl * NK + k) * 32 + lane] = 0.f;
     const long long r0 = (long long)blockIdx.y * rows_per_chunk;
     const long long r1 = r0 + rows_per_chunk < (long long)N ? r0 + rows_per_chunk : (long long)N;
+#if NK <= 16
 #pragma unroll 4
     for (long long n = r0; n < r1; ++n) {
         const float gv = m < M ? g[n * M + m] : 0.f;
         const u8* cr = codes + n * C + c0;
         for (int cl = warp; cl < ncb; cl += NT / 32)
-            acc_s[(cl * 16 + (cr[cl] & 15)) * 32 + lane] += gv;
+            acc_s[(cl * NK + BUCKET((u32)cr[cl], 0)) * 32 + lane] += gv;
     }
+#else
+    // K floats per (codebook, column) leave room for few warps per multiprocessor, so
+    // each warp issues the loads of RQ rows before their read-modify-writes
+#define RQ 16
+    for (long long n0 = r0; n0 < r1; n0 += RQ) {
+        float gv[RQ];
+#pragma unroll
+        for (int q = 0; q < RQ; ++q) gv[q] = (m < M && n0 + q < r1) ? g[(n0 + q) * M + m] : 0.f;
+        for (int cl = warp; cl < ncb; cl += NT / 32) {
+            u32 kq[RQ];
+#pragma unroll
+            for (int q = 0; q < RQ; ++q)
+                kq[q] = n0 + q < r1 ? BUCKET((u32)codes[(n0 + q) * C + c0 + cl], 0) : 0u;
+#pragma unroll
+            for (int q = 0; q < RQ; ++q) acc_s[(cl * NK + kq[q]) * 32 + lane] += gv[q];  // 0 past r1
+        }
+    }
+#endif
     if (m < M)
         for (int cl = warp; cl < ncb; cl += NT / 32)
+#if NK <= 16
 #pragma unroll
-            for (int k = 0; k < 16; ++k) {
-                const float v = acc_s[(cl * 16 + k) * 32 + lane];
-                if (v != 0.f) atomicAdd(out + ((long long)(c0 + cl) * 16 + k) * M + m, v);
+#else
+#pragma unroll 16
+#endif
+            for (int k = 0; k < NK; ++k) {
+                const float v = acc_s[(cl * NK + k) * 32 + lane];
+                if (v != 0.f) atomicAdd(out + ((long long)(c0 + cl) * NK + k) * M + m, v);
             }
+}
+"""
+
+_LOOKUP_GLOBAL = r"""
+// Add the 4 LUT entries at p (columns m..m+3 of one LUT row; the first n exist) to acc:
+// integers for the 8-bit LUT, float32 otherwise. `vec`: one aligned 4-entry load.
+__device__ __forceinline__ void add4(u32* acc, const u8* __restrict__ p, int n, int vec) {
+    if (vec) {
+        const u32 w = __ldg((const unsigned int*)p);
+        acc[0] += w & 0xFFu; acc[1] += (w >> 8) & 0xFFu; acc[2] += (w >> 16) & 0xFFu;
+        acc[3] += w >> 24;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) if (e < n) acc[e] += __ldg(p + e);
+    }
+}
+__device__ __forceinline__ void add4(float* acc, const float* __restrict__ p, int n, int vec) {
+    float v[4];
+    if (vec) {
+        const float4 w = __ldg((const float4*)p);
+        v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = e < n ? __ldg(p + e) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[e] = __fadd_rn(acc[e], v[e]);
+}
+__device__ __forceinline__ void add4(float* acc, const u16* __restrict__ p, int n, int vec) {
+    float v[4];
+    if (vec) {
+        const uint2 w = __ldg((const uint2*)p);
+        v[0] = h2f((u16)(w.x & 0xFFFFu)); v[1] = h2f((u16)(w.x >> 16));
+        v[2] = h2f((u16)(w.y & 0xFFFFu)); v[3] = h2f((u16)(w.y >> 16));
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[e] = e < n ? h2f(__ldg(p + e)) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[e] = __fadd_rn(acc[e], v[e]);
+}
+// Output value of column m: two roundings for the 8-bit LUT, as the reference
+// (float(isum) * scale + bias); the float sum as it is.
+__device__ __forceinline__ float finish(u32 isum, const float* scale, const float* bias, int m) {
+    return __fadd_rn(__fmul_rn(__uint2float_rn(isum), scale[m]), bias[m]);
+}
+__device__ __forceinline__ float finish(float sum, const float*, const float*, int) { return sum; }
+
+#if LUT_Q                        // 8-bit LUT, exact u32 sums (C * 255 < 2^32)
+typedef u8 ENTRY_T;
+typedef u32 ACC_T;
+#else                            // float LUT, float32 sums over codebooks in order from 0
+typedef LUT_T ENTRY_T;
+typedef float ACC_T;
+#endif
+
+// Fallback for LUTs whose narrowest column tile does not fit in shared memory (many
+// codebooks x buckets): the LUT is read through L1/L2. Thread mapping: thread -> (row, 4
+// adjacent columns), column groups fastest, grid-stride over all (row, group) pairs, so
+// the threads of a row read adjacent entries of one LUT row per codebook and the row's
+// codes are broadcast loads. `vec`: M % 4 == 0 and the LUT is aligned for one 4-entry
+// load. scale and bias are read only for the 8-bit LUT.
+extern "C" __global__ void __launch_bounds__(NT)
+lookup_global_kernel(const u8* __restrict__ codes, const ENTRY_T* __restrict__ lut,
+                     const float* __restrict__ scale, const float* __restrict__ bias,
+                     OUT_T* __restrict__ Y, int N, int M, int C, int vec)
+{
+    const int ng = (M + 3) >> 2;
+    const long long total = (long long)N * ng;
+    for (long long p = (long long)blockIdx.x * NT + threadIdx.x; p < total;
+         p += (long long)gridDim.x * NT) {
+        const long long n = p / ng;
+        const int m = (int)(p - n * ng) * 4;
+        const int nv = M - m < 4 ? M - m : 4;
+        const u8* cr = codes + n * C;
+        ACC_T acc[4] = {0, 0, 0, 0};
+        for (int c = 0; c < C; ++c)
+            add4(acc, lut + ((long long)c * NK + BUCKET((u32)__ldg(cr + c), 0)) * M + m, nv, vec);
+        OUT_T* y = Y + n * M + m;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) if (e < nv) put(y + e, finish(acc[e], scale, bias, m + e));
+    }
 }
 """
 
@@ -920,6 +1051,7 @@ _FAMILIES = {
     "encode_lookup_mma_kernel": cuda_mma.SOURCE,
     "lookup_kernel": _LOOKUP_F,
     "lookup_backward_kernel": _LOOKUP_BACKWARD,
+    "lookup_global_kernel": _LOOKUP_GLOBAL,
     "spin_kernel": _SPIN,
 }
 
@@ -931,7 +1063,7 @@ def source(name, **defs):
 
     ``defs`` keys: ``IN`` / ``OUT`` / ``LUT`` (numpy dtypes float32/float16), ``NT``,
     ``MT``, ``RPT``, ``NCB``, ``ACC_MODE``, ``NSTAGE``, ``MPW``, ``USE_CP_ASYNC``,
-    ``UNROLL_C`` (0 = full).
+    ``UNROLL_C`` (0 = full), ``TREE_DEPTH`` (default 4), ``NK`` (buckets, default 16).
     """
     defs = dict(defs)
     lines = []
@@ -1076,7 +1208,7 @@ def _check_dims(dims, D):
     The answer is cached per (device pointer, shape, D), since learned dims do not change;
     the kernels clamp columns anyway, so a later in-place change to out-of-range values
     cannot read outside A (it gives wrong codes instead)."""
-    key = (dims.data.ptr, dims.shape[0], D)
+    key = (dims.data.ptr, dims.shape, D)
     if key in _dims_ok:
         return
     lo, hi = int(dims.min()), int(dims.max())
@@ -1088,11 +1220,25 @@ def _check_dims(dims, D):
     _dims_ok[key] = True
 
 
+_MAX_DEPTH = 8           # 256 leaves: codes stay uint8
+
+
+def _tree_depth(dims):
+    """Depth d of trees with node arrays ``dims`` of shape (C, 2**d - 1), 1 <= d <= 8."""
+    nodes = dims.shape[1] if dims.ndim == 2 else -1
+    depth = (nodes + 1).bit_length() - 1
+    if nodes < 1 or nodes != 2 ** depth - 1 or depth > _MAX_DEPTH:
+        raise ValueError(f"dims must have shape (C, 2**d - 1) for a tree depth d in "
+                         f"1..{_MAX_DEPTH}: (C, 1), (C, 3), ..., (C, 255); got "
+                         f"{tuple(dims.shape)}")
+    return depth
+
+
 def _tree_args(A, dims, thresholds):
+    """(device id, A, dims, thresholds, depth) with the arrays contiguous, exact dtypes."""
     dev = _require_cupy(A=A, dims=dims, thresholds=thresholds)
     A = _rows(A)
-    if dims.ndim != 2 or dims.shape[1] != 15:
-        raise ValueError(f"dims must have shape (C, 15), got {tuple(dims.shape)}")
+    depth = _tree_depth(dims)
     if thresholds.shape != dims.shape:
         raise ValueError(f"thresholds must have the shape of dims {tuple(dims.shape)}, got "
                          f"{tuple(thresholds.shape)}")
@@ -1106,7 +1252,7 @@ def _tree_args(A, dims, thresholds):
         raise ValueError(f"A has shape {tuple(A.shape)}: too large for the GPU kernels")
     if dims.shape[0]:
         _check_dims(dims, A.shape[1])
-    return dev, A, dims, thresholds
+    return dev, A, dims, thresholds, depth
 
 
 def _lut_q_args(lut_q, scale, bias, C):
@@ -1156,24 +1302,24 @@ def _pow2_at_least(x):
     return p
 
 
-def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET, acc_mode=1):
+def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET, acc_mode=1, K=16):
     """(MT, RPT, RB, smem) for the 8-bit lookup kernel, or None when it does not fit.
 
-    MT (column tile): the widest power of two from 16 to 512 columns whose LUT fits
-    ``budget`` bytes and that M needs; RPT rows per thread (1 past 256 codebooks, where
-    32-bit totals take the registers); RB rows per batch.
+    MT (column tile): the widest power of two from 16 to 512 columns whose LUT (C x K x MT
+    bytes) fits ``budget`` bytes and that M needs; RPT rows per thread (1 past 256
+    codebooks, where 32-bit totals take the registers); RB rows per batch.
     """
     if rpt is None:      # scheme 2 keeps 64-bit sums: half the rows per thread
         rpt = 1 if C > 256 else (2 if acc_mode == 2 else 4)
     if mt is None:
         mt = 16
         top = min(512, max(16, _pow2_at_least(M)), nt * 16)
-        while mt * 2 <= top and C * 16 * mt * 2 <= budget:
+        while mt * 2 <= top and C * K * mt * 2 <= budget:
             mt *= 2
     if mt % 16 or mt & (mt - 1) or mt // 16 > nt:
         raise ValueError(f"column tile {mt} must be a power of two from 16 to {nt * 16}")
     rb = nt // (mt // 16) * rpt
-    smem = C * 16 * mt + 8 * mt + 2 * ((rb * ((C + 3) // 4 * 4) + 15) // 16 * 16)  # LUT, scale
+    smem = C * K * mt + 8 * mt + 2 * ((rb * ((C + 3) // 4 * 4) + 15) // 16 * 16)  # LUT, scale
     # and bias, two code buffers
     if smem > dev["smem_optin"]:
         return None
@@ -1196,21 +1342,25 @@ def _unroll_c(C):
 
 # --------------------------------------------------------------------------- encoders
 def encode_tree(A, dims, thresholds, *, check_finite=True):
-    """Codes of the rows of A under C depth-4 trees (see :func:`.reference.encode_tree`).
+    """Codes of the rows of A under C trees of depth d (see :func:`.reference.encode_tree`).
+
+    The depth is read off ``dims.shape[1] = 2**d - 1`` (1 <= d <= 8); each depth is its
+    own compiled kernel (a ``TREE_DEPTH`` substitution), so depth 4 runs the same code as
+    before trees of other depths existed.
 
     Parameters
     ----------
     A : (N, D) float32 or float16 CuPy array (other real dtypes are cast to float32)
-    dims : (C, 15) int32, columns in [0, D)
-    thresholds : (C, 15) float32
+    dims : (C, 2**d - 1) int32, columns in [0, D)
+    thresholds : (C, 2**d - 1) float32
     check_finite : bool, raise ValueError if A holds NaN/Inf (one flag read: a sync)
 
     Returns
     -------
-    codes : (N, C) uint8
+    codes : (N, C) uint8, leaves 0 .. 2**d - 1
     """
     cp = backend.cupy()
-    dev_id, A, dims, thresholds = _tree_args(A, dims, thresholds)
+    dev_id, A, dims, thresholds, depth = _tree_args(A, dims, thresholds)
     N, D = A.shape
     C = dims.shape[0]
     codes = cp.empty((N, C), dtype=np.uint8)
@@ -1222,19 +1372,21 @@ def encode_tree(A, dims, thresholds, *, check_finite=True):
         dev = device_info(dev_id)
         flag = cp.zeros(1, dtype=np.int32)
         isz = A.itemsize
-        head = (C * 120 + 15) // 16 * 16
+        head = (C * (2 ** depth - 1) * 8 + 15) // 16 * 16        # the trees' dims, thresholds
         rows = max(1, min(64, _ENCODE_TILE_BUDGET // (D * isz)))
         smem = head + (rows * D * isz + 15) // 16 * 16
         if smem <= dev["smem_optin"]:
             a_vec = int(_aligned(A) and (D * isz) % 16 == 0)
-            kern = _kernel("encode_tree_tile", dev_id, IN=A.dtype, USE_CP_ASYNC=dev["cc"] >= 80)
+            kern = _kernel("encode_tree_tile", dev_id, IN=A.dtype, USE_CP_ASYNC=dev["cc"] >= 80,
+                           TREE_DEPTH=depth)
             ntiles = (N + rows - 1) // rows
             grid = min(ntiles, dev["sms"] * _blocks_per_sm(kern, NT, smem, dev) * 4)
             _launch(kern, (grid,), NT, (A, dims, thresholds, codes, flag, np.int32(N),
                                         np.int32(D), np.int32(C), np.int32(rows),
                                         np.int32(a_vec)), smem, dev)
         else:
-            kern = _kernel("encode_tree_direct", dev_id, IN=A.dtype, USE_CP_ASYNC=0)
+            kern = _kernel("encode_tree_direct", dev_id, IN=A.dtype, USE_CP_ASYNC=0,
+                           TREE_DEPTH=depth)
             grid = min((N * C + NT - 1) // NT, dev["sms"] * 32)
             _launch(kern, (grid,), NT, (A, dims, thresholds, codes, flag, np.int32(N),
                                         np.int32(D), np.int32(C)), 0, dev)
@@ -1294,14 +1446,50 @@ def encode_pq(A, centroids, starts, *, check_finite=True):
 
 
 # --------------------------------------------------------------------------- lookups
+_MAX_K = 256             # buckets per codebook: codes are uint8
+
+
+def _buckets(K, what):
+    """K as an int after checking 1 <= K <= 256 (``what`` names the array or argument)."""
+    K = int(K)
+    if not 1 <= K <= _MAX_K:
+        raise ValueError(f"{what} must have 1 to {_MAX_K} buckets per codebook (codes are "
+                         f"uint8), got K={K}")
+    return K
+
+
+def _lookup_global(codes, lut, scale, bias, Y, dev_id, dev, K):
+    """Launch the L1/L2 fallback ``lookup_global_kernel`` into Y (the LUT tile did not fit
+    in shared memory): the 8-bit LUT with ``scale``/``bias`` when lut is uint8, else the
+    float LUT (scale and bias None)."""
+    N, C = codes.shape
+    M = Y.shape[1]
+    vec = int(M % 4 == 0 and lut.data.ptr % (4 * lut.itemsize) == 0)
+    quant = lut.dtype == np.uint8
+    defs = dict(LUT_Q=1) if quant else dict(LUT_Q=0, LUT=lut.dtype)
+    kern = _kernel("lookup_global_kernel", dev_id, OUT=Y.dtype, NK=K, **defs)
+    if not quant:
+        scale = bias = lut           # not read
+    total = N * ((M + 3) // 4)
+    grid = max(1, min((total + NT - 1) // NT, dev["sms"] * 16))
+    _launch(kern, (grid,), NT, (codes, lut, scale, bias, Y, np.int32(N), np.int32(M),
+                                np.int32(C), np.int32(vec)), 0, dev)
+    return Y
+
+
 def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=None,
              rpt=None):
     """8-bit LUT sums, exact in integers, then ``isum * scale + bias``.
 
+    The LUT's column tile (C x K x MT bytes) is kept in shared memory; when even the
+    narrowest tile (MT = 16) does not fit (C * K above about 14000 on an H100, e.g. K = 256
+    with C >= 57), a kernel that reads the LUT through L1/L2 runs instead (slower).
+
     Parameters
     ----------
-    codes : (N, C) uint8 CuPy array (values are taken mod 16, as CuPy's reference indexes)
-    lut_q : (C, 16, M) uint8
+    codes : (N, C) uint8 CuPy array (values are taken mod K, as CuPy's reference indexes,
+        when K is a power of two; mod K in general)
+    lut_q : (C, K, M) uint8, any K in 1..256
     scale, bias : (M,) float32
     out_dtype : float32 or float16
     acc_mode, mt, rpt : kernel variant (accumulation scheme 0/1/2, column tile, rows per
@@ -1316,12 +1504,10 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
     out_dt = _out_dtype(out_dtype)
     if lut_q.ndim != 3:
         raise ValueError(f"lut_q must have shape (C, K, M), got {tuple(lut_q.shape)}")
-    C = lut_q.shape[0]
+    C, K = lut_q.shape[0], _buckets(lut_q.shape[1], f"lut_q {tuple(lut_q.shape)}")
     codes = _codes(codes, C)
     lut_q, scale, bias = _lut_q_args(lut_q, scale, bias, C)
     N, M = codes.shape[0], lut_q.shape[2]
-    if lut_q.shape[1] != 16:
-        return reference.lookup_q(codes, lut_q, scale, bias).astype(out_dt, copy=False)
     Y = cp.empty((N, M), dtype=out_dt)
     if N == 0 or M == 0:
         return Y
@@ -1330,12 +1516,14 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
         return Y
     with cp.cuda.Device(dev_id):
         dev = device_info(dev_id)
-        cfg = _q_config(C, M, dev, mt, rpt, acc_mode=acc_mode)
+        cfg = None
+        for r in ([rpt] if rpt else [None, 2, 1]):      # fewer rows: smaller code buffers
+            cfg = cfg or _q_config(C, M, dev, mt, r, acc_mode=acc_mode, K=K)
         if cfg is None or (M + cfg[0] - 1) // cfg[0] > 65535:
-            return reference.lookup_q(codes, lut_q, scale, bias).astype(out_dt, copy=False)
+            return _lookup_global(codes, lut_q, scale, bias, Y, dev_id, dev, K)
         MT, RPT, RB, smem = cfg
         codes_vec = int(C % 4 == 0 and _aligned(codes))
-        kern = _kernel("lookup_q_kernel", dev_id, OUT=out_dt, NCB=C, MT=MT, RPT=RPT,
+        kern = _kernel("lookup_q_kernel", dev_id, OUT=out_dt, NCB=C, MT=MT, RPT=RPT, NK=K,
                        ACC_MODE=acc_mode, USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C))
         gy = (M + MT - 1) // MT
         nbatch = (N + RB - 1) // RB
@@ -1350,10 +1538,13 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
 def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
     """Float LUT sums ``Y[n] = sum_c lut[c, codes[n, c]]`` in float32, codebooks in order.
 
+    As :func:`lookup_q`: the LUT's column tile in shared memory, or, when even the narrowest
+    tile does not fit, a kernel reading the LUT through L1/L2 (same sums, same order).
+
     Parameters
     ----------
-    codes : (N, C) uint8 CuPy array
-    lut : (C, 16, M) float32 or float16 (accumulated in float32)
+    codes : (N, C) uint8 CuPy array (values taken mod K)
+    lut : (C, K, M) float32 or float16 (accumulated in float32), any K in 1..256
     out_dtype : float32 or float16
 
     Returns
@@ -1368,12 +1559,11 @@ def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
     if lut.dtype.kind != "f":
         raise TypeError(f"lut must be floating point, got dtype {lut.dtype}")
     C, K, M = lut.shape
+    K = _buckets(K, f"lut {tuple(lut.shape)}")
     codes = _codes(codes, C)
     N = codes.shape[0]
     lut_dt = np.dtype(np.float16) if lut.dtype == np.float16 else np.dtype(np.float32)
     lut = _c(lut, lut_dt)
-    if K != 16:
-        return reference.lookup(codes, lut).astype(out_dt, copy=False)
     Y = cp.empty((N, M), dtype=out_dt)
     if N == 0 or M == 0:
         return Y
@@ -1386,17 +1576,17 @@ def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
         if mt is None:
             mt = vl
             top = min(max(vl, _pow2_at_least(M)), NT * vl)
-            while mt * 2 <= top and C * 16 * mt * 2 * lut_dt.itemsize <= _LUT_TILE_BUDGET:
+            while mt * 2 <= top and C * K * mt * 2 * lut_dt.itemsize <= _LUT_TILE_BUDGET:
                 mt *= 2
         tpr = mt // vl
         rb = NT // tpr * rpt
-        smem = C * 16 * mt * lut_dt.itemsize + (rb * ((C + 3) // 4 * 4) + 15) // 16 * 16
+        smem = C * K * mt * lut_dt.itemsize + (rb * ((C + 3) // 4 * 4) + 15) // 16 * 16
         if smem > dev["smem_optin"] or (M + mt - 1) // mt > 65535:
-            return reference.lookup(codes, lut).astype(out_dt, copy=False)
+            return _lookup_global(codes, lut, None, None, Y, dev_id, dev, K)
         lut_vec = int(_aligned(lut) and M % vl == 0)
         y_vec = int(_aligned(Y) and (M * out_dt.itemsize) % 16 == 0)
         kern = _kernel("lookup_kernel", dev_id, OUT=out_dt, LUT=lut_dt, NCB=C, MT=mt, RPT=rpt,
-                       UNROLL_C=_unroll_c(C))
+                       NK=K, UNROLL_C=_unroll_c(C))
         gy = (M + mt - 1) // mt
         nbatch = (N + rb - 1) // rb
         gx = max(1, min(nbatch, -(-dev["sms"] * _blocks_per_sm(kern, NT, smem, dev) // gy)))
@@ -1408,11 +1598,15 @@ def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
 def lookup_backward(codes, grad_Y, nbuckets=16):
     """Scatter-add of gradient rows into LUT buckets (see :func:`.reference.lookup_backward`).
 
+    Per block, a (codebooks x K x 32 columns) float accumulator in shared memory; the
+    group of codebooks shrinks as K grows (16 at K <= 16, 1 at K = 256, where 7 of a
+    block's 8 warps idle: correct, not fast).
+
     Parameters
     ----------
-    codes : (N, C) uint8 CuPy array
+    codes : (N, C) uint8 CuPy array (values taken mod K)
     grad_Y : (N, M) float32
-    nbuckets : int, K (the kernel handles 16; other values use the reference)
+    nbuckets : int, K in 1..256
 
     Returns
     -------
@@ -1424,27 +1618,27 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
     if grad_Y.ndim != 2 or grad_Y.shape[0] != codes.shape[0]:
         raise ValueError(f"grad_Y must have shape (N={codes.shape[0]}, M), got "
                          f"{tuple(grad_Y.shape)}")
-    if nbuckets != 16:
-        return reference.lookup_backward(codes, grad_Y, nbuckets)
+    K = _buckets(nbuckets, "nbuckets")
     g = _c(grad_Y, np.float32)
     N, C = codes.shape
     M = g.shape[1]
-    out = cp.zeros((C, 16, M), dtype=np.float32)
+    out = cp.zeros((C, K, M), dtype=np.float32)
     if N == 0 or C == 0 or M == 0:
         return out
     with cp.cuda.Device(dev_id):
         dev = device_info(dev_id)
-        CB = min(C, 16)
+        # 16 codebooks of 16 buckets: 32 KB of accumulators; more buckets, fewer codebooks
+        CB = max(1, min(C, 16, 16 * 16 // K))
         gx, gz = (M + 31) // 32, (C + CB - 1) // CB
         if gx > 65535 * 1024 or gz > 65535:
-            return reference.lookup_backward(codes, g, nbuckets)
+            return reference.lookup_backward(codes, g, K)
         want = dev["sms"] * 8
         gy = max(1, min(65535, (N + 15) // 16, -(-want // (gx * gz))))
         rows = (N + gy - 1) // gy
         gy = (N + rows - 1) // rows
-        kern = _kernel("lookup_backward_kernel", dev_id)
+        kern = _kernel("lookup_backward_kernel", dev_id, NK=K)
         _launch(kern, (gx, gy, gz), NT, (codes, g, out, np.int32(N), np.int32(C), np.int32(M),
-                                         np.int32(rows), np.int32(CB)), CB * 16 * 32 * 4, dev)
+                                         np.int32(rows), np.int32(CB)), CB * K * 32 * 4, dev)
     return out
 
 
@@ -1490,12 +1684,15 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     Parameters
     ----------
     A : (N, D) float32 or float16 CuPy array
-    dims : (C, 15) int32; thresholds : (C, 15) float32
-    lut_q : (C, 16, M) uint8; scale, bias : (M,) float32
+    dims : (C, K - 1) int32; thresholds : (C, K - 1) float32: trees of depth d, K = 2**d
+        leaves, 1 <= d <= 8 (read off the shape)
+    lut_q : (C, K, M) uint8; scale, bias : (M,) float32
     out_dtype : float32 or float16
     mode : "auto" (the fused kernel when its tiles fit in shared memory and either M
         fits one column tile or C <= 16; else the encode and lookup kernels), "fused" or
-        "split"
+        "split". The fused kernels exist for depth 4 (K = 16) only: for other depths
+        every mode, "fused" included, runs the encode and lookup kernels (as "fused" also
+        does at K = 16 when the fused tiles do not fit)
     engine : fused kernel: "simt" (LUT in shared memory, byte sums on the integer pipe),
         "mma" (the lookup as a one-hot x LUT product on the integer tensor cores, LUT in
         registers; C <= 16, compute capability >= 8.0, else simt) or "auto" (simt: mma
@@ -1516,15 +1713,18 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     validate.check_choice(mode, "mode", ("auto", "fused", "split"))
     validate.check_choice(engine, "engine", ("auto", "mma", "simt"))
     out_dt = _out_dtype(out_dtype)
-    dev_id, A, dims, thresholds = _tree_args(A, dims, thresholds)
+    dev_id, A, dims, thresholds, depth = _tree_args(A, dims, thresholds)
     C = dims.shape[0]
     lut_q, scale, bias = _lut_q_args(lut_q, scale, bias, C)
+    if lut_q.shape[1] != 2 ** depth:
+        raise ValueError(f"lut_q {tuple(lut_q.shape)} must have K = {2 ** depth} buckets, one per "
+                         f"leaf of the depth-{depth} trees (dims {tuple(dims.shape)})")
     N, D = A.shape
     M = lut_q.shape[2]
     cfg = None
     with cp.cuda.Device(dev_id):
         dev = device_info(dev_id)
-        if mode != "split" and lut_q.shape[1] == 16 and C > 0 and N > 0 and M > 0:
+        if mode != "split" and depth == 4 and C > 0 and N > 0 and M > 0:
             mcfg = None
             if engine == "mma":
                 mcfg = cuda_mma.config(C, M, D, A.itemsize, dev, nstage, mpw)

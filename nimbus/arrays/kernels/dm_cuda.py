@@ -14,27 +14,36 @@ everything else is here:
 * ``dm_onehot``: thread per (row, codebook) writes the 1 of the one-hot codes; the
   LUT gradient (the exact scatter-add of ``grad_Y`` rows) is then one cuBLAS
   product ``onehot^T @ grad_Y`` (see :func:`lut_grad` for why not a scatter kernel).
-* ``dm_node_backward``: block = 32 codebook lanes x 8 row groups; a thread takes
-  one codebook and ``rows_per_thread`` rows, recomputes the hard decisions of the
-  15 nodes, the leaf scores ``b = s @ P^T`` (P is implicit: unrolled paths; the
-  softmax weights come from a 5-entry table since b takes 5 values), the node
-  gradients bottom-up (subtree sums) and the tanh' factor (one __expf); it adds each node's gradient into ``grad_A`` (atomicAdd: only trees
-  sharing a column contend) and keeps its threshold gradients in registers,
-  reduced over the block's row groups in shared memory into one partial per
-  block (summed afterwards: deterministic).
+* ``dm_node_backward`` (trees of depth d <= 4): block = 32 codebook lanes x 8 row
+  groups; a thread takes one codebook and ``rows_per_thread`` rows, recomputes the
+  hard decisions of the K - 1 nodes, the leaf scores ``b = s @ P^T`` (P is
+  implicit: unrolled paths; the softmax weights come from a (d+1)-entry table since
+  b takes d + 1 values), the node gradients bottom-up (subtree sums) and the tanh'
+  factor (one __expf); it adds each node's gradient into ``grad_A`` (atomicAdd:
+  only trees sharing a column contend) and keeps its threshold gradients in
+  registers, reduced over the block's row groups in shared memory into one partial
+  per block (summed afterwards: deterministic).
+* ``dm_node_backward_warp`` (depth 5..8, 32..256 leaves, too many for registers): a
+  warp per (row, codebook), the per-row arrays in shared memory, O(K) work: the
+  path misses top-down, the leaf softmax with warp-shuffle sums, the subtree sums
+  bottom-up; threshold gradients per warp in shared memory, one partial per block.
 
-Launchers make every argument contiguous with its exact dtype and pass scalars as
-np.int32 / np.float32. The module is compiled on first use, once per device.
+Trees have depth d in 1..8 (K = 2**d leaves, dims (C, K-1); the depth is read off
+the shapes). Launchers make every argument contiguous with its exact dtype and pass
+scalars as np.int32 / np.float32. The module is compiled on first use, once per
+(device, depth); depth 4 compiles to the same code as before other depths existed
+(except that the lookups now take codes mod K, which valid codes never notice).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .. import backend
+from .cuda import _tree_depth, device_info
 
 _SOURCE = r"""
-#define NN 15
-#define NL 16
+#define NL (1 << DEPTH)          // leaves per tree
+#define NN (NL - 1)              // internal nodes, heap order
 
 extern "C" __global__ void dm_encode(const float* __restrict__ A, const int* __restrict__ dims,
                                      const float* __restrict__ thr, unsigned char* __restrict__ codes,
@@ -49,10 +58,11 @@ extern "C" __global__ void dm_encode(const float* __restrict__ A, const int* __r
     const float* tc = thr + c * NN;
     int node = 0;
 #pragma unroll
-    for (int l = 0; l < 4; ++l) node = 2 * node + 1 + (a[dc[node]] > tc[node] ? 1 : 0);
+    for (int l = 0; l < DEPTH; ++l) node = 2 * node + 1 + (a[dc[node]] > tc[node] ? 1 : 0);
     codes[i] = (unsigned char)(node - NN);
 }
 
+// Codes are taken mod NL (a mask) so that no code reads past its codebook's LUT.
 extern "C" __global__ void dm_lookup(const unsigned char* __restrict__ codes,
                                      const float* __restrict__ lut, float* __restrict__ Y,
                                      long long N, int C, int M)
@@ -62,7 +72,7 @@ extern "C" __global__ void dm_lookup(const unsigned char* __restrict__ codes,
     for (long long n = blockIdx.y; n < N; n += gridDim.y) {
         const unsigned char* cd = codes + n * C;
         float acc = 0.f;
-        for (int c = 0; c < C; ++c) acc += lut[((long long)c * NL + cd[c]) * M + m];
+        for (int c = 0; c < C; ++c) acc += lut[((long long)c * NL + (cd[c] & (NL - 1))) * M + m];
         Y[n * M + m] = acc;
     }
 }
@@ -77,7 +87,7 @@ extern "C" __global__ void dm_lookup4(const unsigned char* __restrict__ codes,
         const unsigned char* cd = codes + n * C;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int c = 0; c < C; ++c) {
-            float4 v = lut[((long long)c * NL + cd[c]) * M4 + m];
+            float4 v = lut[((long long)c * NL + (cd[c] & (NL - 1))) * M4 + m];
             acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
         }
         Y[n * M4 + m] = acc;
@@ -91,10 +101,13 @@ extern "C" __global__ void dm_onehot(const unsigned char* __restrict__ codes,
     if (i >= N * C) return;
     long long n = i / C;
     int c = (int)(i - n * C);
-    onehot[n * (NL * C) + c * NL + (codes[i] & 15)] = 1.f;
+    onehot[n * (NL * C) + c * NL + (codes[i] & (NL - 1))] = 1.f;
 }
 
+#if DEPTH <= 4
 #define NB_ROWS 8
+// Trees of up to 16 leaves: a thread keeps one (row, codebook)'s nodes and leaves in
+// registers (fully unrolled).
 extern "C" __global__ void __launch_bounds__(32 * NB_ROWS)
 dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
                  const float* __restrict__ thr, const float* __restrict__ inv_tau,
@@ -103,9 +116,9 @@ dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
                  int rows_per_thread, int want_a)
 {
     __shared__ float red[NB_ROWS][NN][33];          // padded: lanes hit distinct banks
-    float etab[5];
+    float etab[DEPTH + 1];
 #pragma unroll
-    for (int q = 0; q < 5; ++q) etab[q] = __expf(-2.f * q * inv_temp);
+    for (int q = 0; q <= DEPTH; ++q) etab[q] = __expf(-2.f * q * inv_temp);
     const int lane = threadIdx.x;
     const int c = blockIdx.y * 32 + lane;
     const bool active = c < C;
@@ -126,8 +139,9 @@ dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
                 diff[j] = a[dc[j]] - tc[j];
                 s[j] = diff[j] > 0.f ? 1.f : -1.f;   // x > t, as the encoder decides
             }
-            // softmax(b / T) over the 16 leaves; b = s @ P^T = 4 - 2 * (nodes on the
-            // leaf's path the row disagrees with), so exp((b - 4) / T) is one of 5 values
+            // softmax(b / T) over the NL leaves; b = s @ P^T = DEPTH - 2 * (nodes on the
+            // leaf's path the row disagrees with), so exp((b - DEPTH) / T) is one of
+            // DEPTH + 1 values
             float p[NL];
             float sum = 0.f;
 #pragma unroll
@@ -135,8 +149,8 @@ dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
                 int miss = 0;
                 int node = 0;
 #pragma unroll
-                for (int l = 0; l < 4; ++l) {
-                    int bit = (k >> (3 - l)) & 1;
+                for (int l = 0; l < DEPTH; ++l) {
+                    int bit = (k >> (DEPTH - 1 - l)) & 1;
                     miss += (s[node] > 0.f) != (bit == 1);
                     node = 2 * node + 1 + bit;
                 }
@@ -144,13 +158,19 @@ dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
                 sum += p[k];
             }
             const float inv_sum = 1.f / sum;
-            const float4* g4 = reinterpret_cast<const float4*>(G + n * (long long)(NL * C) + (long long)c * NL);
             float gk[NL];
+#if NL >= 4
+            const float4* g4 = reinterpret_cast<const float4*>(G + n * (long long)(NL * C) + (long long)c * NL);
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
+            for (int q = 0; q < NL / 4; ++q) {
                 float4 v = g4[q];
                 gk[4 * q] = v.x; gk[4 * q + 1] = v.y; gk[4 * q + 2] = v.z; gk[4 * q + 3] = v.w;
             }
+#else
+            const float* g1 = G + n * (long long)(NL * C) + (long long)c * NL;
+#pragma unroll
+            for (int k = 0; k < NL; ++k) gk[k] = g1[k];
+#endif
             float pg = 0.f;
 #pragma unroll
             for (int k = 0; k < NL; ++k) { p[k] *= inv_sum; pg += p[k] * gk[k]; }
@@ -185,24 +205,130 @@ dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
         }
     }
 }
+#else
+#define NW 8
+// Trees of 32 to 256 leaves: a warp per (row, codebook), O(NL) work, the per-row arrays
+// in shared memory (K floats per thread would not fit in registers). Block: NW warps on
+// codebook blockIdx.y; warp w takes rows r0 + w, r0 + w + NW, ... of the block's
+// rows_per_block rows. Per row: the node differences x - t (lanes stride over nodes);
+// the misses (path nodes whose decision disagrees with the leaf's direction) top-down,
+// level by level; the leaves' softmax weights exp(-2 * miss / T) (b - DEPTH = -2 * miss)
+// and leaf gradients gb, with warp-shuffle sums; the subtree sums bottom-up, each node's
+// gradient right minus left. A node is always handled by the same lane, so the per-warp
+// threshold-gradient sums need no atomics; they are summed over the block's warps into
+// one partial per block (deterministic).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(32 * NW)
+dm_node_backward_warp(const float* __restrict__ A, const int* __restrict__ dims,
+                      const float* __restrict__ thr, const float* __restrict__ inv_tau,
+                      const float* __restrict__ G, float* __restrict__ gA,
+                      float* __restrict__ gT_part, long long N, int D, int C, float inv_temp,
+                      int rows_per_block, int want_a)
+{
+    __shared__ int dims_s[NN];
+    __shared__ float thr_s[NN], itau_s[NN];
+    __shared__ float diff_s[NW][NN];
+    __shared__ float sub_s[NW][2 * NN + 1];          // node sums, then leaves at NN + k
+    __shared__ float gt_s[NW][NN];
+    __shared__ unsigned char miss_s[NW][2 * NN + 1];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int c = blockIdx.y;
+    for (int j = threadIdx.x; j < NN; j += 32 * NW) {
+        dims_s[j] = dims[c * NN + j];
+        thr_s[j] = thr[c * NN + j];
+        itau_s[j] = inv_tau[c * NN + j];
+    }
+    for (int j = lane; j < NN; j += 32) gt_s[w][j] = 0.f;
+    __syncthreads();
+    float* diff = diff_s[w];
+    float* sub = sub_s[w];
+    unsigned char* miss = miss_s[w];
+    const long long r0 = (long long)blockIdx.x * rows_per_block;
+    const long long r1 = r0 + rows_per_block < N ? r0 + rows_per_block : N;
+    for (long long n = r0 + w; n < r1; n += NW) {
+        const float* a = A + n * D;
+        for (int j = lane; j < NN; j += 32) diff[j] = a[dims_s[j]] - thr_s[j];
+        if (lane == 0) miss[0] = 0;
+        __syncwarp();
+#pragma unroll
+        for (int l = 0; l < DEPTH; ++l) {             // top-down: level l's children
+            for (int t = lane; t < (1 << l); t += 32) {
+                const int j = (1 << l) - 1 + t;
+                const unsigned char m = miss[j];
+                const int right = diff[j] > 0.f;      // x > t, as the encoder decides
+                miss[2 * j + 1] = m + right;          // the left child disagrees if right
+                miss[2 * j + 2] = m + 1 - right;
+            }
+            __syncwarp();
+        }
+        const float* g = G + n * (long long)(NL * C) + (long long)c * NL;
+        float e[NL / 32], gk[NL / 32];
+        float sum = 0.f;
+#pragma unroll
+        for (int i = 0; i < NL / 32; ++i) {
+            const int k = lane + 32 * i;
+            e[i] = __expf(-2.f * (int)miss[NN + k] * inv_temp);
+            gk[i] = g[k];
+            sum += e[i];
+        }
+        const float inv_sum = 1.f / warp_sum(sum);
+        float pg = 0.f;
+#pragma unroll
+        for (int i = 0; i < NL / 32; ++i) { e[i] *= inv_sum; pg += e[i] * gk[i]; }
+        pg = warp_sum(pg);
+#pragma unroll
+        for (int i = 0; i < NL / 32; ++i) sub[NN + lane + 32 * i] = e[i] * (gk[i] - pg) * inv_temp;
+        __syncwarp();
+#pragma unroll
+        for (int l = DEPTH - 1; l >= 0; --l) {        // bottom-up: level l from level l + 1
+            for (int t = lane; t < (1 << l); t += 32) {
+                const int j = (1 << l) - 1 + t;
+                const float lf = sub[2 * j + 1], rt = sub[2 * j + 2];
+                sub[j] = lf + rt;
+                const float ic = itau_s[j];
+                // tanh'(z) = 1 - tanh(z)^2 = 4u / (1 + u)^2 with u = exp(-2|z|)
+                const float u = __expf(-2.f * fabsf(diff[j] * ic));
+                const float gx = (rt - lf) * (4.f * u / ((1.f + u) * (1.f + u))) * ic;
+                if (want_a) atomicAdd(gA + n * D + dims_s[j], gx);
+                gt_s[w][j] -= gx;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < NN; j += 32 * NW) {
+        float t = 0.f;
+        for (int y = 0; y < NW; ++y) t += gt_s[y][j];
+        gT_part[((long long)blockIdx.x * C + c) * NN + j] = t;
+    }
+}
+#endif
 """
 
-_modules = {}          # device id -> compiled RawModule
+_modules = {}          # (device id, depth) -> compiled RawModule
 _NB_ROWS = 8           # row groups per dm_node_backward block (NB_ROWS in the source)
+_NW = 8                # warps per dm_node_backward_warp block (NW in the source)
+_REGISTER_DEPTH = 4    # deepest trees whose backward keeps a (row, codebook) in registers
 
 
 def _cp():
     return backend.cupy()
 
 
-def _function(name):
-    """Kernel ``name`` of the module compiled for the current device (compiled once)."""
+def _function(name, depth):
+    """Kernel ``name`` of the module for trees of ``depth`` on the current device (each
+    (device, depth) compiled once)."""
     cp = _cp()
-    dev = cp.cuda.Device().id
-    mod = _modules.get(dev)
+    key = (cp.cuda.Device().id, int(depth))
+    mod = _modules.get(key)
     if mod is None:
-        mod = cp.RawModule(code=_SOURCE)
-        _modules[dev] = mod
+        mod = cp.RawModule(code=f"#define DEPTH {int(depth)}\n" + _SOURCE)
+        _modules[key] = mod
     return mod.get_function(name)
 
 
@@ -210,27 +336,40 @@ def _c(x, dtype):
     return _cp().ascontiguousarray(x, dtype=dtype)
 
 
+def _leaf_depth(K, what):
+    """Depth d of trees with K = 2**d leaves (1 <= d <= 8), else ValueError naming ``what``."""
+    d = int(K).bit_length() - 1
+    if K < 2 or K != 2 ** d or d > 8:
+        raise ValueError(f"{what}: DM trees have K = 2**d leaves with 1 <= d <= 8, got K={K}")
+    return d
+
+
 def encode(A, dims, thresholds):
-    """(N, D) float32, (C, 15) int32, (C, 15) float32 -> (N, C) uint8 codes (no NaN check)."""
+    """(N, D) float32, (C, K-1) int32, (C, K-1) float32 -> (N, C) uint8 codes (no NaN
+    check); the depth d (K = 2**d) is read off dims' shape."""
     cp = _cp()
     A, dims, thresholds = _c(A, np.float32), _c(dims, np.int32), _c(thresholds, np.float32)
+    depth = _tree_depth(dims)
     N, D = A.shape
     C = dims.shape[0]
     codes = cp.empty((N, C), dtype=np.uint8)
     total = N * C
     if total:
         threads = 256
-        _function("dm_encode")(((total + threads - 1) // threads,), (threads,),
-                               (A, dims, thresholds, codes, np.int64(N), np.int32(D), np.int32(C)))
+        _function("dm_encode", depth)(((total + threads - 1) // threads,), (threads,),
+                                      (A, dims, thresholds, codes, np.int64(N), np.int32(D),
+                                       np.int32(C)))
     return codes
 
 
 def lookup(codes, lut):
-    """(N, C) uint8, (C, 16, M) float32 -> (N, M) float32, summed in codebook order."""
+    """(N, C) uint8, (C, K, M) float32 -> (N, M) float32, summed in codebook order
+    (K = 2**d, 1 <= d <= 8; codes taken mod K)."""
     cp = _cp()
     codes, lut = _c(codes, np.uint8), _c(lut, np.float32)
     N, C = codes.shape
-    M = lut.shape[2]
+    K, M = lut.shape[1], lut.shape[2]
+    depth = _leaf_depth(K, f"lut {tuple(lut.shape)}")
     Y = cp.empty((N, M), dtype=np.float32)
     if N == 0 or M == 0:
         return Y
@@ -239,7 +378,8 @@ def lookup(codes, lut):
     threads = 128 if width >= 128 else 32 * ((width + 31) // 32)
     grid = ((width + threads - 1) // threads, min(N, 65535))
     name = "dm_lookup4" if vec else "dm_lookup"
-    _function(name)(grid, (threads,), (codes, lut, Y, np.int64(N), np.int32(C), np.int32(width)))
+    _function(name, depth)(grid, (threads,), (codes, lut, Y, np.int64(N), np.int32(C),
+                                              np.int32(width)))
     return Y
 
 
@@ -250,55 +390,97 @@ def dm_forward(A, dims, thresholds, lut):
 
 
 def lut_grad(codes, grad_Y, nbuckets=16):
-    """(N, C) uint8, (N, M) float32 -> (C, 16, M) float32 scatter-add of grad rows.
+    """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows, K =
+    ``nbuckets`` = 2**d (1 <= d <= 8).
 
-    Computed as one cuBLAS product ``onehot(codes)^T @ grad_Y``: the same sums (each
-    picked entry receives exactly the rows that picked it, times 1.0) in cuBLAS's
-    order. Measured on an H100 at N=8192, C=32, M=512, a shared-memory scatter
-    kernel took 0.31 ms (few resident blocks, a read-modify-write chain per row);
-    the product is a 4.3 GFLOP fp32 GEMM.
+    Computed as one cuBLAS product ``onehot(codes)^T @ grad_Y`` (onehot (N, C*K)): the
+    same sums (each picked entry receives exactly the rows that picked it, times 1.0) in
+    cuBLAS's order. Measured on an H100 at N=8192, C=32, M=512, K=16, a shared-memory
+    scatter kernel took 0.31 ms (few resident blocks, a read-modify-write chain per row);
+    the product is a 4.3 GFLOP fp32 GEMM. Its cost grows with K like that of the leaf
+    gradients ``grad_Y @ LUT_flat^T`` the backward computes anyway.
     """
     cp = _cp()
-    if nbuckets != 16:
-        raise ValueError(f"the DM kernels use 16 buckets, got nbuckets={nbuckets}")
+    depth = _leaf_depth(nbuckets, "nbuckets")
+    K = 2 ** depth
     codes, grad_Y = _c(codes, np.uint8), _c(grad_Y, np.float32)
     N, C = codes.shape
     M = grad_Y.shape[1]
-    onehot = cp.zeros((N, C * 16), dtype=np.float32)
+    onehot = cp.zeros((N, C * K), dtype=np.float32)
     if N and C:
         threads = 256
         total = N * C
-        _function("dm_onehot")(((total + threads - 1) // threads,), (threads,),
-                               (codes, onehot, np.int64(N), np.int32(C)))
-    return (onehot.T @ grad_Y).reshape(C, 16, M)
+        _function("dm_onehot", depth)(((total + threads - 1) // threads,), (threads,),
+                                      (codes, onehot, np.int64(N), np.int32(C)))
+    return (onehot.T @ grad_Y).reshape(C, K, M)
+
+
+def _node_backward(A, dims, thresholds, inv_tau, G, grad_A, inv_temp, need_a, depth):
+    """Launch the node backward for trees of ``depth``; returns the per-block threshold
+    gradient partials (P, C, K-1) float32 (summed by the caller: deterministic)."""
+    cp = _cp()
+    N, D = A.shape
+    C, NN = dims.shape
+    args = (A, dims, thresholds, inv_tau, G, grad_A)
+    tail = (np.int64(N), np.int32(D), np.int32(C), np.float32(inv_temp))
+    if depth <= _REGISTER_DEPTH:
+        rows_per_thread = 1
+        gx = (N + _NB_ROWS * rows_per_thread - 1) // (_NB_ROWS * rows_per_thread)
+        gy = (C + 31) // 32
+        part = cp.empty((max(gx, 1), C, NN), dtype=np.float32)
+        if N:
+            _function("dm_node_backward", depth)(
+                (gx, gy), (32, _NB_ROWS),
+                (*args, part, *tail, np.int32(rows_per_thread), np.int32(bool(need_a))))
+        else:
+            part[...] = 0
+        return part
+    # a warp per (row, codebook): blocks of NW warps on one codebook; enough row chunks
+    # for about 16 blocks per multiprocessor, at least one row per warp
+    if C > 65535:
+        raise ValueError(f"the DM backward kernel takes at most 65535 codebooks, got C={C}")
+    sms = device_info(cp.cuda.Device().id)["sms"]
+    chunks = max(1, min(-(-N // _NW), -(-sms * 16 // max(C, 1))))
+    rows = -(-N // chunks)
+    gx = -(-N // rows) if N else 1
+    part = cp.empty((gx, C, NN), dtype=np.float32)
+    if N and C:
+        _function("dm_node_backward_warp", depth)(
+            (gx, C), (32 * _NW,),
+            (*args, part, *tail, np.int32(rows), np.int32(bool(need_a))))
+    else:
+        part[...] = 0
+    return part
 
 
 def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
                 need_a=True, need_t=True, need_lut=True):
-    """Surrogate gradients (grad_A, grad_t, grad_lut); see :func:`.dm_reference.dm_backward`."""
+    """Surrogate gradients (grad_A, grad_t, grad_lut); see :func:`.dm_reference.dm_backward`.
+
+    Shapes: A (N, D); dims (C, K-1) int32; thresholds, inv_tau (C, K-1) float32; lut
+    (C, K, M); codes (N, C) uint8; grad_Y (N, M) -> grad_A (N, D), grad_t (C, K-1),
+    grad_lut (C, K, M), float32 (or None where not needed), K = 2**d, 1 <= d <= 8. Trees
+    of up to 16 leaves keep each (row, codebook) in a thread's registers; deeper trees
+    take a warp per (row, codebook) with O(K) top-down / bottom-up passes.
+    """
     cp = _cp()
     A = _c(A, np.float32)
     dims, thresholds, inv_tau = _c(dims, np.int32), _c(thresholds, np.float32), _c(inv_tau, np.float32)
     lut, grad_Y = _c(lut, np.float32), _c(grad_Y, np.float32)
+    depth = _tree_depth(dims)
     N, D = A.shape
     C, K, M = lut.shape
-    grad_lut = lut_grad(codes, grad_Y) if need_lut else None
+    if K != 2 ** depth or C != dims.shape[0]:
+        raise ValueError(f"lut {tuple(lut.shape)} must have shape (C={dims.shape[0]}, "
+                         f"K={2 ** depth}, M) for trees with dims {tuple(dims.shape)}")
+    grad_lut = lut_grad(codes, grad_Y, K) if need_lut else None
     grad_A = grad_t = None
     if need_a or need_t:
-        # leaf gradients: one cuBLAS product, (N, M) @ (M, C*16)
+        # leaf gradients: one cuBLAS product, (N, M) @ (M, C*K)
         G = cp.ascontiguousarray(grad_Y @ lut.reshape(C * K, M).T)
         grad_A = cp.zeros((N, D), dtype=np.float32) if need_a else cp.empty((1, 1), np.float32)
-        rows_per_thread = 1
-        gx = (N + _NB_ROWS * rows_per_thread - 1) // (_NB_ROWS * rows_per_thread)
-        gy = (C + 31) // 32
-        part = cp.empty((max(gx, 1), C, 15), dtype=np.float32)
-        if N:
-            _function("dm_node_backward")(
-                (gx, gy), (32, _NB_ROWS),
-                (A, dims, thresholds, inv_tau, G, grad_A, part, np.int64(N), np.int32(D),
-                 np.int32(C), np.float32(inv_temp), np.int32(rows_per_thread), np.int32(bool(need_a))))
-        else:
-            part[...] = 0
+        part = _node_backward(A, dims, thresholds, inv_tau, G, grad_A, inv_temp, need_a,
+                              depth)
         grad_t = part.sum(axis=0) if need_t else None
         if not need_a:
             grad_A = None
