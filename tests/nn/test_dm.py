@@ -329,3 +329,181 @@ def test_gpu_kernels_match_oracle(rng, N, D, C, M):
     for g, r in zip(got, ref):
         r = _h(r)
         np.testing.assert_allclose(_h(g), r, rtol=1e-4, atol=1e-5 * (np.abs(r).max() + 1))
+
+
+# ------------------------------------------------------------------ trees of any depth 1..8
+DEPTHS = [1, 2, 3, 4, 5, 8]
+
+
+def _path_matrix_depth(depth):
+    """P (2**d, 2**d - 1) from its definition: walk every leaf's path from the root."""
+    K = 2 ** depth
+    P = np.zeros((K, K - 1))
+    for leaf in range(K):
+        node = 0
+        for level in range(depth):
+            b = (leaf >> (depth - 1 - level)) & 1
+            P[leaf, node] = 1 if b else -1
+            node = 2 * node + 1 + b
+    return P
+
+
+def _problem_depth(rng, N, D, C, M, depth):
+    """Random DM inputs for depth-``depth`` trees (columns may repeat across nodes)."""
+    nnodes = 2 ** depth - 1
+    A = rng.standard_normal((N, D)).astype(np.float32)
+    dims = rng.integers(0, D, size=(C, nnodes)).astype(np.int32)
+    thr = (0.5 * rng.standard_normal((C, nnodes))).astype(np.float32)
+    lut = rng.standard_normal((C, 2 ** depth, M)).astype(np.float32)
+    inv_tau = rng.uniform(0.5, 3.0, size=(C, nnodes)).astype(np.float32)
+    gY = rng.standard_normal((N, M)).astype(np.float32)
+    return A, dims, thr, lut, inv_tau, gY
+
+
+def _slow_backward_depth(A, dims, thr, lut, inv_tau, gY, inv_temp, depth):
+    """The surrogate gradients the obvious way (dense P, full softmax Jacobian), float64."""
+    A, thr, lut, inv_tau, gY = (np.asarray(a, np.float64) for a in (A, thr, lut, inv_tau, gY))
+    N, D = A.shape
+    C, K, M = lut.shape
+    P = _path_matrix_depth(depth)
+    gA, gt, glut = np.zeros((N, D)), np.zeros((C, K - 1)), np.zeros((C, K, M))
+    codes = np.zeros((N, C), dtype=np.int64)
+    for n in range(N):
+        for c in range(C):
+            x = A[n, dims[c]]
+            s = np.where(x > thr[c], 1.0, -1.0)
+            b = P @ s
+            leaf = int(np.argmax(b))                    # the reached leaf scores d
+            assert b[leaf] == depth and (b == depth).sum() == 1
+            codes[n, c] = leaf
+            glut[c, leaf] += gY[n]
+            e = np.exp((b - depth) * inv_temp)
+            p = e / e.sum()
+            G = lut[c] @ gY[n]
+            J = (np.diag(p) - np.outer(p, p)) * inv_temp
+            gs = P.T @ (J @ G)
+            z = (x - thr[c]) * inv_tau[c]
+            gx = gs * (1 - np.tanh(z) ** 2) * inv_tau[c]
+            np.add.at(gA[n], dims[c], gx)
+            gt[c] -= gx
+    return codes, gA, gt, glut
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("N,D,C,M", [(1, 3, 1, 1), (9, 13, 3, 5), (40, 30, 2, 17)])
+def test_any_depth_backward_matches_slow_reference(xp, rng, depth, N, D, C, M):
+    A, dims, thr, lut, inv_tau, gY = _problem_depth(rng, N, D, C, M, depth)
+    inv_temp = float(rng.uniform(0.3, 2.0))
+    rc, rA, rt, rl = _slow_backward_depth(A, dims, thr, lut, inv_tau, gY, inv_temp, depth)
+    a = [xp.asarray(x) for x in (A, dims, thr, inv_tau, lut, gY)]
+    codes, Y = kernels.dm_forward(a[0], a[1], a[2], a[4])
+    np.testing.assert_array_equal(_h(codes), rc)
+    rcodes, rY = dm_reference.dm_forward(a[0], a[1], a[2], a[4])
+    np.testing.assert_array_equal(_h(rcodes), rc)
+    np.testing.assert_allclose(_h(Y), _h(rY), rtol=1e-5, atol=1e-5 * C)
+    tol = lambda r: dict(rtol=1e-4, atol=1e-5 * (np.abs(r).max() + 1))   # noqa: E731
+    for impl in (kernels, dm_reference):
+        got = impl.dm_backward(a[0], a[1], a[2], a[3], a[4], codes, a[5], inv_temp)
+        for g, r, shape in zip(got, (rA, rt, rl), ((N, D), (C, 2 ** depth - 1), lut.shape)):
+            g = _h(g)
+            assert g.dtype == np.float32 and g.shape == shape
+            np.testing.assert_allclose(g, r, **tol(r))
+    # only the thresholds' gradient: the same numbers
+    _, gt, gl = kernels.dm_backward(a[0], a[1], a[2], a[3], a[4], codes, a[5], inv_temp,
+                                    need_a=False, need_lut=False)
+    assert gl is None
+    np.testing.assert_allclose(_h(gt), rt, **tol(rt))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6])
+def test_recursive_scores_and_node_sums_equal_the_path_matrix(xp, rng, depth):
+    K = 2 ** depth
+    P = _path_matrix_depth(depth)
+    np.testing.assert_array_equal(_h(dm_reference.path_matrix(depth, xp)), P)
+    assert _h(dm_reference.path_matrix(depth, xp)).dtype == np.float32
+    # hard signs and arbitrary values, with leading batch axes
+    s = np.where(rng.random((7, 3, K - 1)) < 0.5, -1.0, 1.0).astype(np.float32)
+    b = _h(dm_reference.leaf_scores(xp.asarray(s)))
+    np.testing.assert_array_equal(b, s @ P.T)                  # small integers: exact
+    assert (b.max(axis=-1) == depth).all()
+    v = rng.standard_normal((5, K - 1)).astype(np.float32)
+    np.testing.assert_allclose(_h(dm_reference.leaf_scores(xp.asarray(v))), v @ P.T,
+                               rtol=1e-5, atol=1e-5)
+    gb = rng.standard_normal((7, 3, K)).astype(np.float32)
+    gs = _h(dm_reference.node_sums(xp.asarray(gb)))
+    assert gs.shape == (7, 3, K - 1)
+    np.testing.assert_allclose(gs, gb.astype(np.float64) @ P, rtol=1e-5, atol=1e-5)
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="depth"):
+            dm_reference.path_matrix(bad)
+    with pytest.raises(ValueError, match="nodes"):
+        dm_reference.leaf_scores(xp.zeros((2, K), dtype=np.float32))
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 5])
+def test_any_depth_surrogate_finite_differences(rng, depth):
+    N, D, C, M = 4, 9, 2, 3
+    A, dims, thr, lut, inv_tau, gY = _problem_depth(rng, N, D, C, M, depth)
+    inv_temp = 0.7
+    codes, _ = kernels.dm_forward(A, dims, thr, lut)
+    gA, gt, _ = kernels.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, inv_temp)
+    A64, t64 = A.astype(np.float64), thr.astype(np.float64)
+    P = _path_matrix_depth(depth)
+
+    def f(a, t):   # <G, J(b0) (P tanh((x - t) inv_tau))>, b0 the hard scores at (A, thr)
+        total = 0.0
+        for n in range(N):
+            for c in range(C):
+                b = P @ np.where(A64[n, dims[c]] > t64[c], 1.0, -1.0)
+                p = np.exp((b - depth) * inv_temp)
+                p /= p.sum()
+                J = (np.diag(p) - np.outer(p, p)) * inv_temp
+                soft = P @ np.tanh((a[n, dims[c]] - t[c]) * inv_tau[c])
+                total += (lut[c] @ gY[n]) @ (J @ soft)
+        return total
+
+    eps = 1e-6
+    assert np.abs(A64[:, dims] - t64[None]).min() > 10 * eps
+    for n in range(N):
+        for d in range(D):
+            e = np.zeros_like(A64)
+            e[n, d] = eps
+            fd = (f(A64 + e, t64) - f(A64 - e, t64)) / (2 * eps)
+            assert abs(fd - gA[n, d]) <= 1e-3 * max(1.0, abs(fd)), (n, d, fd, gA[n, d])
+    for c in range(C):
+        for j in range(2 ** depth - 1):
+            e = np.zeros_like(t64)
+            e[c, j] = eps
+            fd = (f(A64, t64 + e) - f(A64, t64 - e)) / (2 * eps)
+            assert abs(fd - gt[c, j]) <= 1e-3 * max(1.0, abs(fd)), (c, j, fd, gt[c, j])
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_any_depth_lut_gradient_is_exact(xp, rng, depth):
+    # the forward is linear in the LUT: <gY, Y(lut + E)> - <gY, Y(lut)> = <grad, E>
+    A, dims, thr, lut, inv_tau, gY = (xp.asarray(a) for a in
+                                      _problem_depth(rng, 60, 12, 3, 6, depth))
+    codes, Y = kernels.dm_forward(A, dims, thr, lut)
+    _, _, gl = kernels.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 1.0)
+    assert gl.shape == (3, 2 ** depth, 6)
+    E = xp.asarray(rng.standard_normal(lut.shape).astype(np.float32))
+    _, Y2 = kernels.dm_forward(A, dims, thr, lut + E)
+    lhs = float((_h(gY).astype(np.float64) * (_h(Y2).astype(np.float64) - _h(Y))).sum())
+    np.testing.assert_allclose(lhs, float((_h(gl).astype(np.float64) * _h(E)).sum()),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_any_depth_bad_shapes_are_refused(xp, rng):
+    A, dims, thr, lut, inv_tau, gY = (xp.asarray(a) for a in _problem_depth(rng, 5, 8, 2, 3, 3))
+    codes, _ = kernels.dm_forward(A, dims, thr, lut)
+    for impl in (kernels, dm_reference):
+        with pytest.raises(ValueError, match=r"\(2, 6\)"):          # width 6: no depth
+            impl.dm_forward(A, dims[:, :6], thr[:, :6], lut)
+        with pytest.raises(ValueError, match="lut"):                 # K = 16 for depth 3
+            impl.dm_forward(A, dims, thr, xp.zeros((2, 16, 3), dtype=np.float32))
+        with pytest.raises(ValueError, match="lut"):
+            impl.dm_backward(A, dims, thr, inv_tau, xp.zeros((2, 16, 3), dtype=np.float32),
+                             codes, gY, 1.0)
+        with pytest.raises(ValueError, match=r"\(2, 15\)|lut|inv_tau"):
+            impl.dm_backward(A, xp.zeros((2, 15), dtype=np.int32), xp.zeros((2, 15), np.float32),
+                             inv_tau, lut, codes, gY, 1.0)

@@ -9,6 +9,10 @@ This module is the only place that picks an implementation by array library:
 
 Ops (shapes and semantics in :mod:`.reference`):
 ``encode_tree``, ``encode_pq``, ``lookup``, ``lookup_q``, ``lookup_backward``.
+
+Trees have any depth d in 1..8, read from the width of ``dims``: (C, K-1) with
+K = 2**d leaves (:func:`.reference.tree_depth`; another width raises ValueError);
+LUTs are (C, K, M) with K read from ``lut.shape[1]``.
 """
 from __future__ import annotations
 
@@ -58,9 +62,10 @@ def _checked(op, A):
 
 
 def encode_tree(A, dims, thresholds):
-    """(N, D) float32, (C, 15) int32, (C, 15) float32 -> (N, C) uint8 codes.
+    """(N, D) float32, (C, K-1) int32, (C, K-1) float32 -> (N, C) uint8 codes (0..K-1).
 
-    Raises ValueError if A holds NaN or Inf."""
+    K = 2**d with the depth d in 1..8 read from dims' width. Raises ValueError if A
+    holds NaN or Inf, or if dims' width is not 2**d - 1."""
     return _checked("encode_tree", A)(A, dims, thresholds)
 
 
@@ -74,24 +79,26 @@ def encode_pq(A, centroids, starts):
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
     """MADDNESS apply in one op: ``lookup_q(encode_tree(A, dims, thresholds), ...)``.
 
-    (N, D) float32 (float16 on the GPU), (C, 15) int32, (C, 15) float32, (C, 16, M) uint8,
-    (M,), (M,) -> (N, M) ``out_dtype`` (float32 or float16). On CuPy one fused kernel
+    (N, D) float32 (float16 on the GPU), (C, K-1) int32, (C, K-1) float32, (C, K, M) uint8,
+    (M,), (M,) -> (N, M) ``out_dtype`` (float32 or float16), K = 2**d. On CuPy one fused kernel
     (codes stay in shared memory). Raises ValueError if A holds NaN or Inf."""
     return _checked("encode_lookup_q", A)(A, dims, thresholds, lut_q, scale, bias, out_dtype)
 
 
 def lookup(codes, lut):
-    """(N, C) uint8, (C, K, M) float32 -> (N, M) float32 sums of LUT rows."""
+    """(N, C) uint8, (C, K, M) float32 (K in 1..256) -> (N, M) float32 sums of LUT rows."""
     return implementation("lookup", codes)(codes, lut)
 
 
 def lookup_q(codes, lut_q, scale, bias):
-    """(N, C) uint8, (C, K, M) uint8, (M,), (M,) -> (N, M) float32, exact integer sums."""
+    """(N, C) uint8, (C, K, M) uint8 (K in 1..256), (M,), (M,) -> (N, M) float32, exact
+    integer sums."""
     return implementation("lookup_q", codes)(codes, lut_q, scale, bias)
 
 
 def lookup_backward(codes, grad_Y, nbuckets=16):
-    """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows."""
+    """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows,
+    K = ``nbuckets`` in 1..256 (codes >= K add nothing)."""
     return implementation("lookup_backward", codes)(codes, grad_Y, nbuckets)
 
 
@@ -116,14 +123,16 @@ def _dm_gpu():
 def dm_forward(A, dims, thresholds, lut):
     """Hard DM forward: the trees' codes and the LUT sum (bitwise encode_tree + lookup).
 
-    (N, D) float32, (C, 15) int32, (C, 15) float32, (C, 16, M) float32 ->
-    (codes (N, C) uint8, Y (N, M) float32). The NumPy path raises ValueError on
-    NaN/Inf in A (the encoder's fused check); the GPU path does not check.
+    (N, D) float32, (C, K-1) int32, (C, K-1) float32, (C, K, M) float32 ->
+    (codes (N, C) uint8, Y (N, M) float32), K = 2**d for a tree depth d in 1..8. The
+    NumPy path raises ValueError on NaN/Inf in A (the encoder's fused check); the GPU
+    path does not check.
     """
     from . import dm_reference
     if backend.is_cupy(A):
         mod = _dm_gpu()
         return (mod or dm_reference).dm_forward(A, dims, thresholds, lut)
+    dm_reference.check_dm(dims, thresholds, lut)
     codes = encode_tree(A, dims, thresholds)
     return codes, lookup(codes, lut)
 
@@ -134,14 +143,15 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
 
     Parameters
     ----------
-    A : (N, D) float32; dims : (C, 15) int32; thresholds, inv_tau : (C, 15) float32
-    lut : (C, 16, M) float32; codes : (N, C) uint8 (the forward's); grad_Y : (N, M) float32
+    A : (N, D) float32; dims : (C, K-1) int32; thresholds, inv_tau : (C, K-1) float32
+    lut : (C, K, M) float32; codes : (N, C) uint8 (the forward's); grad_Y : (N, M) float32
+    (K = 2**d leaves, d in 1..8 read from dims' width)
     inv_temp : float, 1 / softmax temperature
     need_a, need_t, need_lut : which gradients to compute
 
     Returns
     -------
-    (grad_A (N, D) | None, grad_t (C, 15) | None, grad_lut (C, 16, M) | None), float32
+    (grad_A (N, D) | None, grad_t (C, K-1) | None, grad_lut (C, K, M) | None), float32
     """
     from . import dm_reference
     if backend.is_cupy(A):
@@ -149,7 +159,8 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
         return mod.dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
                                need_a, need_t, need_lut)
     from . import dm_cpu
-    grad_lut = lookup_backward(codes, grad_Y) if need_lut else None
+    dm_reference.check_dm(dims, thresholds, lut, inv_tau)
+    grad_lut = lookup_backward(codes, grad_Y, lut.shape[1]) if need_lut else None
     grad_A = grad_t = None
     if need_a or need_t:
         G = dm_reference.leaf_gradients(grad_Y, lut)          # one BLAS product

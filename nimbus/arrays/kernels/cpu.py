@@ -8,9 +8,10 @@ Thread mapping: every kernel runs ``prange`` over blocks of rows (the backward
 over codebooks), so threads never write the same output element.
 
 Launchers make every argument contiguous with its exact dtype before the call;
-the semantics are those of :mod:`.reference`. The encoders check A for NaN/Inf
-in the same pass over memory (``FUSED_FINITE_CHECK``), so the apply path reads
-A once.
+the semantics are those of :mod:`.reference`, for trees of any depth 1..8 (read
+from ``dims.shape[1]``) and LUTs of any K in 1..256 (read from ``lut.shape[1]``).
+The encoders check A for NaN/Inf in the same pass over memory
+(``FUSED_FINITE_CHECK``), so the apply path reads A once.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from .reference import NNODES, DEPTH
+from .reference import check_nbuckets, check_tree, lut_buckets
 
 _ROWS_PER_BLOCK = 64   # rows per parallel task: amortises allocations, keeps rows in L2
 FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})
@@ -38,11 +39,31 @@ def _block_nonfinite(bits, n0, n1):
     return m == _EXP_MASK
 
 
+# The tree depth is a run-time value (the width of dims), so one compiled kernel serves
+# every depth 1..8. With a run-time trip count LLVM cannot unroll the descent, which
+# cost 20% at the default depth 4; so each kernel calls its inlined row loop twice,
+# once with the literal 4 (unrolled like the old fixed-depth kernels) and once with the
+# run-time depth.
+
+@njit(inline="always")
+def _rows_level(A, ldims, thr, out, c, n0, n1, nnodes, depth):
+    # one column per level: the loads of A do not depend on the comparisons, only the
+    # threshold loads do
+    d0 = ldims[c, 0]
+    t0 = thr[c, 0]
+    for n in range(n0, n1):
+        node = 1 + (A[n, d0] > t0)
+        for level in range(1, depth):
+            node = 2 * node + 1 + (A[n, ldims[c, level]] > thr[c, node])
+        out[n, c] = node - nnodes
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _encode_tree_level(A, bits, ldims, thr, out, bad):
-    # one column per tree level: the four values are independent loads
+    # ldims (C, depth) int32: the column of each level; thr (C, 2**depth - 1)
     N = A.shape[0]
-    C = ldims.shape[0]
+    C, depth = ldims.shape
+    nnodes = thr.shape[1]
     nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
     for b in prange(nblocks):
         n0 = b * _ROWS_PER_BLOCK
@@ -50,21 +71,28 @@ def _encode_tree_level(A, bits, ldims, thr, out, bad):
         if _block_nonfinite(bits, n0, n1):
             bad[b] = True
         for c in range(C):
-            d0, d1, d2, d3 = ldims[c, 0], ldims[c, 1], ldims[c, 2], ldims[c, 3]
-            t0 = thr[c, 0]
-            for n in range(n0, n1):
-                node = 1 + (A[n, d0] > t0)
-                node = 2 * node + 1 + (A[n, d1] > thr[c, node])
-                node = 2 * node + 1 + (A[n, d2] > thr[c, node])
-                node = 2 * node + 1 + (A[n, d3] > thr[c, node])
-                out[n, c] = node - NNODES
+            if depth == 4:
+                _rows_level(A, ldims, thr, out, c, n0, n1, nnodes, 4)
+            else:
+                _rows_level(A, ldims, thr, out, c, n0, n1, nnodes, depth)
+
+
+@njit(inline="always")
+def _rows_node(A, dims, thr, out, c, n0, n1, nnodes, depth):
+    # a column per node: each load depends on the previous comparison
+    for n in range(n0, n1):
+        node = 0
+        for _ in range(depth):
+            node = 2 * node + 1 + (A[n, dims[c, node]] > thr[c, node])
+        out[n, c] = node - nnodes
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _encode_tree_node(A, bits, dims, thr, out, bad):
-    # a column per node: each load depends on the previous comparison
+    # dims, thr (C, 2**depth - 1)
     N = A.shape[0]
-    C = dims.shape[0]
+    C, nnodes = dims.shape
+    depth = _depth_of(nnodes)
     nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
     for b in prange(nblocks):
         n0 = b * _ROWS_PER_BLOCK
@@ -72,11 +100,19 @@ def _encode_tree_node(A, bits, dims, thr, out, bad):
         if _block_nonfinite(bits, n0, n1):
             bad[b] = True
         for c in range(C):
-            for n in range(n0, n1):
-                node = 0
-                for _ in range(DEPTH):
-                    node = 2 * node + 1 + (A[n, dims[c, node]] > thr[c, node])
-                out[n, c] = node - NNODES
+            if depth == 4:
+                _rows_node(A, dims, thr, out, c, n0, n1, nnodes, 4)
+            else:
+                _rows_node(A, dims, thr, out, c, n0, n1, nnodes, depth)
+
+
+@njit(inline="always")
+def _depth_of(nnodes):
+    # nnodes = 2**depth - 1, validated by the launcher
+    depth = 0
+    while (1 << depth) - 1 < nnodes:
+        depth += 1
+    return depth
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -111,8 +147,21 @@ def _encode_pq_row(A, cent, starts, out, n, C, K):
         out[n, c] = best_k
 
 
+@njit(inline="always")
+def _bucket(code, kmask, kmax):
+    # a code >= K must not read past the LUT: with K a power of two it is taken mod K
+    # (kmask = K - 1, as the GPU kernels do), otherwise clamped to K - 1 (kmask = 255)
+    return min(code & kmask, kmax)
+
+
+def _bucket_args(K):
+    """(kmask, kmax) for :func:`_bucket` with K buckets."""
+    pow2 = K & (K - 1) == 0
+    return np.int64(K - 1 if pow2 else 255), np.int64(K - 1)
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def _lookup(codes, lut, out):
+def _lookup(codes, lut, out, kmask, kmax):
     N, C = codes.shape
     M = lut.shape[2]
     nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
@@ -121,7 +170,7 @@ def _lookup(codes, lut, out):
         for n in range(b * _ROWS_PER_BLOCK, min(N, (b + 1) * _ROWS_PER_BLOCK)):
             acc[:] = 0.0
             for c in range(C):
-                row = lut[c, codes[n, c]]
+                row = lut[c, _bucket(codes[n, c], kmask, kmax)]
                 for m in range(M):
                     acc[m] += row[m]
             for m in range(M):
@@ -135,7 +184,7 @@ def _make_lookup_q(acc_dtype):
     feeds two accumulators (measured 1.4x over one row at a time)."""
 
     @njit(parallel=True, cache=True, nogil=True)
-    def kernel(codes, lut_q, scale, bias, out):
+    def kernel(codes, lut_q, scale, bias, out, kmask, kmax):
         N, C = codes.shape
         M = lut_q.shape[2]
         nblocks = (N + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK
@@ -149,8 +198,8 @@ def _make_lookup_q(acc_dtype):
                 acc0[:] = 0
                 acc1[:] = 0
                 for c in range(C):
-                    r0 = lut_q[c, codes[n, c]]
-                    r1 = lut_q[c, codes[m_, c]]
+                    r0 = lut_q[c, _bucket(codes[n, c], kmask, kmax)]
+                    r1 = lut_q[c, _bucket(codes[m_, c], kmask, kmax)]
                     for m in range(M):
                         acc0[m] += r0[m]
                         acc1[m] += r1[m]
@@ -171,11 +220,13 @@ _lookup_q32 = _make_lookup_q(np.int32)
 def _lookup_backward(codes, g, out):
     N, C = codes.shape
     M = g.shape[1]
+    K = out.shape[1]
     for c in prange(C):
         for n in range(N):
             k = codes[n, c]
-            for m in range(M):
-                out[c, k, m] += g[n, m]
+            if k < K:       # codes >= K add nothing (as in the reference), never out of bounds
+                for m in range(M):
+                    out[c, k, m] += g[n, m]
 
 
 def _c(x, dtype):
@@ -190,22 +241,43 @@ def _raise_nonfinite(A, bad):
                      f"{A[n, j]}")
 
 
-def _level_dims(dims):
-    """(C, 4) columns if every level of every tree tests one column, else None."""
-    lv = [dims[:, 2 ** l - 1:2 ** (l + 1) - 1] for l in range(DEPTH)]
+def _level_dims(dims, depth):
+    """(C, depth) int32 columns if every level of every tree tests one column, else None.
+
+    dims : (C, 2**depth - 1) int32"""
+    lv = [dims[:, 2 ** l - 1:2 ** (l + 1) - 1] for l in range(depth)]
     if all((x == x[:, :1]).all() for x in lv):
         return np.ascontiguousarray(np.stack([x[:, 0] for x in lv], axis=1), dtype=np.int32)
     return None
 
 
+def _check_columns(dims, D):
+    # Numba does not check bounds: a column outside A would read foreign memory
+    if dims.size and (int(dims.min()) < 0 or int(dims.max()) >= D):
+        raise ValueError(f"dims must name columns of A in 0..{D - 1}; got values in "
+                         f"{int(dims.min())}..{int(dims.max())}")
+
+
+def _check_codebooks(codes, lut):
+    if codes.ndim != 2 or codes.shape[1] != lut.shape[0]:
+        raise ValueError(f"codes of shape {codes.shape} do not fit a LUT of shape {lut.shape}: "
+                         f"need (N, {lut.shape[0]})")
+
+
 def encode_tree(A, dims, thresholds):
-    """Numba tree encode; raises ValueError if A holds NaN/Inf (checked in the same pass)."""
+    """Numba tree encode, any depth d in 1..8 (from ``dims.shape[1] == 2**d - 1``).
+
+    A (N, D) float32, dims (C, 2**d - 1) int32, thresholds (C, 2**d - 1) float32 ->
+    codes (N, C) uint8. Raises ValueError if A holds NaN/Inf (checked in the same
+    pass), if dims' width is not 2**d - 1 or if dims names a column outside A."""
     A = _c(A, np.float32)
     dims = _c(dims, np.int32)
     thresholds = _c(thresholds, np.float32)
+    depth = check_tree(dims, thresholds)
+    _check_columns(dims, A.shape[1])
     out = np.empty((A.shape[0], dims.shape[0]), dtype=np.uint8)
     bad = np.zeros((A.shape[0] + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, dtype=np.bool_)
-    ldims = _level_dims(dims)
+    ldims = _level_dims(dims, depth)
     if ldims is not None:
         _encode_tree_level(A, A.view(np.uint32), ldims, thresholds, out, bad)
     else:
@@ -229,35 +301,56 @@ def encode_pq(A, centroids, starts):
 
 
 def lookup(codes, lut):
+    """(N, C) uint8 codes, (C, K, M) float32 LUT (K in 1..256) -> (N, M) float32.
+
+    Codes >= K read bucket ``code mod K`` (K a power of two) or K - 1, never past the LUT."""
     codes = _c(codes, np.uint8)
     lut = _c(lut, np.float32)
+    K = lut_buckets(lut)
+    _check_codebooks(codes, lut)
     out = np.empty((codes.shape[0], lut.shape[2]), dtype=np.float32)
-    _lookup(codes, lut, out)
+    _lookup(codes, lut, out, *_bucket_args(K))
     return out
 
 
 def lookup_q(codes, lut_q, scale, bias):
+    """(N, C) uint8, (C, K, M) uint8 (K in 1..256), (M,), (M,) float32 -> (N, M) float32,
+    exact integer sums; codes >= K are handled as in :func:`lookup`."""
     codes = _c(codes, np.uint8)
     lut_q = _c(lut_q, np.uint8)
     scale = _c(scale, np.float32)
     bias = _c(bias, np.float32)
+    K = lut_buckets(lut_q)
+    _check_codebooks(codes, lut_q)
+    if scale.shape != (lut_q.shape[2],) or bias.shape != (lut_q.shape[2],):
+        raise ValueError(f"scale {scale.shape} and bias {bias.shape} must both have shape "
+                         f"({lut_q.shape[2]},) for a LUT of shape {lut_q.shape}")
     out = np.empty((codes.shape[0], lut_q.shape[2]), dtype=np.float32)
     kernel = _lookup_q16 if lut_q.shape[0] * 255 < 65536 else _lookup_q32
-    kernel(codes, lut_q, scale, bias, out)
+    kernel(codes, lut_q, scale, bias, out, *_bucket_args(K))
     return out
 
 
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
     """encode_tree then lookup_q: on the CPU the (N, C) codes are small next to A, so
-    two kernels cost about what one fused kernel would."""
+    two kernels cost about what one fused kernel would.
+
+    A (N, D) float32, dims (C, K-1) int32, thresholds (C, K-1) float32 with K = 2**d,
+    lut_q (C, K, M) uint8, scale, bias (M,) float32 -> (N, M) ``out_dtype``."""
     Y = lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)
     return Y if Y.dtype == out_dtype else Y.astype(out_dtype)
 
 
 def lookup_backward(codes, grad_Y, nbuckets=16):
+    """(N, C) uint8 codes, (N, M) float32 -> (C, nbuckets, M) float32 scatter-add;
+    nbuckets = K in 1..256, codes >= K add nothing."""
+    K = check_nbuckets(nbuckets)
     codes = _c(codes, np.uint8)
     grad_Y = _c(grad_Y, np.float32)
-    out = np.zeros((codes.shape[1], nbuckets, grad_Y.shape[1]), dtype=np.float32)
+    if codes.ndim != 2 or grad_Y.ndim != 2 or codes.shape[0] != grad_Y.shape[0]:
+        raise ValueError(f"codes {codes.shape} and grad_Y {grad_Y.shape} need shapes "
+                         "(N, C) and (N, M)")
+    out = np.zeros((codes.shape[1], K, grad_Y.shape[1]), dtype=np.float32)
     _lookup_backward(codes, grad_Y, out)
     return out
 

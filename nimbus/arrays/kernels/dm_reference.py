@@ -2,24 +2,31 @@
 
 Runs on NumPy or CuPy with the arrays' own library and is what the CuPy
 RawKernels of :mod:`.dm_cuda` are tested against. It already uses the efficient
-formulation (no O(C^2) matrices, no N x M x C tensor):
+formulation (no O(C^2) matrices, no N x M x C tensor, no dense path matrix):
 
 * forward: the hard trees and the LUT sum, exactly (``encode_tree`` + ``lookup``);
-* backward, per row n and codebook c (trees as in :mod:`.reference`: 15 heap-ordered
-  nodes, go right iff ``x > t``):
+* backward, per row n and codebook c (trees as in :mod:`.reference`: depth d in
+  1..8 read from ``dims.shape[1] == K - 1``, K = 2**d leaves, heap-ordered nodes,
+  go right iff ``x > t``):
 
-  - gather the 15 tested values ``x_j = A[n, dims[c, j]]`` (one gather, (N, C, 15));
+  - gather the K-1 tested values ``x_j = A[n, dims[c, j]]`` (one gather, (N, C, K-1));
   - hard node signs ``s_j = +1 if x_j > t_j else -1``; leaf scores ``b = s @ P^T``
-    with the one shared 16 x 15 path matrix ``P`` (+1 right, -1 left, 0 off path);
-    the reached leaf scores 4, every other leaf less;
-  - leaf gradients ``G = grad_Y @ LUT_flat^T``: ONE matmul, (N, M) @ (M, C*16);
-  - the one-hot's surrogate is ``softmax(b / T)``: ``gb = p * (G - <p, G>) / T``;
-  - node gradients ``gs = gb @ P``; the sign's surrogate derivative is
-    ``tanh'((x - t) / tau) / tau``, so ``gx_j = gs_j * (1 - tanh^2(z_j)) / tau_j``;
+    with the shared K x (K-1) path matrix ``P`` (+1 right, -1 left, 0 off path);
+    the reached leaf scores d, every other leaf less. ``P`` is never built:
+    :func:`leaf_scores` walks the tree top-down (a child adds ``-s`` or ``+s`` of its
+    parent to the parent's score), O(K) per (row, codebook) instead of O(K^2);
+  - leaf gradients ``G = grad_Y @ LUT_flat^T``: ONE matmul, (N, M) @ (M, C*K);
+  - the one-hot's surrogate is ``softmax(b / T)``, computed as
+    ``exp((b - d) / T)`` normalised (max exponent 0);
+    ``gb = p * (G - <p, G>) / T``;
+  - node gradients ``gs = gb @ P``: :func:`node_sums` sums bottom-up,
+    ``gs_j = (sum of gb over the right subtree of j) - (sum over the left subtree)``;
+    the sign's surrogate derivative is ``tanh'((x - t) / tau) / tau``, so
+    ``gx_j = gs_j * (1 - tanh^2(z_j)) / tau_j``;
   - ``grad_t = -sum_n gx`` and ``grad_A`` is the scatter-add of ``gx`` into the
     tested columns;
   - ``grad_LUT`` is the exact scatter-add of ``grad_Y`` rows into the picked
-    entries (``lookup_backward``).
+    entries (``lookup_backward`` with K buckets).
 """
 from __future__ import annotations
 
@@ -27,28 +34,88 @@ import numpy as np
 
 from .. import backend
 from . import reference
+from .reference import tree_depth
 
+# the default depth-4 tree (kept for modules that import them)
 NNODES = 15
 NLEAVES = 16
 DEPTH = 4
 
 
-def path_matrix(xp=np):
-    """The shared path matrix P of a depth-4 tree.
+def path_matrix(depth=DEPTH, xp=np):
+    """The path matrix P of a tree of depth ``depth``, for tests and small depths.
+
+    Parameters
+    ----------
+    depth : int, 1..8
+    xp : array module of the result
 
     Returns
     -------
-    P : (16, 15) float32; ``P[k, j] = +1`` if leaf k's path goes right at node j,
-        ``-1`` if it goes left there, 0 if node j is not on its path.
+    P : (K, K-1) float32 with K = 2**depth; ``P[k, j] = +1`` if leaf k's path goes
+        right at node j, ``-1`` if it goes left there, 0 if node j is not on its path.
     """
-    P = np.zeros((NLEAVES, NNODES), dtype=np.float32)
-    for k in range(NLEAVES):
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) \
+            or not 1 <= depth <= reference.MAX_DEPTH:
+        raise ValueError(f"depth must be an int in 1..{reference.MAX_DEPTH}; got {depth!r}")
+    K = 1 << depth
+    P = np.zeros((K, K - 1), dtype=np.float32)
+    for k in range(K):
         node = 0
-        for level in range(DEPTH):
-            bit = (k >> (DEPTH - 1 - level)) & 1         # most significant bit first
+        for level in range(depth):
+            bit = (k >> (depth - 1 - level)) & 1         # most significant bit first
             P[k, node] = 1.0 if bit else -1.0
             node = 2 * node + 1 + bit
     return xp.asarray(P)
+
+
+def leaf_scores(s):
+    """``b = s @ P^T`` without P: every leaf's score from the node signs, top-down.
+
+    Parameters
+    ----------
+    s : (..., K-1) float32, a value per heap-ordered node (the hard signs +-1, or any)
+
+    Returns
+    -------
+    b : (..., K) float32, ``b[k] = sum over the nodes j on leaf k's path of
+        (+s_j if the path goes right at j else -s_j)``; O(K) work per tree.
+    """
+    xp = backend.namespace(s)
+    depth = reference.depth_of_nodes(s.shape[-1], f"s of shape {tuple(s.shape)}")
+    lead = s.shape[:-1]
+    b = xp.zeros(lead + (1,), dtype=s.dtype)
+    for level in range(depth):
+        lo = (1 << level) - 1
+        sl = s[..., lo:2 * lo + 1]                      # the 2**level nodes of this level
+        # children of level position i sit at 2i (left) and 2i + 1 (right) one level down
+        b = xp.stack([b - sl, b + sl], axis=-1).reshape(lead + (2 << level,))
+    return b
+
+
+def node_sums(gb):
+    """``gs = gb @ P`` without P: per node, right-subtree sum minus left-subtree sum.
+
+    Parameters
+    ----------
+    gb : (..., K) float32, a value per leaf
+
+    Returns
+    -------
+    gs : (..., K-1) float32, ``gs[j] = sum of gb over the leaves under j's right child
+        - sum over the leaves under its left child``; O(K) work per tree (bottom-up).
+    """
+    xp = backend.namespace(gb)
+    K = gb.shape[-1]
+    depth = reference.depth_of_nodes(K - 1, f"gb of shape {tuple(gb.shape)} (K - 1)")
+    lead = gb.shape[:-1]
+    sub = gb                                             # subtree sums, one level at a time
+    levels = []
+    for level in range(depth - 1, -1, -1):
+        pairs = sub.reshape(lead + (1 << level, 2))       # (left child, right child)
+        levels.append(pairs[..., 1] - pairs[..., 0])
+        sub = pairs[..., 0] + pairs[..., 1]
+    return xp.concatenate(levels[::-1], axis=-1)
 
 
 def dm_forward(A, dims, thresholds, lut):
@@ -57,16 +124,39 @@ def dm_forward(A, dims, thresholds, lut):
     Parameters
     ----------
     A : (N, D) float32
-    dims : (C, 15) int32, thresholds : (C, 15) float32
-    lut : (C, 16, M) float32
+    dims : (C, K-1) int32, thresholds : (C, K-1) float32 (K = 2**d, d in 1..8)
+    lut : (C, K, M) float32
 
     Returns
     -------
     codes : (N, C) uint8
     Y : (N, M) float32, ``sum_c lut[c, codes[n, c]]``
     """
+    check_dm(dims, thresholds, lut)
     codes = reference.encode_tree(A, dims, thresholds)
     return codes, reference.lookup(codes, lut)
+
+
+def check_dm(dims, thresholds, lut, inv_tau=None):
+    """Depth d of the trees, after checking that the DM operands agree with it.
+
+    Parameters
+    ----------
+    dims : (C, K-1); thresholds : (C, K-1); lut : (C, K, M); inv_tau : (C, K-1) or None
+
+    Returns
+    -------
+    d : int, 1..8, with K = 2**d; raises ValueError naming the shapes otherwise
+    """
+    d = reference.check_tree(dims, thresholds)
+    K = 1 << d
+    if lut.ndim != 3 or lut.shape[:2] != (dims.shape[0], K):
+        raise ValueError(f"lut has shape {tuple(lut.shape)}; trees with dims of shape "
+                         f"{tuple(dims.shape)} need ({dims.shape[0]}, {K}, M)")
+    if inv_tau is not None and tuple(inv_tau.shape) != tuple(dims.shape):
+        raise ValueError(f"inv_tau has shape {tuple(inv_tau.shape)}; it must match dims' "
+                         f"shape {tuple(dims.shape)}")
+    return d
 
 
 def leaf_gradients(grad_Y, lut):
@@ -74,11 +164,11 @@ def leaf_gradients(grad_Y, lut):
 
     Parameters
     ----------
-    grad_Y : (N, M) float32; lut : (C, 16, M) float32
+    grad_Y : (N, M) float32; lut : (C, K, M) float32
 
     Returns
     -------
-    G : (N, C * 16) float32, ``G[n, c*16 + k] = <grad_Y[n], lut[c, k]>``
+    G : (N, C * K) float32, ``G[n, c*K + k] = <grad_Y[n], lut[c, k]>``
     """
     C, K, M = lut.shape
     return grad_Y @ lut.reshape(C * K, M).T
@@ -89,27 +179,30 @@ def node_gradients(A, dims, thresholds, inv_tau, G, inv_temp):
 
     Parameters
     ----------
-    A : (N, D) float32; dims : (C, 15) int32; thresholds, inv_tau : (C, 15) float32
-    G : (N, C * 16) float32 leaf gradients (see :func:`leaf_gradients`)
+    A : (N, D) float32; dims : (C, K-1) int32; thresholds, inv_tau : (C, K-1) float32
+    G : (N, C * K) float32 leaf gradients (see :func:`leaf_gradients`)
     inv_temp : float, 1 / T
 
     Returns
     -------
-    gx : (N, C, 15) float32
+    gx : (N, C, K-1) float32
     """
     xp = backend.namespace(A)
+    depth = tree_depth(dims)
     N = A.shape[0]
-    C = dims.shape[0]
-    P = path_matrix(xp)
-    X = A[:, dims.reshape(-1).astype(np.int64)].reshape(N, C, NNODES)    # one gather
+    C, nnodes = dims.shape
+    K = nnodes + 1
+    if tuple(G.shape) != (N, C * K):
+        raise ValueError(f"G has shape {tuple(G.shape)}; expected ({N}, {C * K})")
+    X = A[:, dims.reshape(-1).astype(np.int64)].reshape(N, C, nnodes)    # one gather
     diff = X - thresholds[None]
     s = xp.where(diff > 0, np.float32(1), np.float32(-1))
-    b = (s.reshape(N * C, NNODES) @ P.T).reshape(N, C, NLEAVES)        # reached leaf: 4
-    e = xp.exp((b - np.float32(DEPTH)) * np.float32(inv_temp))           # max exponent 0
+    b = leaf_scores(s)                                                    # reached leaf: d
+    e = xp.exp((b - np.float32(depth)) * np.float32(inv_temp))            # max exponent 0
     p = e / e.sum(axis=2, keepdims=True)
-    Gr = G.reshape(N, C, NLEAVES)
+    Gr = G.reshape(N, C, K)
     gb = p * (Gr - (p * Gr).sum(axis=2, keepdims=True)) * np.float32(inv_temp)
-    gs = (gb.reshape(N * C, NLEAVES) @ P).reshape(N, C, NNODES)
+    gs = node_sums(gb)
     th = xp.tanh(diff * inv_tau[None])
     return (gs * (1 - th * th) * inv_tau[None]).astype(np.float32)
 
@@ -119,7 +212,7 @@ def scatter_columns(gx, dims, D):
 
     Parameters
     ----------
-    gx : (N, C, 15) float32; dims : (C, 15) int32; D : int
+    gx : (N, C, K-1) float32; dims : (C, K-1) int32; D : int
 
     Returns
     -------
@@ -140,25 +233,26 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     Parameters
     ----------
     A : (N, D) float32, the forward's input
-    dims : (C, 15) int32; thresholds : (C, 15) float32
-    inv_tau : (C, 15) float32, 1 / tau per node (tau may differ per node)
-    lut : (C, 16, M) float32
+    dims : (C, K-1) int32; thresholds : (C, K-1) float32 (K = 2**d, d in 1..8)
+    inv_tau : (C, K-1) float32, 1 / tau per node (tau may differ per node)
+    lut : (C, K, M) float32
     codes : (N, C) uint8, the forward's codes
     grad_Y : (N, M) float32, upstream gradient
     inv_temp : float, 1 / T (softmax temperature)
     need_a, need_t, need_lut : which gradients to compute
-    lut_grad : optional function ``(codes, grad_Y, nbuckets) -> (C, 16, M)`` for the
+    lut_grad : optional function ``(codes, grad_Y, nbuckets) -> (C, K, M)`` for the
         LUT scatter-add (default: :func:`reference.lookup_backward`)
 
     Returns
     -------
     grad_A : (N, D) float32 or None
-    grad_t : (C, 15) float32 or None
-    grad_lut : (C, 16, M) float32 or None
+    grad_t : (C, K-1) float32 or None
+    grad_lut : (C, K, M) float32 or None
     """
+    check_dm(dims, thresholds, lut, inv_tau)
     grad_lut = None
     if need_lut:
-        grad_lut = (lut_grad or reference.lookup_backward)(codes, grad_Y, NLEAVES)
+        grad_lut = (lut_grad or reference.lookup_backward)(codes, grad_Y, lut.shape[1])
     grad_A = grad_t = None
     if need_a or need_t:
         G = leaf_gradients(grad_Y, lut)

@@ -6,14 +6,18 @@ RawKernels on the GPU. Written for clarity, not speed.
 
 Shared conventions (all kernels):
 
-* A tree has 15 internal nodes in heap order (node ``i`` has children ``2i+1``
-  and ``2i+2``) and 16 leaves; a row goes right at node ``i`` when
-  ``A[n, dims[c, i]] > thresholds[c, i]`` (strictly), so a value equal to a
-  threshold always goes left, in learning and in encoding alike. The code is the
-  leaf index ``node - 15`` (0..15). A per-level tree stores its level's dimension
-  at every node of that level.
-* LUTs have shape (C, K, M); 8-bit LUTs are uint8 with ``Y = isum * scale + bias``,
-  ``isum[n, m] = sum_c lut_q[c, codes[n, c], m]`` summed exactly in integers.
+* A tree of depth ``d`` (1..8) has ``K = 2**d`` leaves and ``K - 1`` internal
+  nodes in heap order (node ``i`` has children ``2i+1`` and ``2i+2``); the depth
+  is inferred from ``dims.shape[1] == K - 1`` (:func:`tree_depth`). A row goes
+  right at node ``i`` when ``A[n, dims[c, i]] > thresholds[c, i]`` (strictly), so
+  a value equal to a threshold always goes left, in learning and in encoding
+  alike, and a ``+inf`` threshold sends every row left. The code is the leaf
+  index ``node - (K - 1)`` (0..K-1), stored as uint8. A per-level tree stores its
+  level's dimension at every node of that level. The default depth is 4
+  (``NLEAVES`` = 16 leaves, ``NNODES`` = 15 nodes).
+* LUTs have shape (C, K, M) with K = ``lut.shape[1]`` in 1..256; 8-bit LUTs are
+  uint8 with ``Y = isum * scale + bias``, ``isum[n, m] = sum_c lut_q[c, codes[n, c], m]``
+  summed exactly in integers.
 """
 from __future__ import annotations
 
@@ -21,27 +25,104 @@ import numpy as np
 
 from .. import backend, validate
 
+# the default depth-4 tree (other modules import these)
 NLEAVES = 16
 NNODES = 15
 DEPTH = 4
+MAX_DEPTH = 8          # codes are uint8: at most 256 leaves
+
+
+def tree_depth(dims):
+    """The depth d of the trees described by ``dims``, checked.
+
+    Parameters
+    ----------
+    dims : (C, 2**d - 1) array (any library, any dtype), one row of node columns per tree
+
+    Returns
+    -------
+    d : int, 1 <= d <= 8
+
+    Raises ValueError, naming the shape, if ``dims`` is not 2-D or its width is not
+    ``2**d - 1`` for a d in 1..8 (1, 3, 7, 15, 31, 63, 127 or 255 nodes).
+    """
+    shape = tuple(int(x) for x in getattr(dims, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"dims must be 2-D (C, 2**depth - 1); got shape {shape}")
+    return depth_of_nodes(shape[1], f"dims of shape {shape}")
+
+
+def depth_of_nodes(nnodes, what="a tree"):
+    """The depth d with ``2**d - 1 == nnodes``, checked to be in 1..8.
+
+    Parameters
+    ----------
+    nnodes : int, internal nodes per tree
+    what : str, names the operand in the error message
+
+    Returns
+    -------
+    d : int, 1 <= d <= 8
+    """
+    nnodes = int(nnodes)
+    d = (nnodes + 1).bit_length() - 1
+    if nnodes < 1 or (1 << d) - 1 != nnodes or d > MAX_DEPTH:
+        raise ValueError(f"{what}: {nnodes} nodes per tree; a tree of depth d in "
+                         f"1..{MAX_DEPTH} has 2**d - 1 nodes (1, 3, 7, ..., 255)")
+    return d
+
+
+def check_tree(dims, thresholds):
+    """:func:`tree_depth` of ``dims``, after checking that ``thresholds`` has its shape.
+
+    Parameters
+    ----------
+    dims : (C, 2**d - 1); thresholds : (C, 2**d - 1)
+
+    Returns
+    -------
+    d : int, 1 <= d <= 8
+    """
+    d = tree_depth(dims)
+    if tuple(thresholds.shape) != tuple(dims.shape):
+        raise ValueError(f"thresholds has shape {tuple(thresholds.shape)}; it must match "
+                         f"dims' shape {tuple(dims.shape)}")
+    return d
+
+
+def lut_buckets(lut):
+    """K = ``lut.shape[1]`` of a (C, K, M) LUT, checked to be in 1..256.
+
+    Returns
+    -------
+    K : int
+    """
+    if lut.ndim != 3 or not 1 <= lut.shape[1] <= 256:
+        raise ValueError(f"a LUT must have shape (C, K, M) with 1 <= K <= 256; "
+                         f"got {tuple(lut.shape)}")
+    return int(lut.shape[1])
 
 
 def encode_tree(A, dims, thresholds):
-    """Codes of the rows of ``A`` under C depth-4 trees.
+    """Codes of the rows of ``A`` under C trees of depth d (K = 2**d leaves).
 
     Parameters
     ----------
     A : (N, D) float32 (float16 accepted)
-    dims : (C, 15) int32, absolute column of A tested at each node
-    thresholds : (C, 15) float32
+    dims : (C, K-1) int32, absolute column of A tested at each node; the width fixes
+        the depth (:func:`tree_depth`)
+    thresholds : (C, K-1) float32
 
     Returns
     -------
-    codes : (N, C) uint8, leaf reached in each tree
+    codes : (N, C) uint8, leaf reached in each tree (0..K-1)
 
-    Raises ValueError if A holds NaN or Inf (every encoder checks).
+    Raises ValueError if A holds NaN or Inf (every encoder checks) or if dims'
+    width is not 2**d - 1 with 1 <= d <= 8.
     """
     xp = backend.namespace(A, dims, thresholds)
+    depth = check_tree(dims, thresholds)
+    nnodes = dims.shape[1]
     validate.finite_or_raise(A, "A")
     N = A.shape[0]
     C = dims.shape[0]
@@ -49,12 +130,12 @@ def encode_tree(A, dims, thresholds):
     rows = xp.arange(N)
     for c in range(C):
         node = xp.zeros(N, dtype=np.int64)
-        for _ in range(DEPTH):
+        for _ in range(depth):
             d = dims[c][node]
             t = thresholds[c][node]
             right = (A[rows, d].astype(np.float32) > t).astype(np.int64)
             node = 2 * node + 1 + right
-        codes[:, c] = (node - NNODES).astype(np.uint8)
+        codes[:, c] = (node - nnodes).astype(np.uint8)
     return codes
 
 
@@ -91,14 +172,15 @@ def lookup(codes, lut):
 
     Parameters
     ----------
-    codes : (N, C) uint8
-    lut : (C, K, M) float32
+    codes : (N, C) uint8, each < K
+    lut : (C, K, M) float32, any K in 1..256
 
     Returns
     -------
     Y : (N, M) float32
     """
     xp = backend.namespace(codes, lut)
+    lut_buckets(lut)
     C = lut.shape[0]
     Y = xp.zeros((codes.shape[0], lut.shape[2]), dtype=np.float32)
     for c in range(C):
@@ -111,8 +193,8 @@ def lookup_q(codes, lut_q, scale, bias):
 
     Parameters
     ----------
-    codes : (N, C) uint8
-    lut_q : (C, K, M) uint8
+    codes : (N, C) uint8, each < K
+    lut_q : (C, K, M) uint8, any K in 1..256
     scale : (M,) float32
     bias : (M,) float32
 
@@ -121,6 +203,7 @@ def lookup_q(codes, lut_q, scale, bias):
     Y : (N, M) float32
     """
     xp = backend.namespace(codes, lut_q)
+    lut_buckets(lut_q)
     C = lut_q.shape[0]
     acc = xp.zeros((codes.shape[0], lut_q.shape[2]), dtype=np.int32)
     for c in range(C):
@@ -135,12 +218,13 @@ def lookup_backward(codes, grad_Y, nbuckets=NLEAVES):
     ----------
     codes : (N, C) uint8
     grad_Y : (N, M) float32
-    nbuckets : int (K)
+    nbuckets : int (K), 1..256; codes >= K contribute nothing
 
     Returns
     -------
     grad_lut : (C, K, M) float32, ``sum over n with codes[n, c] == k of grad_Y[n]``
     """
+    check_nbuckets(nbuckets)
     xp = backend.namespace(codes, grad_Y)
     N, C = codes.shape
     M = grad_Y.shape[1]
@@ -151,14 +235,22 @@ def lookup_backward(codes, grad_Y, nbuckets=NLEAVES):
     return out
 
 
+def check_nbuckets(nbuckets):
+    """``nbuckets`` as an int, checked to be in 1..256 (codes are uint8)."""
+    if isinstance(nbuckets, bool) or not isinstance(nbuckets, (int, np.integer)) \
+            or not 1 <= int(nbuckets) <= 256:
+        raise ValueError(f"nbuckets must be an int in 1..256; got {nbuckets!r}")
+    return int(nbuckets)
+
+
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
     """MADDNESS apply: 8-bit LUT sums of the tree codes of A, cast to ``out_dtype``.
 
     Parameters
     ----------
     A : (N, D) float32 (float16 accepted)
-    dims : (C, 15) int32; thresholds : (C, 15) float32 (as :func:`encode_tree`)
-    lut_q : (C, 16, M) uint8; scale, bias : (M,) float32 (as :func:`lookup_q`)
+    dims : (C, K-1) int32; thresholds : (C, K-1) float32 (as :func:`encode_tree`)
+    lut_q : (C, K, M) uint8; scale, bias : (M,) float32 (as :func:`lookup_q`)
     out_dtype : float32 or float16
 
     Returns
