@@ -41,6 +41,9 @@ def add_parser(subparsers):
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--depth", type=int, default=4,
                    help="tree depth: 2**depth LUT rows per codebook (default 4: 16)")
+    p.add_argument("--lut-form", choices=["free", "factored"], default="free",
+                   help="DM LUT parameters while training: every entry (free) or "
+                        "prototypes x weights (factored)")
     p.add_argument("--batch-size", type=int, default=None, help="default 256 (--quick: 64)")
     p.add_argument("--lr", type=float, default=None, help="DM step, relative (default 1e-2)")
     p.add_argument("--noise", type=float, default=0.3,
@@ -109,6 +112,7 @@ def cmd_convert(args):
         print(f"float training: {epochs} epochs in {train_s:.1f} s")
         kw = {} if args.lr is None else {"lr": args.lr}
         report = convert(model, Xtr, ytr, codebook_dim=args.codebook_dim, depth=args.depth,
+                         lut_form=args.lut_form,
                          epochs_per_layer=epl,
                          finetune_epochs=fte, batch_size=bs, int8=not args.no_int8,
                          fold=not args.no_fold, schedule=args.schedule, noise=args.noise, validation=(Xte, yte),

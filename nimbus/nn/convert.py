@@ -219,7 +219,8 @@ def _describe(layer):
 
 
 # ------------------------------------------------------------------ convert
-def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, init="auto", init_rows=8192,
+def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="free", init="auto",
+            init_rows=8192,
             init_params=None, epochs_per_layer=2, finetune_epochs=1, batch_size=256, lr=1e-2,
             finetune_lr=None, tau=0.3, temperature=1.0, train_bn=True, distill=0.5,
             distill_temperature=1.0, noise=0.3, column_orders=None, int8=True, fold=True,
@@ -237,6 +238,8 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, init="auto
     depth : int in 1..8, depth of every layer's trees: K = 2**depth LUT rows per
         codebook (4: the MADDNESS 16; deeper trees partition each codebook's inputs
         more finely for LUTs 2**(depth-4) times as large, at the same lookup cost)
+    lut_form : "free" or "factored": how DM parametrises each LUT while it trains
+        (see :class:`nimbus.strategies.DM`); the converted model is the same kind
     init : "auto" (joint bucketing if available, else MADDNESS), "joint", "maddness"
     init_rows : int, rows of the cached inputs the initial trees are fitted on
     init_params : dict, extra hyperparameters of the initial tree learner
@@ -302,6 +305,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, init="auto
                                                lo_open=True)
     noise = validate.check_float(noise, "noise", 0.0)
     depth = validate.check_int(depth, "depth", lo=1, hi=8)
+    validate.check_choice(lut_form, "lut_form", ("free", "factored"))
     column_orders = dict(column_orders or {})
     for k in column_orders:
         if not (isinstance(k, int) and 1 <= k <= len(positions)):
@@ -325,8 +329,10 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, init="auto
         # refinement passes cost more than they give once DM trains the layer
         init_params = {"refine": 0}
     dm_params = {"tau": tau, "temperature": temperature, "init": init,
-                 "init_params": init_params, "noise": noise, "depth": depth}
+                 "init_params": init_params, "noise": noise, "depth": depth,
+                 "lut_form": lut_form}
     settings = {"codebook_dim": codebook_dim, "ncodebooks": ncodebooks, "depth": depth,
+                "lut_form": lut_form,
                 "init": init,
                 "epochs_per_layer": epochs_per_layer, "finetune_epochs": finetune_epochs,
                 "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr, "tau": tau,

@@ -122,14 +122,8 @@ class Module:
         opts, plain, seen = [], [], set()
         for m in self.modules():
             if isinstance(m, NimbusLayer) and m.mode == "dm":
-                thr, lut = m.strategy.parameters()
-                group = [p for p in (thr, lut) if p.requires_grad]
-                if group:
-                    s_thr, s_lut = m.strategy.param_scales()
-                    for p, s in ((thr, s_thr), (lut, s_lut)):
-                        if p.requires_grad:
-                            opts.append(Adam([p], lr=lr * s))
-                            seen.add(id(p))
+                opts += m.strategy.optimizers(lr)
+                seen.update(id(p) for p in m.strategy.parameters())
             for p in m._own_parameters():
                 if p is not None and p.requires_grad and id(p) not in seen:
                     seen.add(id(p))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..arrays import backend, kernels, validate
-from ..arrays.autograd import Function, Tensor, is_grad_enabled
+from ..arrays.autograd import Function, Tensor, is_grad_enabled, no_grad
 from .base import Strategy, subspace_starts
 
 
@@ -78,6 +78,40 @@ class DMFunction(Function):
                                    ctx.inv_temp, need_a=need_a, need_t=need_t, need_lut=need_lut)
 
 
+class FactoredLUT(Function):
+    """``lut[c] = proto[c] @ weight[cols[c]]``: a LUT made from prototypes in each
+    codebook's input subspace and the layer's weights, as an autograd Function.
+
+    Positional inputs: proto (C, K, w) float32; weight (D, M) float32.
+    Keyword arguments (no gradient): cols (C, w) int64, the subspace's absolute
+    columns (padded); mask (C, w) float32, 1 for real columns, 0 for padding.
+    Output: lut (C, K, M) float32. Every column belongs to one codebook, so the
+    weight gradient is a plain scatter of the per-codebook gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, proto, weight, *, cols, mask):
+        Wg = weight[cols] * mask[:, :, None]                   # (C, w, M)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(proto, Wg)
+            ctx.cols, ctx.mask, ctx.D = cols, mask, weight.shape[0]
+        return proto @ Wg
+
+    @staticmethod
+    def backward(ctx, grad):
+        proto, Wg = ctx.saved
+        need_p, need_w = ctx.needs_input_grad
+        g_proto = grad @ Wg.transpose(0, 2, 1) if need_p else None
+        g_w = None
+        if need_w:
+            xp = backend.namespace(grad)
+            gWg = (proto.transpose(0, 2, 1) @ grad) * ctx.mask[:, :, None]      # (C, w, M)
+            g_w = xp.zeros((ctx.D, grad.shape[2]), dtype=np.float32)
+            real = ctx.mask > 0
+            g_w[ctx.cols[real]] = gWg[real]
+        return g_proto, g_w
+
+
 def _init_name(init):
     from . import REGISTRY
     if init == "auto":
@@ -105,6 +139,12 @@ class DM(Strategy):
         "level", passed to the initial tree learner
     depth : int in 1..8, levels of the initial trees (K = 2**depth LUT rows per
         codebook; a DM made by :meth:`from_tree` takes its tree's depth)
+    lut_form : "free" (every LUT entry is a parameter) or "factored" (the LUT is
+        ``prototype @ weight``: K prototypes of each codebook's own w input columns,
+        initialised to its leaves' input means, times a trainable copy of B's rows
+        for those columns; C*K*w + D*M parameters instead of C*K*M, i.e. the layer
+        trained on vector-quantized inputs. It regularises deep trees, whose free
+        LUTs overfit. ``harden`` multiplies it out)
     init_params : dict, optional, more hyperparameters of the initial tree learner
         (e.g. ``{"refine": 0}`` for a faster MADDNESS fit)
     column_order : optional permutation of range(D) (list or array): which columns
@@ -134,21 +174,26 @@ class DM(Strategy):
     starts_ : (C + 1,) int64 subspace boundaries
     dims_ : (C, K-1) int32, thresholds_ : (C, K-1) float32 (heap-ordered nodes)
     node_scale_ : (C, K-1) float32, tau's unit per node
-    lut_ : (C, K, M) float32 (trained in place by an optimizer)
+    lut_ : (C, K, M) float32 (trained in place by an optimizer; with
+        ``lut_form="factored"`` recomputed from the next two)
+    proto_ : (C, K, w) float32, weight_ : (D, M) float32 (``lut_form="factored"``
+        only; w the widest subspace), cols_ : (C, w) int64 and colmask_ : (C, w)
+        float32, the subspaces' columns
     init_ : str, the strategy DM was initialised from
     """
 
     name = "dm"
 
     def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
-                 depth=4, init_params=None, column_order=None, noise=0.0, epochs=0, lr=1e-2,
-                 batch_size=256, random_state=None, verbose=False):
+                 depth=4, lut_form="free", init_params=None, column_order=None, noise=0.0,
+                 epochs=0, lr=1e-2, batch_size=256, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=False, random_state=random_state)
         self.tau = tau
         self.temperature = temperature
         self.init = init
         self.split = split
         self.depth = depth
+        self.lut_form = lut_form
         self.init_params = init_params
         self.column_order = column_order
         self.noise = noise
@@ -163,6 +208,7 @@ class DM(Strategy):
         validate.check_float(self.temperature, "temperature", 0.0, lo_open=True)
         _init_name(self.init)
         validate.check_choice(self.split, "split", ("level", "node"))
+        validate.check_choice(self.lut_form, "lut_form", ("free", "factored"))
         if self.init_params is not None and not isinstance(self.init_params, dict):
             raise TypeError(f"init_params must be a dict or None, got {self.init_params!r}")
         validate.check_float(self.noise, "noise", lo=0.0)
@@ -202,9 +248,48 @@ class DM(Strategy):
             # back to absolute columns of A (trees index columns directly)
             tree.dims_ = o[xp.asarray(tree.dims_)].astype(np.int32)
         self._take_tree(tree, A)
+        if self.lut_form == "factored":
+            self._factor(A, B)
         if self.epochs:
             self.train(A, B, rng=rng)
         return self
+
+    def _factor(self, A, B):
+        """Prototypes (each leaf's mean of its codebook's own columns; empty leaves: the
+        subspace mean) and a copy of B, for ``lut_form="factored"``."""
+        from ._lut import bucket_means
+        xp = backend.namespace(A)
+        D = A.shape[1]
+        order = self._order(D)
+        order = np.arange(D) if order is None else order
+        C, K = self.dims_.shape[0], self.nbuckets
+        widths = np.diff(self.starts_)
+        w = int(widths.max())
+        cols = np.zeros((C, w), dtype=np.int64)
+        mask = np.zeros((C, w), dtype=np.float32)
+        for c in range(C):
+            cols[c, :widths[c]] = order[self.starts_[c]:self.starts_[c + 1]]
+            mask[c, :widths[c]] = 1.0
+        self.cols_, self.colmask_ = xp.asarray(cols), xp.asarray(mask)
+        codes = kernels.encode_tree(A, self.dims_, self.thresholds_)
+        proto = xp.zeros((C, K, w), dtype=np.float32)
+        for c in range(C):
+            sub = A[:, self.cols_[c]] * self.colmask_[c][None, :]
+            counts = xp.bincount(codes[:, c].astype(np.int64), minlength=K)
+            means = bucket_means(codes[:, c:c + 1], sub, K)[0]
+            proto[c] = xp.where((counts > 0)[:, None], means, sub.mean(axis=0)[None, :])
+        self.proto_ = proto
+        self.weight_ = xp.ascontiguousarray(B, dtype=np.float32).copy()
+        self._sync_lut()
+
+    def _sync_lut(self):
+        """``lut_ = proto_ @ weight_`` per codebook (``lut_form="factored"``); else nothing."""
+        if getattr(self, "proto_", None) is None:
+            return
+        with no_grad():
+            self.lut_ = FactoredLUT.apply(self.proto_, self.weight_, cols=self.cols_,
+                                          mask=self.colmask_).data
+        self._cache = {}
 
     def _order(self, D):
         """The checked column order as an int64 host array, or None."""
@@ -320,39 +405,48 @@ class DM(Strategy):
                                   "(or start from a tree strategy with DM.from_tree) for a new B")
 
     # ------------------------------------------------------------- autograd
-    def parameters(self):
-        """The trainable tensors ``[thresholds (C, K-1), lut (C, K, M)]``.
+    def _param_arrays(self):
+        if getattr(self, "proto_", None) is not None:
+            return (self.thresholds_, self.proto_, self.weight_)
+        return (self.thresholds_, self.lut_)
 
-        They share memory with ``thresholds_`` and ``lut_``: an optimizer's in-place
-        update changes the strategy. The same Tensor objects are returned until the
-        arrays are replaced (for instance by moving the strategy to another device).
+    def parameters(self):
+        """The trainable tensors: ``[thresholds (C, K-1), lut (C, K, M)]``, or with
+        ``lut_form="factored"`` ``[thresholds, proto (C, K, w), weight (D, M)]``.
+
+        They share memory with ``thresholds_`` and ``lut_`` (``proto_``, ``weight_``):
+        an optimizer's in-place update changes the strategy. The same Tensor objects
+        are returned until the arrays are replaced (for instance by moving the
+        strategy to another device).
         """
         self._check_fitted("lut_")
+        arrays = self._param_arrays()
         t = getattr(self, "_tensors", None)
-        if t is None or t[0].data is not self.thresholds_ or t[1].data is not self.lut_:
-            t = (Tensor(self.thresholds_, requires_grad=True), Tensor(self.lut_, requires_grad=True))
+        if t is None or len(t) != len(arrays) or any(a.data is not b for a, b in zip(t, arrays)):
+            t = tuple(Tensor(a, requires_grad=True) for a in arrays)
             self._tensors = t
         return list(t)
 
     def param_scales(self):
-        """Typical magnitudes ``(threshold_scale, lut_scale)`` (floats) of the parameters.
+        """Typical magnitudes (floats) of the parameters, in :meth:`parameters` order.
 
         Adam moves every parameter by about ``lr`` per step whatever its units, so
         trainers multiply a relative learning rate by these: the mean node scale
-        (column standard deviation) for the thresholds and the LUT's standard
-        deviation for the LUT.
+        (column standard deviation) for the thresholds and the prototypes, the
+        standard deviation of the LUT or of the weight copy for those.
         """
         self._check_fitted("lut_")
         thr = float(self.node_scale_.mean())
-        lut = float(self.lut_.std()) or 1.0
-        return thr, lut
+        if getattr(self, "proto_", None) is not None:
+            return thr, float(self.col_scale_.mean()), float(self.weight_.std()) or 1.0
+        return thr, float(self.lut_.std()) or 1.0
 
     def optimizers(self, lr):
-        """Two Adam optimizers, thresholds and LUT, with ``lr`` scaled by :meth:`param_scales`."""
+        """One Adam per trainable parameter, ``lr`` scaled by :meth:`param_scales`
+        (parameters whose ``requires_grad`` is off are left out)."""
         from ..arrays.optim import Adam
-        thr, lut = self.parameters()
-        s_thr, s_lut = self.param_scales()
-        return [Adam([thr], lr=lr * s_thr), Adam([lut], lr=lr * s_lut)]
+        return [Adam([p], lr=lr * s) for p, s in zip(self.parameters(), self.param_scales())
+                if p.requires_grad]
 
     def inv_tau(self):
         """(C, K-1) float32: ``1 / (tau * node_scale_)``, per node."""
@@ -362,9 +456,15 @@ class DM(Strategy):
         """The DM op on a Tensor ``x`` (N, D): a Tensor (N, M) with surrogate gradients
         to x, the thresholds and the LUT."""
         self._check_fitted("lut_")
-        thr, lut = self.parameters()
+        params = self.parameters()
+        thr = params[0]
         self._cache = {}          # the LUT changes in place while training: drop device copies
-        if self.noise and is_grad_enabled() and (thr.requires_grad or lut.requires_grad):
+        if len(params) == 3:      # factored: the LUT is made from the prototypes and weights
+            lut = FactoredLUT.apply(params[1], params[2], cols=self.cols_, mask=self.colmask_)
+            self.lut_ = lut.data
+        else:
+            lut = params[1]
+        if self.noise and is_grad_enabled() and any(p.requires_grad for p in params):
             x = x + self._noise_like(x)
         return DMFunction.apply(x, thr, lut, dims=self.dims_, inv_tau=self.inv_tau(),
                                 inv_temp=1.0 / float(self.temperature))
@@ -388,12 +488,18 @@ class DM(Strategy):
         return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
 
     def _lookup(self, codes):
+        self._sync_lut()
         return kernels.lookup(codes, self._learned("lut_", codes))
 
     def _apply(self, A):
+        self._sync_lut()
         _, Y = kernels.dm_forward(A, self._learned("dims_", A), self._learned("thresholds_", A),
                                   self._learned("lut_", A))
         return Y if Y.dtype == A.dtype else Y.astype(A.dtype)
+
+    def to_state(self):
+        self._sync_lut()                  # the saved LUT is the factored one's product
+        return super().to_state()
 
     def harden(self, quantize=True):
         """A plain :class:`~nimbus.strategies.Maddness` with the trained trees and LUT.
@@ -404,6 +510,7 @@ class DM(Strategy):
         """
         from .maddness import Maddness
         self._check_fitted("lut_")
+        self._sync_lut()
         xp = backend.namespace(self.lut_)
         depth = int(self.lut_.shape[1]).bit_length() - 1
         level = all(bool((self.dims_[:, 2 ** l - 1:2 ** (l + 1) - 1]

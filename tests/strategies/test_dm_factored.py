@@ -1,0 +1,92 @@
+"""DM with ``lut_form="factored"``: LUT = prototypes @ weights, trained through both."""
+import numpy as np
+import pytest
+
+import nimbus
+import nimbus.nn as nn
+from nimbus.arrays import backend
+from nimbus.arrays.autograd import Tensor
+from nimbus.strategies import DM
+from nimbus.strategies.dm import FactoredLUT
+
+
+def _h(x):
+    return backend.to_host(x)
+
+
+def _data(rng, n=1500, D=20, M=7):
+    A = (rng.standard_normal((n, 6)) @ rng.standard_normal((6, D))).astype(np.float32)
+    return A, rng.standard_normal((D, M)).astype(np.float32)
+
+
+def test_factored_lut_gradients_by_finite_differences(xp, rng):
+    P = Tensor(xp.asarray(rng.standard_normal((3, 4, 2))), requires_grad=True)
+    W = Tensor(xp.asarray(rng.standard_normal((5, 3))), requires_grad=True)
+    cols = xp.asarray(np.array([[0, 1], [2, 3], [4, 0]]))
+    mask = xp.asarray(np.array([[1, 1], [1, 1], [1, 0]], dtype=np.float64))   # ragged
+    G = xp.asarray(rng.standard_normal((3, 4, 3)))
+    (FactoredLUT.apply(P, W, cols=cols, mask=mask) * Tensor(G)).sum().backward()
+
+    def loss(p, w):
+        return float((FactoredLUT.apply(p, w, cols=cols, mask=mask).data * G).sum())
+
+    eps = 1e-6
+    for T, other, first in ((P, W, True), (W, P, False)):
+        x = _h(T.data)
+        num = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            up, dn = x.copy(), x.copy()
+            up[i] += eps
+            dn[i] -= eps
+            args = [(xp.asarray(up), other.data), (xp.asarray(dn), other.data)]
+            if not first:
+                args = [(b, a) for a, b in args]
+            num[i] = (loss(*args[0]) - loss(*args[1])) / (2 * eps)
+        np.testing.assert_allclose(_h(T.grad), num, rtol=1e-6, atol=1e-8)
+    # the padded slot of codebook 2 reads column 0 but must give it no gradient
+    W2 = Tensor(xp.asarray(rng.standard_normal((5, 3))), requires_grad=True)
+    FactoredLUT.apply(Tensor(P.data), W2, cols=cols, mask=mask).sum().backward()
+    np.testing.assert_allclose(_h(W2.grad)[0], _h(P.data)[0, :, 0].sum() * np.ones(3))
+
+
+def test_factored_dm_fits_trains_hardens_and_saves(xp, rng, tmp_path):
+    A, B = _data(rng)
+    A, B = xp.asarray(A), xp.asarray(B)
+    dm = DM(3, depth=5, init="maddness", lut_form="factored", random_state=0).fit(A, B)
+    K = 32
+    assert dm.proto_.shape == (3, K, 7) and dm.weight_.shape == (20, 7)   # widths 7, 7, 6
+    assert [p.shape for p in dm.parameters()] == [(3, K - 1), (3, K, 7), (20, 7)]
+    # the initial LUT is the leaves' input means times B
+    codes = _h(dm.encode(A))
+    c, k = 1, int(np.bincount(codes[:, 1]).argmax())
+    cols = _h(dm.cols_)[c][_h(dm.colmask_)[c] > 0]
+    want = _h(A)[codes[:, c] == k][:, cols].mean(axis=0) @ _h(B)[cols]
+    np.testing.assert_allclose(_h(dm.lut_)[c, k], want, rtol=1e-4, atol=1e-4)
+    before = nimbus.nmse(A @ B, dm(A))
+    dm.train(A, B, epochs=4)
+    after = nimbus.nmse(A @ B, dm(A))
+    assert after < before, (after, before)
+    hard = dm.harden(quantize=False)
+    np.testing.assert_allclose(_h(hard(A)), _h(dm(A)), rtol=1e-5, atol=1e-5)
+    nimbus.save(dm, tmp_path / "f.npz")
+    back = nimbus.load(tmp_path / "f.npz")
+    assert back.lut_form == "factored"
+    np.testing.assert_array_equal(_h(back(A)), _h(dm(A)))
+
+
+def test_factored_dm_inside_a_network_trains_its_weight_copy(rng):
+    A, B = _data(rng, D=16, M=4)
+    y = (A[:, 0] > 0).astype(np.int64)
+    model = nn.Sequential(nn.Linear(16, 4, random_state=0))
+    model.layers[0].use("dm", A, ncodebooks=2, depth=3, init="maddness", lut_form="factored")
+    dm = model.layers[0].strategy
+    w0 = _h(dm.weight_).copy()
+    nn.fit(model, A, y, epochs=2, batch_size=64, lr=1e-2, random_state=0)
+    assert not np.allclose(_h(dm.weight_), w0)       # the weight copy trained
+    assert set(map(id, model.parameters())) >= set(map(id, dm.parameters()))
+
+
+def test_bad_lut_form(rng):
+    A, B = _data(rng)
+    with pytest.raises(ValueError, match="lut_form"):
+        DM(2, lut_form="low-rank").fit(A, B)
