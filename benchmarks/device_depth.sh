@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
 # One device run for trees of any depth (1..8) and LUTs of any K (run from the repository
 # root on the GPU machine): install, the GPU kernel tests, compute-sanitizer memcheck over
-# the any-depth / any-K tests, kernel times per depth, and the bench_gpu headline.
+# the any-depth / any-K tests (at the same time as the tests), kernel times per depth, and
+# the bench_gpu headline (alone on the GPU).
 #   bash benchmarks/device_depth.sh [tests] [sanitize] [time] [bench]   (default: all four)
 # Logs go to $OUT (default ./device_out); a summary is printed last.
 set -u
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
-STEPS=${*:-tests sanitize time bench}
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
-  || { echo "install failed"; tail -5 "$OUT/install.log"; exit 1; }
+STEPS=" ${*:-tests sanitize time bench} "
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/install.log 2>&1 \
+  || { cp /tmp/install.log "$OUT/"; echo "install failed"; tail -5 /tmp/install.log; exit 1; }
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
-for step in $STEPS; do
-case $step in
-tests)
+
+sanitize() {
+  # the new kernels: other depths, other K, the L1/L2 fallbacks, the warp DM backward
+  NIMBUS_NO_CUPY_POOL=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
+    python3 -m pytest -q -p no:cacheprovider --require-gpu -m gpu tests/arrays/test_cuda.py \
+    tests/arrays/test_kernels.py tests/nn/test_dm.py \
+    -k "any_depth or any_k or global_reads or past_k or depth8" > "$OUT/sanitizer.log" 2>&1
+  echo "sanitizer rc=$?: $(grep -E '[0-9]+ (passed|failed)' "$OUT/sanitizer.log" | tail -1) |" \
+       "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" > /tmp/sanitizer_summary.txt
+}
+
+tests() {
   # three pytest processes at once (kernel compilation is most of the time)
-  i=0
+  local i=0 group f
   for group in tests/arrays/test_cuda.py "tests/arrays/test_kernels.py tests/nn/test_dm.py" \
       "$(ls tests/arrays/test_*.py | grep -v -e test_cuda.py -e test_kernels.py | tr '\n' ' ')"; do
     python3 -m pytest -q -rs -m gpu --require-gpu -p no:cacheprovider $group \
@@ -25,15 +35,10 @@ tests)
   for f in "$OUT"/gpu_tests_*.log; do
     echo "gpu tests $(basename "$f"): $(tail -1 "$f")" >> "$SUMMARY"
     grep -E "^(FAILED|ERROR)" "$f" | head -20 >> "$SUMMARY"
-  done ;;
-sanitize)
-  # the new kernels (other depths, other K, the L1/L2 fallbacks, the warp DM backward)
-  NIMBUS_NO_CUPY_POOL=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 -m pytest -q -p no:cacheprovider --require-gpu tests/arrays/test_cuda.py \
-    -k "any_depth or any_k or global_reads" > "$OUT/sanitizer.log" 2>&1
-  echo "sanitizer rc=$?: $(grep -E '[0-9]+ (passed|failed)' "$OUT/sanitizer.log" | tail -1) |" \
-       "$(grep -E 'ERROR SUMMARY' "$OUT/sanitizer.log" | tail -1)" >> "$SUMMARY" ;;
-time)
+  done
+}
+
+depth_times() {
   python3 - > "$OUT/depth_times.txt" 2>&1 <<'EOF'
 # Median CUDA-event times (ms) of each kernel per tree depth; inputs random normal.
 import numpy as np, cupy as cp
@@ -70,7 +75,7 @@ for d in range(1, 9):
     c2, _ = dm_cuda.dm_forward(A2, dims, thr, lut2)
     tdm = t(lambda: dm_cuda.dm_backward(A2, dims, thr, tau, lut2, c2, g2, 0.8))
     print(f"{d:5d} {K:5d} {te:7.4f} {tq:9.4f} {tf:11.4f} {tb:11.4f} {tdm:12.4f}")
-# the L1/L2 fallback (C * K * 16 bytes over the shared memory) against the tile kernel
+# the L1/L2 fallback (LUT tile over the shared memory) against the tile kernel
 for Cg in (48, 56, 64):
     codes = cp.asarray(rng.integers(0, 256, (N, Cg)).astype(np.uint8))
     q = cp.asarray(rng.integers(0, 256, (Cg, 256, M)).astype(np.uint8))
@@ -81,10 +86,18 @@ for Cg in (48, 56, 64):
     used = "shared-memory tile" if fits else "L1/L2 fallback"
     print(f"K=256 C={Cg} lookup_q {tq:.4f} ms ({used})")
 EOF
-  echo "depth times rc=$?" >> "$SUMMARY"; cat "$OUT/depth_times.txt" >> "$SUMMARY" ;;
-bench)
+  echo "depth times rc=$?" >> "$SUMMARY"; cat "$OUT/depth_times.txt" >> "$SUMMARY"
+}
+
+: > /tmp/sanitizer_summary.txt
+case $STEPS in *" sanitize "*)
+  case $STEPS in *" tests "*) sanitize & ;; *) sanitize ;; esac ;; esac
+case $STEPS in *" tests "*) tests ;; esac
+wait
+cat /tmp/sanitizer_summary.txt >> "$SUMMARY"
+case $STEPS in *" time "*) depth_times ;; esac
+case $STEPS in *" bench "*)
   python3 benchmarks/bench_gpu.py --quick > "$OUT/bench_quick.log" 2>&1
   echo "bench_gpu --quick rc=$?" >> "$SUMMARY"; tail -25 "$OUT/bench_quick.log" >> "$SUMMARY" ;;
 esac
-done
 cat "$SUMMARY"

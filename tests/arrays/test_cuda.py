@@ -484,22 +484,9 @@ def test_fitted_maddness_applies_on_gpu_with_float16_io(rng):
 
 
 # ------------------------------------------------------------------ trees of any depth, any K
-# Host oracles written here for depths other than 4 (float64 where it matters): the
-# encode walks the heap-ordered tree; the DM backward uses the dense path matrix.
-def _encode_host(A, dims, thr):
-    """(N, D), (C, K-1), (C, K-1) -> (N, C) uint8 leaves, right iff x > t (float32)."""
-    A, dims, thr = _h(A).astype(np.float32), _h(dims), _h(thr)
-    N = A.shape[0]
-    C, nn = dims.shape
-    depth = (nn + 1).bit_length() - 1
-    node = np.zeros((N, C), dtype=np.int64)
-    cols = np.arange(C)[None, :]
-    for _ in range(depth):
-        x = np.take_along_axis(A, dims[cols, node], axis=1)
-        node = 2 * node + 1 + (x > thr[cols, node])
-    return (node - nn).astype(np.uint8)
-
-
+# Beyond test_kernels.py's depth tests: larger shapes (several tiles and batches),
+# float16 input and output, trees that overflow shared memory, the L1/L2 fallback
+# lookups, the fused modes, and the warp-per-(row, codebook) DM backward.
 def _trees(rng, xp, N, D, C, depth, in_dtype=np.float32):
     """Rows with exact ties against the thresholds and trees of ``depth`` (some +inf)."""
     nn = 2 ** depth - 1
@@ -525,28 +512,22 @@ def test_encode_tree_any_depth(rng, depth, N, D, C, in_dtype):
     A, dims, thr = _trees(rng, cp, N, D, C, depth, in_dtype)
     got = kernels.encode_tree(A, dims, thr)
     assert got.dtype == np.uint8 and got.shape == (N, C)
-    want = _encode_host(A, dims, thr)
-    np.testing.assert_array_equal(_h(got), want)
+    want = ref.encode_tree(A, dims, thr)
+    np.testing.assert_array_equal(_h(got), _h(want))
     assert int(_h(got).max()) < 2 ** depth
     if depth == 4 or C > 100:
         return
-    keys = {dict(k[2]).get("TREE_DEPTH") for k in _cuda().cache_info() if k[0] == "encode_tree_tile"}
-    assert depth in keys
+    keys = _cuda().cache_info()
+    assert depth in {dict(k[2]).get("TREE_DEPTH") for k in keys if k[0] == "encode_tree_tile"}
 
 
 @gpu
-def test_encode_tree_depth_comes_from_the_shape(rng):
+def test_encode_tree_depth8_flags_nan(rng):
     cp = _cp()
-    A, dims, thr = _trees(rng, cp, 20, 8, 2, 3)
-    for nn in (0, 2, 14, 16, 511):
-        bad = cp.zeros((2, nn), dtype=np.int32)
-        with pytest.raises(ValueError, match=r"2\*\*d - 1"):
-            _cuda().encode_tree(A, bad, bad.astype(np.float32))
-    A8, dims8, thr8 = _trees(rng, cp, 20, 8, 2, 8)
-    bad = A8.copy()
-    bad[5, 1] = np.nan
+    A, dims, thr = _trees(rng, cp, 20, 8, 2, 8)
+    A[5, 1] = np.nan
     with pytest.raises(ValueError, match="non-finite|NaN"):
-        kernels.encode_tree(bad, dims8, thr8)
+        kernels.encode_tree(A, dims, thr)
 
 
 def _lut_q(rng, cp, C, K, M):
@@ -620,17 +601,29 @@ def test_lookups_fall_back_to_global_reads(rng):
 
 
 @gpu
+@pytest.mark.parametrize("K", [3, 16, 64])
+def test_lookup_backward_drops_codes_past_k(rng, K):
+    # as the reference: a code >= K adds nothing (both kernel paths: K <= 16 and K > 16)
+    cp = _cp()
+    codes = cp.asarray(rng.integers(0, 2 * K, size=(300, 5)).astype(np.uint8))
+    g = cp.asarray(rng.standard_normal((300, 40)).astype(np.float32))
+    np.testing.assert_allclose(_h(_cuda().lookup_backward(codes, g, K)),
+                               _h(ref.lookup_backward(codes, g, K)), rtol=1e-5, atol=1e-5)
+
+
+@gpu
 def test_lookups_reject_bad_k(rng):
     cp = _cp()
     cuda = _cuda()
     codes = cp.zeros((4, 2), dtype=np.uint8)
-    with pytest.raises(ValueError, match="buckets"):
+    with pytest.raises(ValueError, match="1 <= K <= 256"):
         cuda.lookup_q(codes, cp.zeros((2, 257, 3), np.uint8), cp.ones(3, np.float32),
                       cp.zeros(3, np.float32))
-    with pytest.raises(ValueError, match="buckets"):
+    with pytest.raises(ValueError, match="1 <= K <= 256"):
         cuda.lookup(codes, cp.zeros((2, 0, 3), np.float32))
-    with pytest.raises(ValueError, match="buckets"):
-        cuda.lookup_backward(codes, cp.zeros((4, 3), np.float32), 300)
+    for bad in (300, 0, 2.0, True):
+        with pytest.raises(ValueError, match="nbuckets"):
+            cuda.lookup_backward(codes, cp.zeros((4, 3), np.float32), bad)
 
 
 @gpu
@@ -642,50 +635,12 @@ def test_encode_lookup_q_any_depth(rng, depth, N, D, C, M, mode):
     cp = _cp()
     A, dims, thr = _trees(rng, cp, N, D, C, depth)
     q, scale, bias = _lut_q(rng, cp, C, 2 ** depth, M)
-    codes = cp.asarray(_encode_host(A, dims, thr))
+    codes = ref.encode_tree(A, dims, thr)
     for dt in (np.float32, np.float16):
         got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, dt, mode=mode)
         np.testing.assert_array_equal(_h(got), _h(ref.lookup_q(codes, q, scale, bias).astype(dt)))
     with pytest.raises(ValueError, match="buckets"):
         _cuda().encode_lookup_q(A, dims, thr, q[:, :1], scale, bias, mode=mode)
-
-
-def _path_matrix(depth):
-    K = 2 ** depth
-    P = np.zeros((K, K - 1))
-    for k in range(K):
-        node = 0
-        for level in range(depth):
-            bit = (k >> (depth - 1 - level)) & 1
-            P[k, node] = 1.0 if bit else -1.0
-            node = 2 * node + 1 + bit
-    return P
-
-
-def _dm_host(A, dims, thr, inv_tau, lut, grad_Y, inv_temp):
-    """Float64 DM surrogate gradients with the dense path matrix: (grad_A, grad_t, grad_lut)."""
-    A, dims, thr, inv_tau, lut, grad_Y = (_h(a) for a in (A, dims, thr, inv_tau, lut, grad_Y))
-    N, D = A.shape
-    C, nn = dims.shape
-    K, M = nn + 1, lut.shape[2]
-    depth = K.bit_length() - 1
-    P = _path_matrix(depth)
-    diff = (A[:, dims.reshape(-1)].reshape(N, C, nn) - thr[None]).astype(np.float64)
-    s = np.where(diff > 0, 1.0, -1.0)
-    e = np.exp((s @ P.T - depth) * inv_temp)
-    p = e / e.sum(axis=2, keepdims=True)
-    G = (grad_Y.astype(np.float64) @ lut.reshape(C * K, M).astype(np.float64).T).reshape(N, C, K)
-    gb = p * (G - (p * G).sum(axis=2, keepdims=True)) * inv_temp
-    th = np.tanh(diff * inv_tau[None])
-    gx = (gb @ P) * (1 - th * th) * inv_tau[None]
-    grad_A = np.zeros((N, D))
-    np.add.at(grad_A, (np.repeat(np.arange(N), C * nn), np.tile(dims.reshape(-1), N)),
-              gx.reshape(-1))
-    codes = _encode_host(A, dims, thr)
-    grad_lut = np.zeros((C, K, M))
-    for c in range(C):
-        np.add.at(grad_lut[c], codes[:, c].astype(np.int64), grad_Y.astype(np.float64))
-    return grad_A, -gx.sum(axis=0), grad_lut
 
 
 @gpu
@@ -694,7 +649,7 @@ def _dm_host(A, dims, thr, inv_tau, lut, grad_Y, inv_temp):
                                            (6, 1000, 48, 3, 12), (8, 200, 96, 5, 20)])
 def test_dm_kernels_any_depth(rng, depth, N, D, C, M):
     cp = _cp()
-    from nimbus.arrays.kernels import dm_cuda
+    from nimbus.arrays.kernels import dm_cuda, dm_reference
     nn = 2 ** depth - 1
     A = rng.standard_normal((N, D)).astype(np.float32)
     dims = rng.integers(0, D, size=(C, nn)).astype(np.int32)
@@ -704,12 +659,13 @@ def test_dm_kernels_any_depth(rng, depth, N, D, C, M):
     gY = rng.standard_normal((N, M)).astype(np.float32)
     A_, dims_, thr_, tau_, lut_, gY_ = (cp.asarray(a) for a in (A, dims, thr, inv_tau, lut, gY))
     codes, Y = dm_cuda.dm_forward(A_, dims_, thr_, lut_)
-    want_codes = _encode_host(A, dims, thr)
-    np.testing.assert_array_equal(_h(codes), want_codes)
-    np.testing.assert_array_equal(_h(Y), _h(ref.lookup(cp.asarray(want_codes), lut_)))
+    want_codes, want_Y = dm_reference.dm_forward(A_, dims_, thr_, lut_)
+    np.testing.assert_array_equal(_h(codes), _h(want_codes))
+    np.testing.assert_array_equal(_h(Y), _h(want_Y))          # same order of additions
     got = dm_cuda.dm_backward(A_, dims_, thr_, tau_, lut_, codes, gY_, 0.8)
-    want = _dm_host(A, dims, thr, inv_tau, lut, gY, 0.8)
+    want = dm_reference.dm_backward(A_, dims_, thr_, tau_, lut_, codes, gY_, 0.8)
     for name, g, w in zip(("grad_A", "grad_t", "grad_lut"), got, want):
+        w = _h(w)
         assert g.shape == w.shape and g.dtype == np.float32, name
         np.testing.assert_allclose(_h(g), w, rtol=1e-4, atol=1e-5 * (np.abs(w).max() + 1),
                                    err_msg=name)

@@ -892,7 +892,8 @@ _LOOKUP_BACKWARD = r"""
 // blockIdx.z: a group of CB codebooks); warp w owns codebooks w, w + NT/32, ... of the
 // group and lane l column 32 * blockIdx.x + l, so every (codebook, bucket, column)
 // accumulator in shared memory has a single owner thread (no races, no barriers); the
-// chunk's partial sums are then added to the output with atomicAdd.
+// chunk's partial sums are then added to the output with atomicAdd. Codes >= NK add
+// nothing, as in the reference.
 extern "C" __global__ void __launch_bounds__(NT)
 lookup_backward_kernel(const u8* __restrict__ codes, const float* __restrict__ g,
                        float* __restrict__ out, int N, int C, int M, int rows_per_chunk, int CB)
@@ -916,8 +917,10 @@ lookup_backward_kernel(const u8* __restrict__ codes, const float* __restrict__ g
     for (long long n = r0; n < r1; ++n) {
         const float gv = m < M ? g[n * M + m] : 0.f;
         const u8* cr = codes + n * C + c0;
-        for (int cl = warp; cl < ncb; cl += NT / 32)
-            acc_s[(cl * NK + BUCKET((u32)cr[cl], 0)) * 32 + lane] += gv;
+        for (int cl = warp; cl < ncb; cl += NT / 32) {
+            const u32 k = cr[cl];
+            if (k < NK) acc_s[(cl * NK + k) * 32 + lane] += gv;
+        }
     }
 #else
     // K floats per (codebook, column) leave room for few warps per multiprocessor, so
@@ -931,9 +934,10 @@ lookup_backward_kernel(const u8* __restrict__ codes, const float* __restrict__ g
             u32 kq[RQ];
 #pragma unroll
             for (int q = 0; q < RQ; ++q)
-                kq[q] = n0 + q < r1 ? BUCKET((u32)codes[(n0 + q) * C + c0 + cl], 0) : 0u;
+                kq[q] = n0 + q < r1 ? (u32)codes[(n0 + q) * C + c0 + cl] : (u32)NK;
 #pragma unroll
-            for (int q = 0; q < RQ; ++q) acc_s[(cl * NK + kq[q]) * 32 + lane] += gv[q];  // 0 past r1
+            for (int q = 0; q < RQ; ++q)
+                if (kq[q] < NK) acc_s[(cl * NK + kq[q]) * 32 + lane] += gv[q];
         }
     }
 #endif
@@ -1220,28 +1224,11 @@ def _check_dims(dims, D):
     _dims_ok[key] = True
 
 
-_MAX_DEPTH = 8           # 256 leaves: codes stay uint8
-
-
-def _tree_depth(dims):
-    """Depth d of trees with node arrays ``dims`` of shape (C, 2**d - 1), 1 <= d <= 8."""
-    nodes = dims.shape[1] if dims.ndim == 2 else -1
-    depth = (nodes + 1).bit_length() - 1
-    if nodes < 1 or nodes != 2 ** depth - 1 or depth > _MAX_DEPTH:
-        raise ValueError(f"dims must have shape (C, 2**d - 1) for a tree depth d in "
-                         f"1..{_MAX_DEPTH}: (C, 1), (C, 3), ..., (C, 255); got "
-                         f"{tuple(dims.shape)}")
-    return depth
-
-
 def _tree_args(A, dims, thresholds):
     """(device id, A, dims, thresholds, depth) with the arrays contiguous, exact dtypes."""
     dev = _require_cupy(A=A, dims=dims, thresholds=thresholds)
     A = _rows(A)
-    depth = _tree_depth(dims)
-    if thresholds.shape != dims.shape:
-        raise ValueError(f"thresholds must have the shape of dims {tuple(dims.shape)}, got "
-                         f"{tuple(thresholds.shape)}")
+    depth = reference.check_tree(dims, thresholds)      # ValueError naming a bad shape
     if dims.dtype.kind not in "iu":
         raise TypeError(f"dims must hold integer column indices, got dtype {dims.dtype}")
     if thresholds.dtype.kind != "f":
@@ -1446,18 +1433,6 @@ def encode_pq(A, centroids, starts, *, check_finite=True):
 
 
 # --------------------------------------------------------------------------- lookups
-_MAX_K = 256             # buckets per codebook: codes are uint8
-
-
-def _buckets(K, what):
-    """K as an int after checking 1 <= K <= 256 (``what`` names the array or argument)."""
-    K = int(K)
-    if not 1 <= K <= _MAX_K:
-        raise ValueError(f"{what} must have 1 to {_MAX_K} buckets per codebook (codes are "
-                         f"uint8), got K={K}")
-    return K
-
-
 def _lookup_global(codes, lut, scale, bias, Y, dev_id, dev, K):
     """Launch the L1/L2 fallback ``lookup_global_kernel`` into Y (the LUT tile did not fit
     in shared memory): the 8-bit LUT with ``scale``/``bias`` when lut is uint8, else the
@@ -1504,7 +1479,7 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
     out_dt = _out_dtype(out_dtype)
     if lut_q.ndim != 3:
         raise ValueError(f"lut_q must have shape (C, K, M), got {tuple(lut_q.shape)}")
-    C, K = lut_q.shape[0], _buckets(lut_q.shape[1], f"lut_q {tuple(lut_q.shape)}")
+    C, K = lut_q.shape[0], reference.lut_buckets(lut_q)
     codes = _codes(codes, C)
     lut_q, scale, bias = _lut_q_args(lut_q, scale, bias, C)
     N, M = codes.shape[0], lut_q.shape[2]
@@ -1559,7 +1534,7 @@ def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
     if lut.dtype.kind != "f":
         raise TypeError(f"lut must be floating point, got dtype {lut.dtype}")
     C, K, M = lut.shape
-    K = _buckets(K, f"lut {tuple(lut.shape)}")
+    K = reference.lut_buckets(lut)
     codes = _codes(codes, C)
     N = codes.shape[0]
     lut_dt = np.dtype(np.float16) if lut.dtype == np.float16 else np.dtype(np.float32)
@@ -1604,7 +1579,7 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
 
     Parameters
     ----------
-    codes : (N, C) uint8 CuPy array (values taken mod K)
+    codes : (N, C) uint8 CuPy array (codes >= K add nothing, as in the reference)
     grad_Y : (N, M) float32
     nbuckets : int, K in 1..256
 
@@ -1618,7 +1593,7 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
     if grad_Y.ndim != 2 or grad_Y.shape[0] != codes.shape[0]:
         raise ValueError(f"grad_Y must have shape (N={codes.shape[0]}, M), got "
                          f"{tuple(grad_Y.shape)}")
-    K = _buckets(nbuckets, "nbuckets")
+    K = reference.check_nbuckets(nbuckets)
     g = _c(grad_Y, np.float32)
     N, C = codes.shape
     M = g.shape[1]

@@ -39,7 +39,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from .cuda import _tree_depth, device_info
+from . import dm_reference, reference
+from .cuda import device_info
 
 _SOURCE = r"""
 #define NL (1 << DEPTH)          // leaves per tree
@@ -338,10 +339,7 @@ def _c(x, dtype):
 
 def _leaf_depth(K, what):
     """Depth d of trees with K = 2**d leaves (1 <= d <= 8), else ValueError naming ``what``."""
-    d = int(K).bit_length() - 1
-    if K < 2 or K != 2 ** d or d > 8:
-        raise ValueError(f"{what}: DM trees have K = 2**d leaves with 1 <= d <= 8, got K={K}")
-    return d
+    return reference.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)")
 
 
 def encode(A, dims, thresholds):
@@ -349,7 +347,7 @@ def encode(A, dims, thresholds):
     check); the depth d (K = 2**d) is read off dims' shape."""
     cp = _cp()
     A, dims, thresholds = _c(A, np.float32), _c(dims, np.int32), _c(thresholds, np.float32)
-    depth = _tree_depth(dims)
+    depth = reference.check_tree(dims, thresholds)
     N, D = A.shape
     C = dims.shape[0]
     codes = cp.empty((N, C), dtype=np.uint8)
@@ -385,6 +383,7 @@ def lookup(codes, lut):
 
 def dm_forward(A, dims, thresholds, lut):
     """Hard forward: (codes (N, C) uint8, Y (N, M) float32); see :func:`.dm_reference.dm_forward`."""
+    dm_reference.check_dm(dims, thresholds, lut)
     codes = encode(A, dims, thresholds)
     return codes, lookup(codes, lut)
 
@@ -401,8 +400,8 @@ def lut_grad(codes, grad_Y, nbuckets=16):
     gradients ``grad_Y @ LUT_flat^T`` the backward computes anyway.
     """
     cp = _cp()
-    depth = _leaf_depth(nbuckets, "nbuckets")
-    K = 2 ** depth
+    K = reference.check_nbuckets(nbuckets)
+    depth = _leaf_depth(K, "nbuckets")
     codes, grad_Y = _c(codes, np.uint8), _c(grad_Y, np.float32)
     N, C = codes.shape
     M = grad_Y.shape[1]
@@ -467,12 +466,9 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     A = _c(A, np.float32)
     dims, thresholds, inv_tau = _c(dims, np.int32), _c(thresholds, np.float32), _c(inv_tau, np.float32)
     lut, grad_Y = _c(lut, np.float32), _c(grad_Y, np.float32)
-    depth = _tree_depth(dims)
+    depth = dm_reference.check_dm(dims, thresholds, lut, inv_tau)
     N, D = A.shape
     C, K, M = lut.shape
-    if K != 2 ** depth or C != dims.shape[0]:
-        raise ValueError(f"lut {tuple(lut.shape)} must have shape (C={dims.shape[0]}, "
-                         f"K={2 ** depth}, M) for trees with dims {tuple(dims.shape)}")
     grad_lut = lut_grad(codes, grad_Y, K) if need_lut else None
     grad_A = grad_t = None
     if need_a or need_t:
