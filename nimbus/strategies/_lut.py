@@ -163,3 +163,27 @@ def quantize_lut(lut):
     q = xp.clip(q, 0, 255).astype(np.uint8)
     bias = float(offsets.sum())
     return (q, xp.full(M, scale, dtype=np.float32), xp.full(M, bias, dtype=np.float32))
+
+
+def quantize_lut_per_column(lut):
+    """8-bit LUT with an offset per (codebook, column) and a scale per column.
+
+    ``lut[c, k, m] ~= offset[c, m] + scale[m] * q[c, k, m]``; the lookup sums q
+    exactly in integers and returns ``scale * isum + bias`` with
+    ``bias[m] = sum_c offset[c, m]``: the format of ``_lut.quantize_lut``.
+
+    Parameters
+    ----------
+    lut : (C, K, M) float32
+
+    Returns
+    -------
+    q : (C, K, M) uint8, scale : (M,) float32, bias : (M,) float32
+    """
+    xp = backend.namespace(lut)
+    lut64 = lut.astype(np.float64)
+    offsets = lut64.min(axis=1)                                   # (C, M)
+    span = (lut64.max(axis=1) - offsets).max(axis=0)              # (M,)
+    scale = xp.where(span > 0, span / 255.0, 1.0)                 # constant column: any
+    q = xp.clip(xp.rint((lut64 - offsets[:, None, :]) / scale), 0, 255).astype(np.uint8)
+    return q, scale.astype(np.float32), offsets.sum(axis=0).astype(np.float32)

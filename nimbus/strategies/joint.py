@@ -39,6 +39,7 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
+from ._lut import quantize_lut_per_column
 from .base import Strategy, subspace_starts
 
 DEPTH = 4                   # the default tree depth (16 leaves)
@@ -271,30 +272,6 @@ def _screen_columns(xp, XT, T, bucket, nb, q):
         cross = Xb @ Tb                                          # (w, P)
         score += backend.to_host((cross ** 2).sum(axis=1) / xp.maximum((Xb ** 2).sum(axis=1), 1e-30))
     return np.sort(np.argsort(-score, kind="stable")[:q])
-
-
-def quantize_lut_per_column(lut):
-    """8-bit LUT with an offset per (codebook, column) and a scale per column.
-
-    ``lut[c, k, m] ~= offset[c, m] + scale[m] * q[c, k, m]``; the lookup sums q
-    exactly in integers and returns ``scale * isum + bias`` with
-    ``bias[m] = sum_c offset[c, m]``: the format of ``_lut.quantize_lut``.
-
-    Parameters
-    ----------
-    lut : (C, K, M) float32
-
-    Returns
-    -------
-    q : (C, K, M) uint8, scale : (M,) float32, bias : (M,) float32
-    """
-    xp = backend.namespace(lut)
-    lut64 = lut.astype(np.float64)
-    offsets = lut64.min(axis=1)                                   # (C, M)
-    span = (lut64.max(axis=1) - offsets).max(axis=0)              # (M,)
-    scale = xp.where(span > 0, span / 255.0, 1.0)                 # constant column: any
-    q = xp.clip(xp.rint((lut64 - offsets[:, None, :]) / scale), 0, 255).astype(np.uint8)
-    return q, scale.astype(np.float32), offsets.sum(axis=0).astype(np.float32)
 
 
 class _CodeRidge:
