@@ -87,3 +87,13 @@ def test_cli_errors(tmp_path):
     assert r.returncode != 0 and "positive" in r.stderr
     r = _cli("compare", "--method", "bogus", "--quiet")
     assert r.returncode != 0 and "unknown method" in r.stderr
+
+
+def test_cli_convert_depth_and_lut_form():
+    r = _cli("convert", "--quick", "--quiet", "--epochs", "3", "--epochs-per-layer", "1",
+             "--finetune-epochs", "1", "--depth", "5", "--lut-form", "factored")
+    assert r.returncode == 0, r.stderr
+    assert "depth 5 (32 LUT rows per codebook), factored" in r.stdout
+    assert "folded" in r.stdout and "converted" in r.stdout
+    r = _cli("convert", "--quick", "--quiet", "--depth", "9")
+    assert r.returncode != 0 and "depth" in r.stderr
