@@ -10,7 +10,9 @@ For (N, D, M) in (65536, 512, 512), (65536, 512, 100), (16384, 1024, 1024),
 * encode, lookup and total time of the fitted op on new rows: the total is the
   fused kernel (``mode="fused"``) and the encode + lookup kernels (``"split"``),
   with the faster reported; ``op(A)`` is the whole checked call (input checks,
-  the NaN/Inf flag read, which synchronises) timed with a host clock;
+  the NaN/Inf flag read, which synchronises) timed with a host clock, then the same
+  with ``check_finite=False`` ("unchecked"), and unchecked calls queued back to back
+  timed by CUDA events ("queued": the per-call cost of an inference loop);
 * cuBLAS ``A @ B`` in fp32, tf32 (CuPy's compute type switched in-process) and
   fp16 (tensor cores) on the same arrays, and the ratios;
 * encode's achieved DRAM bandwidth: (bytes of A + bytes of codes) / encode time;
@@ -282,6 +284,11 @@ def main(argv=None):
                     r["best_path"] = "fused" if r["fused_ms"] <= r["split_ms"] else "split"
                     r["fused_engine"] = "simt"     # what engine="auto" runs (see encode_lookup_q)
                     r["op_call_ms"] = wall_ms(cp, lambda i: op(As[i]), nbuf)
+                    r["op_call_unchecked_ms"] = wall_ms(
+                        cp, lambda i: op(As[i], check_finite=False), nbuf)
+                    # calls queued back to back, no synchronisation between them: what an
+                    # inference loop with check_finite=False pays per call
+                    r["op_queued_ms"] = timer(lambda i: op(As[i], check_finite=False), nbuf)
                     r["enc_gb_s"] = (N * D * As[0].itemsize + N * C) / (r["encode_ms"] * 1e-3) / 1e9
                     r["lookups_s"] = N * M * C / (r["lookup_ms"] * 1e-3)
                     r["lookup_roof_frac"] = r["lookups_s"] / smem_roof
@@ -295,7 +302,9 @@ def main(argv=None):
                           f"{100 * r['lookup_roof_frac']:.0f}% smem roof), split {r['split_ms']:.4f}, "
                           f"fused ({r['fused_engine']}) {r['fused_ms']:.4f} ms -> {r['total_ms']:.4f} ms "
                           f"(floor {floor_ms:.4f}); x{r['x_fp32']:.1f} fp32, x{r['x_tf32']:.2f} "
-                          f"tf32, x{r['x_fp16']:.2f} fp16; op(A) {r['op_call_ms']:.3f} ms wall; "
+                          f"tf32, x{r['x_fp16']:.2f} fp16; op(A) {r['op_call_ms']:.3f} ms wall "
+                          f"({r['op_call_unchecked_ms']:.3f} unchecked, "
+                          f"{r['op_queued_ms']:.4f} queued); "
                           f"NMSE {r['nmse']:.3f}", flush=True)
                     if variants:
                         print("    fused variants (ms): " + ", ".join(

@@ -97,3 +97,29 @@ def test_cli_convert_depth_and_lut_form():
     assert "folded" in r.stdout and "converted" in r.stdout
     r = _cli("convert", "--quick", "--quiet", "--depth", "9")
     assert r.returncode != 0 and "depth" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["maddness", "pq", "joint", "exact"])
+def test_check_finite_switch(xp, rng, method):
+    A = xp.asarray(rng.standard_normal((400, 16)).astype(np.float32))
+    B = xp.asarray(rng.standard_normal((16, 4)).astype(np.float32))
+    op = nimbus.fit(A, B, method=method, ncodebooks=4)
+    # finite input: the same result either way
+    np.testing.assert_array_equal(backend.to_host(op(A, check_finite=False)),
+                                  backend.to_host(op(A)))
+    np.testing.assert_array_equal(backend.to_host(op.encode(A, check_finite=False)),
+                                  backend.to_host(op.encode(A)))
+    bad = A.copy()
+    bad[7, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite|NaN"):
+        op(bad)
+    with pytest.raises(TypeError, match="check_finite"):
+        op(A, check_finite="no")
+    if backend.is_cupy(A) or method == "exact":
+        Y = op(bad, check_finite=False)   # the caller promised finite rows: no check, no sync
+        assert Y.shape == (400, 4)
+    else:                                 # the CPU encoders check in their one pass over A
+        with pytest.raises(ValueError, match="non-finite|NaN"):
+            op(bad, check_finite=False)
+    from nimbus.arrays import kernels
+    assert kernels.finite_checks_enabled()          # the switch does not leak

@@ -198,18 +198,21 @@ class Strategy:
                              f"{self.n_features_in_}")
         return A
 
-    def encode(self, A):
+    def encode(self, A, *, check_finite=True):
         """Bucket of each row in each codebook.
 
         Parameters
         ----------
         A : (N, D) array of real numbers (NumPy or CuPy), coerced to float32.
+        check_finite : bool, raise ValueError on NaN/Inf in A (see :meth:`__call__`)
 
         Returns
         -------
         codes : (N, C) uint8, same library and device as ``A``
         """
-        return self._encode(self._check_rows(A, check_finite=not self.needs_codes))
+        with kernels.finite_checks(check_finite):
+            return self._encode(self._check_rows(A, check_finite=check_finite and
+                                                 not self.needs_codes))
 
     def lookup(self, codes):
         """Sum of LUT rows picked by ``codes``.
@@ -233,19 +236,27 @@ class Strategy:
                                     self._learned("lut_bias_", codes))
         return kernels.lookup(codes, self._learned("lut_", codes))
 
-    def __call__(self, A):
+    def __call__(self, A, *, check_finite=True):
         """Approximate ``A @ B``: ``lookup(encode(A))``.
 
         Parameters
         ----------
         A : (N, D) array of real numbers, coerced to float32.
+        check_finite : bool (default True): raise ValueError if A holds NaN or Inf.
+            False is for GPU inference loops: the check itself is fused into the encode
+            kernel, but raising needs a device-to-host read that synchronises (0.2-0.3
+            ms a call on an H100); without it the call only queues work. Rows with
+            NaN/Inf then give meaningless outputs (the caller promises finite input).
+            On the CPU the check is part of the encode pass and always runs.
 
         Returns
         -------
         Y : (N, M) float32, same library and device as ``A``
         """
         self._check_fitted("lut_")
-        return self._apply(self._check_rows(A, check_finite=not self.needs_codes))
+        with kernels.finite_checks(check_finite):
+            return self._apply(self._check_rows(A, check_finite=check_finite and
+                                                not self.needs_codes))
 
     def _apply(self, A):
         """encode + lookup of checked rows; output dtype follows A (float16 stays float16).

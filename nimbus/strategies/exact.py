@@ -1,6 +1,7 @@
 """The exact product: the reference, and a NimbusLayer's training mode."""
 from __future__ import annotations
 
+from ..arrays import kernels
 from .base import Strategy
 
 
@@ -39,9 +40,10 @@ class Exact(Strategy):
     def lookup(self, codes):
         return self(codes)
 
-    def __call__(self, A):
+    def __call__(self, A, *, check_finite=True):
         self._check_fitted("B_")
-        A = self._check_rows(A)
+        with kernels.finite_checks(check_finite):       # (also validates the flag)
+            A = self._check_rows(A, check_finite=check_finite)
         return A @ self._learned("B_", A)
 
     @property
