@@ -147,7 +147,7 @@ def variant_fits(kw, C, M, D, isz):
         cfg = cuda_mma.config(C, M, D, isz, dev, kw.get("nstage"), kw.get("mpw"))
         return cfg is not None and cfg[4] == kw.get("nstage", cfg[4])
     cfg = cuda._fused_config(C, M, D, isz, dev, kw.get("mt"), kw.get("rpt"), kw.get("nstage"),
-                             kw.get("ahead", False))
+                             kw.get("ahead", False), kw.get("groups", 1))
     return cfg is not None
 
 
@@ -262,7 +262,12 @@ def main(argv=None):
                                 variants[f"simt{'_ahead' if ahead else ''}_mt{mt}_rpt"
                                          f"{rpt or 'd'}_ns{ns}_acc{acc}"] = dict(
                                     engine="simt", mt=mt, rpt=rpt, nstage=ns, acc_mode=acc,
-                                    ahead=ahead)
+                                    ahead=ahead, groups=1)
+                        for mt, rpt, ns, g in ((512, None, 2, 2), (512, None, 3, 2),
+                                               (512, None, 2, 4), (512, 1, 3, 2),
+                                               (256, 1, 4, 2)):
+                            variants[f"simt_g{g}_mt{mt}_rpt{rpt or 'd'}_ns{ns}"] = dict(
+                                engine="simt", mt=mt, rpt=rpt, nstage=ns, groups=g)
                         for ns, mpw in ((3, 2), (6, 1)):
                             variants[f"mma_ns{ns}_mpw{mpw}"] = dict(engine="mma", nstage=ns,
                                                                     mpw=mpw)

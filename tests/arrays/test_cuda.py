@@ -215,8 +215,32 @@ def test_simt_encode_ahead_variant(rng, N, D, C, M, nstage, in_dtype):
 
 
 @gpu
+@pytest.mark.parametrize("N,D,C,M", FUSED_SHAPES + [(20011, 96, 16, 512), (131, 64, 16, 64)])
+@pytest.mark.parametrize("groups,nstage", [(2, 2), (2, 3), (4, 2)])
 @pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("kw", [dict(engine="mma"), dict(engine="simt", ahead=True)])
+def test_simt_warp_groups_variant(rng, N, D, C, M, groups, nstage, in_dtype):
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M, in_dtype)
+    want = _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias, in_dtype))
+    got = _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, in_dtype, mode="fused",
+                                  engine="simt", groups=groups, nstage=nstage)
+    np.testing.assert_array_equal(_h(got), want)
+
+
+@gpu
+def test_warp_groups_bad_arguments(rng):
+    cp = _cp()
+    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 100, 32, 4, 16)
+    with pytest.raises(ValueError, match="groups"):
+        _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, groups=3)
+    with pytest.raises(ValueError, match="ahead"):
+        _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, groups=2, ahead=True)
+
+
+@gpu
+@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("kw", [dict(engine="mma"), dict(engine="simt", ahead=True),
+                                dict(engine="simt", groups=2)])
 def test_fused_variants_flag_nan_in_any_batch(rng, in_dtype, kw):
     cp = _cp()
     A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 5000, 64, 16, 128, in_dtype)

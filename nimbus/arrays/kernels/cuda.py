@@ -72,6 +72,17 @@ _PRELUDE = r"""
 #else
 #define BUCKET(w, sh) ((((w) >> (sh)) & 255u) % (u32)NK)
 #endif
+// Warp groups: GROUPS independent teams of GT threads in one block (the fused kernel's
+// "virtual blocks", which share the block's LUT); GTID is a thread's index in its team.
+#ifndef GROUPS
+#define GROUPS 1
+#endif
+#define GT (NT / GROUPS)
+#if GROUPS == 1
+#define GTID threadIdx.x
+#else
+#define GTID (threadIdx.x % GT)
+#endif
 typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -178,10 +189,10 @@ __device__ __forceinline__ void stage_rows(IN_T* dst, const IN_T* __restrict__ s
                                            int D, int vec) {
     if (vec) {
         const int n16 = (nrows * D * IN_SIZE) >> 4;
-        for (int i = threadIdx.x; i < n16; i += NT) copy16((uint4*)dst + i, (const uint4*)src + i);
+        for (int i = GTID; i < n16; i += GT) copy16((uint4*)dst + i, (const uint4*)src + i);
     } else {
         const int n = nrows * D;
-        for (int i = threadIdx.x; i < n; i += NT) dst[i] = src[i];
+        for (int i = GTID; i < n; i += GT) dst[i] = src[i];
     }
     async_commit();
 }
@@ -191,14 +202,14 @@ __device__ __forceinline__ u32 scan_tile(const IN_T* tile, int nrows, int D, int
     u32 bad = 0;
     if (vec) {
         const int n16 = (nrows * D * IN_SIZE) >> 4;
-        for (int i = threadIdx.x; i < n16; i += NT) {
+        for (int i = GTID; i < n16; i += GT) {
             const uint4 w = ((const uint4*)tile)[i];
             bad |= nonfinite_word(w.x) | nonfinite_word(w.y) | nonfinite_word(w.z)
                  | nonfinite_word(w.w);
         }
     } else {
         const int n = nrows * D;
-        for (int i = threadIdx.x; i < n; i += NT) bad |= nonfinite_bits(tile[i]);
+        for (int i = GTID; i < n; i += GT) bad |= nonfinite_bits(tile[i]);
     }
     return bad;
 }
@@ -219,7 +230,7 @@ __device__ __forceinline__ u8 tree_leaf(const IN_T* row, const int* dims, const 
 __device__ __forceinline__ void encode_batch(const IN_T* tile, int nr, int D, u8* codes, int cp,
                                              int nrb, int ncb, const int* dims_s,
                                              const float* thr_s) {
-    for (int p = threadIdx.x; p < nrb * ncb; p += NT) {
+    for (int p = GTID; p < nrb * ncb; p += GT) {
         const int r = p / ncb, c = p - r * ncb;
         codes[r * cp + c] = r < nr ? tree_leaf(tile + r * D, dims_s + c * TNODES,
                                                        thr_s + c * TNODES)
@@ -336,7 +347,7 @@ encode_pq_kernel(const IN_T* __restrict__ A, const float* __restrict__ cent,
 # The 8-bit lookup core, shared by lookup_q_kernel and the fused encode_lookup_q_kernel.
 _LOOKUP_Q_CORE = r"""
 #define TPR (MT / 16)            // threads per row: each owns 16 columns of the tile
-#define RG (NT / TPR)            // rows a block works on at once
+#define RG (GT / TPR)            // rows a block (a warp group) works on at once
 #define RB (RG * RPT)            // rows per batch
 #define CP ((NCB + 3) & ~3)      // codes row stride in shared memory: whole 32-bit words
 #define CH (16 / OUT_SIZE)       // output columns per 16-byte store: 4 (fp32) or 8 (fp16)
@@ -525,7 +536,7 @@ template <int SB_STRIDE>
 __device__ __forceinline__ void lookup_q_rows(const u8* lut_s, const float* sc, const float* bi,
         const u8* codes_s, OUT_T* __restrict__ Y, long long row0, int nr, int M, int m0,
         u32 one) {
-    const int tr = threadIdx.x % TPR, rg = threadIdx.x / TPR;
+    const int tr = GTID % TPR, rg = GTID / TPR;
     const u8* lut_t = lut_s + tr * 16;
     u32 tot[RPT][16];
 #pragma unroll
@@ -640,12 +651,23 @@ lookup_q_kernel(const u8* __restrict__ codes, const u8* __restrict__ lut_q,
 """
 
 _ENCODE_LOOKUP_Q = r"""
+// Barrier of a thread's warp group (the whole block when GROUPS == 1).
+__device__ __forceinline__ void group_sync() {
+#if GROUPS == 1
+    __syncthreads();
+#else
+    asm volatile("bar.sync %0, %1;" :: "r"((int)(threadIdx.x / GT) + 1), "n"(GT) : "memory");
+#endif
+}
+
 // Thread mapping: blockIdx.y picks a tile of MT columns (its 8-bit LUT stays in shared
-// memory); blocks stride over batches of RB rows. Rows of A arrive in shared memory by
-// cp.async NSTAGE-1 batches ahead (NSTAGE buffers); per batch, thread t checks its share
-// of the tile for NaN/Inf and encodes the (row, tree) pairs t, t + NT, ... into
-// shared-memory codes; then thread t sums 16 columns (t % TPR) of rows t / TPR + RG * i,
-// i < RPT, as lookup_q_kernel does.
+// memory). The block's GROUPS warp groups of GT threads are independent "virtual blocks"
+// sharing that LUT (own A buffers, codes and barriers), so one group's loads wait while
+// another sums; virtual blocks stride over batches of RB rows. Rows of A arrive in shared
+// memory by cp.async NSTAGE-1 batches ahead (NSTAGE buffers); per batch, thread t of a
+// group checks its share of the tile for NaN/Inf and encodes the (row, tree) pairs t,
+// t + GT, ... into the group's codes; then thread t sums 16 columns (t % TPR) of rows
+// t / TPR + RG * i, i < RPT, as lookup_q_kernel does.
 extern "C" __global__ void __launch_bounds__(NT, 1)    // 1 block/SM: the registers may all go
 encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
                        const float* __restrict__ thr, const u8* __restrict__ lut_q,
@@ -657,20 +679,24 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
     u8* lut_s = smem;
     int* dims_s = (int*)(smem + LUT_BYTES);
     float* thr_s = (float*)(smem + LUT_BYTES + NCB * TNODES * 4);
-    u8* codes_s = smem + ((LUT_BYTES + NCB * TNODES * 8 + 15) & ~15);
-    const int off_tiles = (LUT_BYTES + NCB * TNODES * 8 + 15) / 16 * 16 + (RB * CP + 15) / 16 * 16;
+    const int head = (LUT_BYTES + NCB * TNODES * 8 + 15) / 16 * 16;
+    const int codes_bytes = (RB * CP + 15) / 16 * 16;
     const int tile_bytes = (RB * D * IN_SIZE + 15) & ~15;
+    const int g = GROUPS == 1 ? 0 : (int)(threadIdx.x / GT);
+    u8* codes_s = smem + head + g * (codes_bytes + NSTAGE * tile_bytes);
+    const int off_tiles = head + g * (codes_bytes + NSTAGE * tile_bytes) + codes_bytes;
 
     const int m0 = blockIdx.y * MT;
     const int nbatch = (N + RB - 1) / RB;
-    for (int i = threadIdx.x; i < RB * CP; i += NT) codes_s[i] = 0;   // padding stays 0
+    const int vb = blockIdx.x * GROUPS + g, nvb = gridDim.x * GROUPS;     // virtual block
+    for (int i = GTID; i < RB * CP; i += GT) codes_s[i] = 0;   // padding stays 0
     stage_trees(dims_s, thr_s, dims, thr, NCB, D);
     load_lut_q_tile(lut_s, lut_q, M, m0, lut_unit);
     float sc[16], bi[16];
     load_scale_bias(sc, bi, scale, bias, M, m0);
 #pragma unroll
     for (int s = 0; s < NSTAGE - 1; ++s) {        // group s: batch s (group 0 also the LUT)
-        const int bs = blockIdx.x + s * gridDim.x;
+        const int bs = vb + s * nvb;
         if (bs < nbatch) {
             const long long r0 = (long long)bs * RB;
             stage_rows((IN_T*)(smem + off_tiles + s * tile_bytes), A + r0 * D,
@@ -679,12 +705,18 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
             async_commit();
         }
     }
+#if GROUPS > 1
+    // the LUT, trees and zeroed codes were staged by the whole block: wait for every
+    // thread's copies once (group barriers alone would not cover the other groups')
+    async_wait_all();
+    __syncthreads();
+#endif
     u32 bad = 0;
-    int b = blockIdx.x;
-    for (int it = 0; b < nbatch; ++it, b += gridDim.x) {
+    int b = vb;
+    for (int it = 0; b < nbatch; ++it, b += nvb) {
         // the buffer refilled here was read by the encode of batch it - 1, which ended
         // before that iteration's second barrier
-        const int bp = b + (NSTAGE - 1) * gridDim.x;
+        const int bp = b + (NSTAGE - 1) * nvb;
         if (bp < nbatch) {
             const long long rp = (long long)bp * RB;
             stage_rows((IN_T*)(smem + off_tiles + ((it + NSTAGE - 1) % NSTAGE) * tile_bytes),
@@ -694,13 +726,13 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
             async_commit();                        // an empty group keeps the count uniform
         }
         async_wait_pipeline();
-        __syncthreads();               // batch it has landed; lookups of it - 1 are done
+        group_sync();                  // batch it has landed; lookups of it - 1 are done
         const IN_T* cur = (const IN_T*)(smem + off_tiles + (it % NSTAGE) * tile_bytes);
         const long long row0 = (long long)b * RB;
         const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
         bad |= scan_tile(cur, nr, D, a_vec);
         encode_batch(cur, nr, D, codes_s, CP, RB, NCB, dims_s, thr_s);
-        __syncthreads();
+        group_sync();
         lookup_q_rows<1>(lut_s, sc, bi, codes_s, Y, row0, nr, M, m0, one);
     }
     async_wait_all();
@@ -1618,7 +1650,7 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
 
 
 # --------------------------------------------------------------------------- fused apply
-def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=False):
+def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=False, groups=1):
     """(NT, MT, RPT, RB, NSTAGE, smem) of the fused simt kernel, or None when it would not fit.
 
     Float32 input first tries 1 row per thread and 4 stages of A tiles (5 with ``ahead``,
@@ -1627,7 +1659,8 @@ def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=F
     0.117 ms with one 512-column tile and 2 stages; float16 input lost with 256-column
     tiles (0.082 against 0.0625 ms). Otherwise: the fewest column tiles (each tile
     re-encodes its rows), then 2 stages (3 with ``ahead``), then 2 rows per thread; the
-    budget is the device's opt-in shared memory per block."""
+    budget is the device's opt-in shared memory per block. ``groups``: warp groups per
+    block (each with its own codes and A buffers; RB is then a group's batch)."""
     tops = [mt] if mt else [t for t in (512, 256, 128, 64, 32, 16)
                             if t <= max(16, _pow2_at_least(M))]
     cp_ = (C + 3) // 4 * 4
@@ -1641,11 +1674,12 @@ def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=F
                 cands.append((t, ns, r))
     for t, ns, r in cands:
         nt = 512 if t // 16 >= 32 else NT
-        if t // 16 > nt or ns < 2:
+        if t // 16 > nt // groups or ns < 2:
             continue
-        rb = nt // (t // 16) * r
-        head = (C * 16 * t + C * 120 + 15) // 16 * 16 + (1 + extra) * ((rb * cp_ + 15) // 16 * 16)
-        smem = head + ns * ((rb * D * in_size + 15) // 16 * 16)
+        rb = nt // groups // (t // 16) * r
+        head = (C * 16 * t + C * 120 + 15) // 16 * 16
+        smem = head + groups * ((1 + extra) * ((rb * cp_ + 15) // 16 * 16)
+                                + ns * ((rb * D * in_size + 15) // 16 * 16))
         if smem <= dev["smem_optin"]:
             return nt, t, r, rb, ns, smem
     return None
@@ -1653,7 +1687,7 @@ def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=F
 
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32, *,
                     mode="auto", engine="auto", acc_mode=1, mt=None, rpt=None, nstage=None,
-                    mpw=None, ahead=False, check_finite=True):
+                    mpw=None, ahead=False, groups=None, check_finite=True):
     """MADDNESS apply: ``lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)``.
 
     Parameters
@@ -1675,7 +1709,11 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     acc_mode, mt, rpt : simt variant (see :func:`lookup_q`); nstage: A tile buffers
         (mma: the most it may keep, default as many as fit, up to 6); mpw: mma m-tiles
         (16 rows) per warp and batch; ahead: simt variant that encodes one batch ahead
-        (one barrier per batch, rows split evenly between blocks)
+        (one barrier per batch, rows split evenly between blocks); groups: simt kernel
+        with this many independent warp groups per block sharing the LUT (1, 2 or 4;
+        not with ``ahead``). None: 4 for float16 input, 2 for float32 (H100, 65536 x
+        512 x 512, C = 16: fp16 0.0583 ms with 4 groups, 0.0593 with 2, 0.0625 with 1;
+        fp32 0.1048 ms with 2, 0.1061 with 1), 1 where a grouped plan does not fit
     check_finite : bool, raise ValueError if A holds NaN/Inf
 
     Returns
@@ -1687,6 +1725,9 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
                            bias=bias)
     validate.check_choice(mode, "mode", ("auto", "fused", "split"))
     validate.check_choice(engine, "engine", ("auto", "mma", "simt"))
+    validate.check_choice(groups, "groups", (None, 1, 2, 4))
+    if groups is not None and groups > 1 and ahead:
+        raise ValueError("groups > 1 is not available with ahead=True")
     out_dt = _out_dtype(out_dtype)
     dev_id, A, dims, thresholds, depth = _tree_args(A, dims, thresholds)
     C = dims.shape[0]
@@ -1708,7 +1749,13 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
             if mcfg is not None:
                 return _encode_lookup_mma(A, dims, thresholds, lut_q, scale, bias, out_dt,
                                           mcfg, dev, dev_id, check_finite)
-            cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, ahead)
+            if groups is None:      # one group waits on its loads while another sums
+                groups = 1 if ahead else (4 if A.itemsize == 2 else 2)
+                cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, ahead, groups)
+                if cfg is None:
+                    groups = 1
+            if cfg is None:
+                cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, ahead, groups)
             # measured (H100, bench_gpu, 16 shapes): fused wins when M fits one column tile
             # or C <= 16; with more codebooks the LUT tile narrows, every tile re-encodes
             # its rows, and the encode + lookup kernels win
@@ -1728,10 +1775,12 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
         kern = _kernel("encode_lookup_q_ahead_kernel" if ahead else "encode_lookup_q_kernel",
                        dev_id, IN=A.dtype, OUT=out_dt, NT=nt, NCB=C,
                        MT=MT, RPT=RPT, NSTAGE=NS, ACC_MODE=acc_mode,
-                       USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C))
+                       USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C),
+                       **({"GROUPS": groups} if groups > 1 else {}))
         gy = (M + MT - 1) // MT
         nbatch = (N + RB - 1) // RB
-        gx = max(1, min(nbatch, -(-dev["sms"] * _blocks_per_sm(kern, nt, smem, dev) // gy)))
+        gx = max(1, min(-(-nbatch // groups),
+                        -(-dev["sms"] * _blocks_per_sm(kern, nt, smem, dev) // gy)))
         _launch(kern, (gx, gy), nt, (A, dims, thresholds, lut_q, scale, bias, Y, flag,
                                      np.int32(N), np.int32(D), np.int32(M), np.uint32(1),
                                      np.int32(a_vec), np.int32(_lut_unit(lut_q, M, out_dt))),
