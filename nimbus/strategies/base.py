@@ -311,3 +311,27 @@ class Strategy:
         """Bytes the LUT takes at inference (8-bit entries when quantized)."""
         self._check_fitted("lut_")
         return int(self.lut_.size * (1 if self.quantize else 4))
+
+
+class TreeStrategy(Strategy):
+    """A strategy that encodes with hash trees (``dims_``, ``thresholds_``: (C, K-1)) and
+    keeps prototypes in A's space (``prototypes_``: (C, K, D)): MADDNESS and joint
+    bucketing share encoding, the 8-bit apply and the LUT ``prototypes @ B``."""
+
+    def _encode(self, A):
+        return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
+
+    def _apply(self, A):
+        """encode + lookup of checked rows, output dtype = A.dtype. With an 8-bit LUT one
+        op (on CuPy a fused kernel: codes stay on chip; float16 in, float16 out)."""
+        if self.quantize:
+            return kernels.encode_lookup_q(
+                A, self._learned("dims_", A), self._learned("thresholds_", A),
+                self._learned("lut_q_", A), self._learned("lut_scale_", A),
+                self._learned("lut_bias_", A), out_dtype=A.dtype)
+        return super()._apply(A)
+
+    def _prototypes_lut(self, B):
+        P = self._learned("prototypes_", B)
+        C, K, D = P.shape
+        return (P.reshape(C * K, D) @ B).reshape(C, K, B.shape[1])

@@ -40,7 +40,7 @@ import numpy as np
 from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
 from ._lut import quantize_lut_per_column
-from .base import Strategy, subspace_starts
+from .base import TreeStrategy, subspace_starts
 
 DEPTH = 4                   # the default tree depth (16 leaves)
 # Largest C*K for which the joint LUT refit solves for all C*K rows at once (its Gram
@@ -358,7 +358,7 @@ class _CodeRidge:
 
 
 # ----------------------------------------------------------------- strategy
-class Joint(Strategy):
+class Joint(TreeStrategy):
     """Joint bucketing: hash trees learned against the error of ``A @ B``.
 
     See the module docstring for the algorithm. Encoding and lookup are those of
@@ -590,23 +590,3 @@ class Joint(Strategy):
         super()._set_lut(lut)
         if self.quantize:
             self.lut_q_, self.lut_scale_, self.lut_bias_ = quantize_lut_per_column(self.lut_)
-
-    # --------------------------------------------------------------- applying
-    def _encode(self, A):
-        return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
-
-    def _apply(self, A):
-        """encode + lookup of checked rows, output dtype = A.dtype; with an 8-bit LUT
-        the one encode_lookup_q op (fused on the GPU), as MADDNESS: same trees, same
-        LUT format."""
-        if self.quantize:
-            return kernels.encode_lookup_q(
-                A, self._learned("dims_", A), self._learned("thresholds_", A),
-                self._learned("lut_q_", A), self._learned("lut_scale_", A),
-                self._learned("lut_bias_", A), out_dtype=A.dtype)
-        return super()._apply(A)
-
-    def _prototypes_lut(self, B):
-        P = self._learned("prototypes_", B)
-        C, K, D = P.shape
-        return (P.reshape(C * K, D) @ B).reshape(C, K, B.shape[1])

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arrays import backend, kernels, validate
+from ..arrays import backend, validate
 from ._lut import bucket_means, ridge_auto, ridge_on_codes
 from ._trees import learn_trees, refine_trees
 from ._clip import winsorize
-from .base import Strategy, subspace_starts
+from .base import TreeStrategy, subspace_starts
 from .._progress import progress_bar
 
 
@@ -25,7 +25,7 @@ def _reconstruction_sse(A, codes, P):
 MAX_RIDGE_UNKNOWNS = 4096
 
 
-class Maddness(Strategy):
+class Maddness(TreeStrategy):
     """MADDNESS: a hash tree per codebook, prototypes refined by ridge regression.
 
     Learning (per codebook c, on the columns of subspace c): level by level the
@@ -135,22 +135,3 @@ class Maddness(Strategy):
             P, self.ridge_chosen_ = ridge_auto(codes, A, prior, rng, nbuckets=K)
             return P
         return ridge_on_codes(codes, A, self.ridge, K, prior=prior)
-
-    def _encode(self, A):
-        return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
-
-    def _apply(self, A):
-        """encode + lookup of checked rows, output dtype = A.dtype. With an 8-bit LUT one
-        op (on CuPy a fused kernel: codes stay on chip; float16 in, float16 out)."""
-        if self.quantize:
-            return kernels.encode_lookup_q(
-                A, self._learned("dims_", A), self._learned("thresholds_", A),
-                self._learned("lut_q_", A), self._learned("lut_scale_", A),
-                self._learned("lut_bias_", A), out_dtype=A.dtype)
-        return super()._apply(A)
-
-    def _prototypes_lut(self, B):
-        P = self._learned("prototypes_", B)
-        C, K, D = P.shape
-        return (P.reshape(C * K, D) @ B).reshape(C, K, B.shape[1])
-
