@@ -25,7 +25,7 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 from ..arrays.autograd import Function, Tensor, is_grad_enabled, no_grad
-from .base import Strategy, subspace_starts
+from .base import TreeStrategy, subspace_starts
 
 
 def patch_order(height, width, patch_height, patch_width, channels=1):
@@ -123,7 +123,7 @@ def _init_name(init):
     return init
 
 
-class DM(Strategy):
+class DM(TreeStrategy):
     """Differentiable MADDNESS (see the module docstring).
 
     Parameters
@@ -175,7 +175,8 @@ class DM(Strategy):
     dims_ : (C, K-1) int32, thresholds_ : (C, K-1) float32 (heap-ordered nodes)
     node_scale_ : (C, K-1) float32, tau's unit per node
     lut_ : (C, K, M) float32 (trained in place by an optimizer; with
-        ``lut_form="factored"`` recomputed from the next two)
+        ``lut_form="factored"`` the product of the next two, remade after training
+        steps when the strategy is next applied)
     proto_ : (C, K, w) float32, weight_ : (D, M) float32 (``lut_form="factored"``
         only; w the widest subspace), cols_ : (C, w) int64 and colmask_ : (C, w)
         float32, the subspaces' columns
@@ -280,15 +281,19 @@ class DM(Strategy):
             proto[c] = xp.where((counts > 0)[:, None], means, sub.mean(axis=0)[None, :])
         self.proto_ = proto
         self.weight_ = xp.ascontiguousarray(B, dtype=np.float32).copy()
+        self._lut_stale = True
         self._sync_lut()
 
     def _sync_lut(self):
-        """``lut_ = proto_ @ weight_`` per codebook (``lut_form="factored"``); else nothing."""
-        if getattr(self, "proto_", None) is None:
+        """``lut_ = proto_ @ weight_`` per codebook (``lut_form="factored"``) when the
+        factors may have changed since it was last made (a training forward marks it:
+        the optimizer step that follows changes them); else nothing."""
+        if getattr(self, "proto_", None) is None or not getattr(self, "_lut_stale", True):
             return
         with no_grad():
             self.lut_ = FactoredLUT.apply(self.proto_, self.weight_, cols=self.cols_,
                                           mask=self.colmask_).data
+        self._lut_stale = False
         self._cache = {}
 
     def _order(self, D):
@@ -458,13 +463,18 @@ class DM(Strategy):
         self._check_fitted("lut_")
         params = self.parameters()
         thr = params[0]
+        training = is_grad_enabled() and any(p.requires_grad for p in params)
         self._cache = {}          # the LUT changes in place while training: drop device copies
-        if len(params) == 3:      # factored: the LUT is made from the prototypes and weights
+        if len(params) == 2:
+            lut = params[1]
+        elif training:            # factored: the LUT is made from the prototypes and weights
             lut = FactoredLUT.apply(params[1], params[2], cols=self.cols_, mask=self.colmask_)
             self.lut_ = lut.data
-        else:
-            lut = params[1]
-        if self.noise and is_grad_enabled() and any(p.requires_grad for p in params):
+            self._lut_stale = True            # the optimizer step that follows moves them
+        else:                     # frozen factors: the product made last time
+            self._sync_lut()
+            lut = self.lut_
+        if self.noise and training:
             x = x + self._noise_like(x)
         return DMFunction.apply(x, thr, lut, dims=self.dims_, inv_tau=self.inv_tau(),
                                 inv_temp=1.0 / float(self.temperature))
@@ -484,9 +494,6 @@ class DM(Strategy):
         return z
 
     # ------------------------------------------------------------- applying
-    def _encode(self, A):
-        return kernels.encode_tree(A, self._learned("dims_", A), self._learned("thresholds_", A))
-
     def _lookup(self, codes):
         self._sync_lut()
         return kernels.lookup(codes, self._learned("lut_", codes))

@@ -66,6 +66,12 @@ def test_factored_dm_fits_trains_hardens_and_saves(xp, rng, tmp_path):
     dm.train(A, B, epochs=4)
     after = nimbus.nmse(A @ B, dm(A))
     assert after < before, (after, before)
+    # the product is remade once after training, not on every call
+    made = dm.lut_
+    dm(A)
+    assert dm.lut_ is made
+    np.testing.assert_allclose(_h(made), _h(FactoredLUT.apply(dm.proto_, dm.weight_, cols=dm.cols_,
+                                                             mask=dm.colmask_).data), rtol=1e-6)
     hard = dm.harden(quantize=False)
     np.testing.assert_allclose(_h(hard(A)), _h(dm(A)), rtol=1e-5, atol=1e-5)
     nimbus.save(dm, tmp_path / "f.npz")
