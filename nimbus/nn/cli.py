@@ -32,11 +32,15 @@ def add_parser(subparsers):
     p.add_argument("--n-train", type=int, default=None, help="training rows (default: all)")
     p.add_argument("--n-test", type=int, default=None, help="test rows (default: all)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="float training epochs (default 15; --quick: 20)")
+                   help="float training epochs (default 25; --quick: 20)")
     p.add_argument("--epochs-per-layer", type=int, default=None,
                    help="DM epochs per converted layer (default 3; --quick: 4)")
     p.add_argument("--finetune-epochs", type=int, default=None,
                    help="epochs with every layer in DM (default 6)")
+    p.add_argument("--float-noise", type=float, default=None,
+                   help="input noise of every layer while the float model trains, in "
+                        "standard deviations of each input (makes it robust to quantized "
+                        "inputs; default 0.4; --quick: 0)")
     p.add_argument("--codebook-dim", type=int, default=8,
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--depth", type=int, default=None,
@@ -93,7 +97,8 @@ def cmd_convert(args):
     if quick and args.n_test:
         Xte, yte = Xte[:args.n_test], yte[:args.n_test]
     hidden = args.hidden or ([64, 32] if quick else [256, 256, 256])
-    epochs = args.epochs if args.epochs is not None else (20 if quick else 15)
+    epochs = args.epochs if args.epochs is not None else (20 if quick else 25)
+    float_noise = args.float_noise if args.float_noise is not None else (0.0 if quick else 0.4)
     epl = args.epochs_per_layer if args.epochs_per_layer is not None else (4 if quick else 3)
     fte = args.finetune_epochs if args.finetune_epochs is not None else 6
     bs = args.batch_size or (64 if quick else 256)
@@ -112,9 +117,9 @@ def cmd_convert(args):
     try:
         t0 = time.perf_counter()
         fit(model, Xtr, ytr, epochs=epochs, batch_size=bs, lr=1e-3, random_state=args.seed,
-            verbose=not args.quiet)
+            verbose=not args.quiet, input_noise=float_noise)
         train_s = time.perf_counter() - t0
-        print(f"float training: {epochs} epochs in {train_s:.1f} s")
+        print(f"float training: {epochs} epochs, input noise {float_noise:g}, in {train_s:.1f} s")
         kw = {} if args.lr is None else {"lr": args.lr}
         report = convert(model, Xtr, ytr, codebook_dim=args.codebook_dim, depth=depth,
                          lut_form=lut_form,

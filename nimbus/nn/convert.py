@@ -34,7 +34,7 @@ from ..arrays import backend, validate
 from ..arrays.autograd import Tensor, no_grad
 from ..table import Table
 from .layers import BatchNorm, NimbusLayer, Sequential
-from .train import _check_label_range, check_xy, soft_targets, train_loop
+from .train import _check_label_range, check_xy, noisy_forward, soft_targets, train_loop
 
 __all__ = ["convert", "ConversionReport"]
 
@@ -224,7 +224,8 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
             init_params=None, epochs_per_layer=2, finetune_epochs=1, batch_size=256, lr=1e-2,
             finetune_lr=None, tau=0.3, temperature=1.0, train_bn=True, distill=0.5,
             distill_temperature=1.0, noise=0.3, column_orders=None, int8=True, fold=True,
-            pretrain_epochs=0, pretrain_lr=1e-3, schedule="layerwise", validation=None,
+            pretrain_epochs=0, pretrain_lr=1e-3, pretrain_noise=0.0, schedule="layerwise",
+            validation=None,
             random_state=None, verbose=False):
     """Convert every Linear/Conv2d layer of a trained model to lookup tables.
 
@@ -266,6 +267,10 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
     fold : bool, fold BatchNorm and ReLU (stage 5); the model's modules are replaced
         by the folded chain
     pretrain_epochs : int, exact training first (stage 1); pretrain_lr its step
+    pretrain_noise : float >= 0, input noise of every layer during pretraining, in
+        standard deviations of each input feature (see :func:`nimbus.nn.fit`'s
+        ``input_noise``): a float model that tolerates perturbed inputs loses less
+        when its layers' inputs are quantized
     schedule : "layerwise" (ours: cached prefix, one DM layer per stage) or
         "published" (every converted layer keeps training in DM at later stages)
     validation : optional (X_val, y_val) for the reported accuracies
@@ -304,6 +309,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
     distill_temperature = validate.check_float(distill_temperature, "distill_temperature", 0.0,
                                                lo_open=True)
     noise = validate.check_float(noise, "noise", 0.0)
+    pretrain_noise = validate.check_float(pretrain_noise, "pretrain_noise", 0.0)
     depth = validate.check_int(depth, "depth", lo=1, hi=8)
     validate.check_choice(lut_form, "lut_form", ("free", "factored"))
     column_orders = dict(column_orders or {})
@@ -338,7 +344,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
                 "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr, "tau": tau,
                 "temperature": temperature, "train_bn": train_bn, "distill": distill,
                 "distill_temperature": distill_temperature, "noise": noise,
-                "int8": int8, "fold": fold,
+                "int8": int8, "fold": fold, "pretrain_noise": pretrain_noise,
                 "schedule": schedule}
     report = ConversionReport(evaluated_on, settings)
     say = _say(verbose)
@@ -356,7 +362,9 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
         t0 = time.perf_counter()
         model.train()
         opts = model.optimizers(pretrain_lr)
-        losses = train_loop(model, opts, X, y, epochs=pretrain_epochs, batch_size=batch_size,
+        forward = model if pretrain_noise == 0 else noisy_forward(
+            model, pretrain_noise, rng.randint(2 ** 31), X)
+        losses = train_loop(forward, opts, X, y, epochs=pretrain_epochs, batch_size=batch_size,
                             rng=rng, verbose=verbose, desc="pretrain")
         model.eval()
         log(report.add("pretrain", _accuracy_of(mods, Xv, yv), time.perf_counter() - t0,

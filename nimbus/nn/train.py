@@ -16,7 +16,7 @@ from ..arrays import autograd as ag
 from ..arrays import backend, validate
 from ..arrays.autograd import Tensor, no_grad
 from ..table import Table
-from .layers import Module, _as_input
+from .layers import Module, NimbusLayer, Sequential, _as_input
 
 __all__ = ["fit", "accuracy", "evaluate", "train_loop", "check_xy", "soft_targets"]
 
@@ -123,8 +123,34 @@ def train_loop(forward, opts, X, y, *, epochs, batch_size, rng, verbose=False, d
     return losses
 
 
+def noisy_forward(model, sigma, seed, ref):
+    """``model``'s training forward with Gaussian noise added to every layer's input.
+
+    Before each Linear/Conv2d (a NimbusLayer among ``model.layers``), the input
+    ``x`` gets ``sigma * std(x) * z``: z standard normal, std per input feature over
+    the batch (not differentiated). The model learns to be robust to the kind of
+    perturbation a quantizer of that input makes (DM trains with the same noise).
+
+    model : Sequential; sigma : float > 0; seed : int; ref : array of the data's library
+    Returns a callable Tensor -> Tensor.
+    """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"input_noise needs a nimbus.nn.Sequential model, got {type(model).__name__}")
+    sample = backend.normal_sampler(seed, ref)
+    s = np.float32(sigma)
+
+    def forward(x):
+        for m in model.layers:
+            if isinstance(m, NimbusLayer):
+                scale = x.data.std(axis=0).astype(np.float32) * s
+                x = x + Tensor(sample(x.shape) * scale[None])
+            x = m(x)
+        return x
+    return forward
+
+
 def fit(model, X, y, epochs=10, batch_size=256, lr=1e-3, random_state=None, verbose=False,
-        validation=None):
+        validation=None, input_noise=0.0):
     """Train ``model`` on (X, y) with Adam and softmax cross-entropy.
 
     Parameters
@@ -138,6 +164,12 @@ def fit(model, X, y, epochs=10, batch_size=256, lr=1e-3, random_state=None, verb
     random_state : None, int or RandomState (shuffling)
     verbose : bool, progress bar
     validation : optional (X_val, y_val): accuracy after every epoch
+    input_noise : float >= 0: while training, every Linear/Conv2d input gets Gaussian
+        noise of this many standard deviations of each input feature (over the batch);
+        needs a Sequential. Makes the model robust to quantized inputs (on
+        Fashion-MNIST, 0.4 for 25 epochs: the same float accuracy as plain training,
+        and conversion loses about 0.6 point less; benchmarks/RESULTS.md). 0 (default):
+        plain training
 
     Returns
     -------
@@ -148,6 +180,7 @@ def fit(model, X, y, epochs=10, batch_size=256, lr=1e-3, random_state=None, verb
     epochs = validate.check_int(epochs, "epochs", lo=1)
     batch_size = validate.check_int(batch_size, "batch_size", lo=1)
     lr = validate.check_float(lr, "lr", 0.0, lo_open=True)
+    input_noise = validate.check_float(input_noise, "input_noise", 0.0)
     rng = validate.random_state(random_state)
     if validation is not None:
         Xv, yv = check_xy(model, *validation, name="validation X")
@@ -170,8 +203,11 @@ def fit(model, X, y, epochs=10, batch_size=256, lr=1e-3, random_state=None, verb
             model.train()
         rows.append(row)
 
+    forward = model
+    if input_noise > 0:
+        forward = noisy_forward(model, input_noise, rng.randint(2 ** 31), X)
     try:
-        train_loop(model, opts, X, y, epochs=epochs, batch_size=batch_size, rng=rng,
+        train_loop(forward, opts, X, y, epochs=epochs, batch_size=batch_size, rng=rng,
                    verbose=verbose, desc="fit", on_epoch=on_epoch)
     finally:
         model.eval()
