@@ -147,7 +147,7 @@ def variant_fits(kw, C, M, D, isz):
         cfg = cuda_mma.config(C, M, D, isz, dev, kw.get("nstage"), kw.get("mpw"))
         return cfg is not None and cfg[4] == kw.get("nstage", cfg[4])
     cfg = cuda._fused_config(C, M, D, isz, dev, kw.get("mt"), kw.get("rpt"), kw.get("nstage"),
-                             kw.get("ahead", False), kw.get("groups", 1))
+                             kw.get("groups", 1))
     return cfg is not None
 
 
@@ -254,15 +254,11 @@ def main(argv=None):
                     variants = {}
                     if (N, D, M, C) == HEADLINE:
                         variants = {}
-                        for ahead, mt, rpt, ns in ((False, 512, None, 2), (False, 512, None, 3),
-                                                   (False, 256, 1, 4), (True, 512, None, 3),
-                                                   (True, 512, 1, 3), (True, 512, 1, 5),
-                                                   (True, 256, 1, 4), (True, 256, 1, 5)):
-                            for acc in ((1, 2) if not ahead and ns == 2 else (1,)):
-                                variants[f"simt{'_ahead' if ahead else ''}_mt{mt}_rpt"
-                                         f"{rpt or 'd'}_ns{ns}_acc{acc}"] = dict(
+                        for mt, rpt, ns in ((512, None, 2), (512, None, 3), (256, 1, 4)):
+                            for acc in ((1, 2) if ns == 2 else (1,)):
+                                variants[f"simt_mt{mt}_rpt{rpt or 'd'}_ns{ns}_acc{acc}"] = dict(
                                     engine="simt", mt=mt, rpt=rpt, nstage=ns, acc_mode=acc,
-                                    ahead=ahead, groups=1)
+                                    groups=1)
                         for mt, rpt, ns, g in ((512, None, 2, 2), (512, None, 3, 2),
                                                (512, None, 2, 4), (512, 1, 3, 2),
                                                (256, 1, 4, 2)):

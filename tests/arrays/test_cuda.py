@@ -201,20 +201,6 @@ def test_engine_choice(rng):
 
 
 @gpu
-@pytest.mark.parametrize("N,D,C,M", FUSED_SHAPES + [(20011, 96, 16, 512)])
-@pytest.mark.parametrize("nstage", [3, 5])
-@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
-def test_simt_encode_ahead_variant(rng, N, D, C, M, nstage, in_dtype):
-    _assert_fused_variant(rng, N, D, C, M, in_dtype, engine="simt", ahead=True, nstage=nstage)
-    cp = _cp()
-    cuda = _cuda()
-    cfg = cuda._fused_config(C, M, D, np.dtype(in_dtype).itemsize,
-                             cuda.device_info(cp.cuda.Device().id), None, None, nstage, True)
-    if cfg is not None:                  # it fits: the variant itself ran
-        assert _compiled("encode_lookup_q_ahead_kernel", NCB=C, IN=in_dtype, NSTAGE=nstage)
-
-
-@gpu
 @pytest.mark.parametrize("N,D,C,M", FUSED_SHAPES + [(20011, 96, 16, 512), (131, 64, 16, 64)])
 @pytest.mark.parametrize("groups,nstage", [(2, 2), (2, 3), (4, 2)])
 @pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
@@ -224,7 +210,7 @@ def test_simt_warp_groups_variant(rng, N, D, C, M, groups, nstage, in_dtype):
     cuda = _cuda()
     cfg = cuda._fused_config(C, M, D, np.dtype(in_dtype).itemsize,
                              cuda.device_info(_cp().cuda.Device().id), None, None, nstage,
-                             False, groups)
+                             groups)
     if cfg is not None:                  # it fits: the grouped kernel itself ran
         assert _compiled("encode_lookup_q_kernel", NCB=C, IN=in_dtype, GROUPS=groups)
 
@@ -235,14 +221,11 @@ def test_warp_groups_bad_arguments(rng):
     A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 100, 32, 4, 16)
     with pytest.raises(ValueError, match="groups"):
         _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, groups=3)
-    with pytest.raises(ValueError, match="ahead"):
-        _cuda().encode_lookup_q(A, dims, thr, q, scale, bias, groups=2, ahead=True)
 
 
 @gpu
 @pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("kw", [dict(engine="mma"), dict(engine="simt", ahead=True),
-                                dict(engine="simt", groups=2)])
+@pytest.mark.parametrize("kw", [dict(engine="mma"), dict(engine="simt", groups=2)])
 def test_fused_variants_flag_nan_in_any_batch(rng, in_dtype, kw):
     cp = _cp()
     A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 5000, 64, 16, 128, in_dtype)

@@ -740,84 +740,6 @@ encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
 }
 """
 
-_ENCODE_LOOKUP_Q_AHEAD = r"""
-__device__ __forceinline__ void async_wait_ahead() {    // all but the newest NSTAGE-2
-#if USE_CP_ASYNC
-    asm volatile("cp.async.wait_group %0;" :: "n"(NSTAGE - 2) : "memory");
-#endif
-}
-#define BATCH_ROW(i) (rb + (long long)(i) * RB)
-#define BATCH_NR(i) ((int)(re - BATCH_ROW(i) < RB ? re - BATCH_ROW(i) : RB))
-
-// Thread mapping: blockIdx.y picks a tile of MT columns (its 8-bit LUT stays in shared
-// memory); block x owns the contiguous rows [N*x/gridDim.x, N*(x+1)/gridDim.x) in batches
-// of RB rows (balanced to a row, not a batch). Rows of A arrive by cp.async into NSTAGE
-// buffers; per batch, thread t checks its share of the tile for NaN/Inf and encodes the
-// (row, tree) pairs t, t + NT, ... into shared-memory codes one batch ahead (codes double
-// buffered, one barrier per batch), while thread t sums 16 columns (t % TPR) of rows
-// t / TPR + RG * i, i < RPT, of the previous batch as lookup_q_kernel does.
-extern "C" __global__ void __launch_bounds__(NT, 1)
-encode_lookup_q_ahead_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
-                             const float* __restrict__ thr, const u8* __restrict__ lut_q,
-                             const float* __restrict__ scale, const float* __restrict__ bias,
-                             OUT_T* __restrict__ Y, int* __restrict__ flag,
-                             int N, int D, int M, u32 one, int a_vec, int lut_unit)
-{
-    extern __shared__ __align__(16) u8 smem[];
-    u8* lut_s = smem;
-    int* dims_s = (int*)(smem + LUT_BYTES);
-    float* thr_s = (float*)(smem + LUT_BYTES + NCB * TNODES * 4);
-    const int off_codes = (LUT_BYTES + NCB * TNODES * 8 + 15) / 16 * 16;
-    u8* codes_s = smem + off_codes;                            // [2][RB][CP]
-    const int off_tiles = off_codes + (2 * RB * CP + 15) / 16 * 16;
-    const int tile_bytes = (RB * D * IN_SIZE + 15) & ~15;
-#define TILE(i) ((IN_T*)(smem + off_tiles + ((i) % NSTAGE) * tile_bytes))
-
-    const int m0 = blockIdx.y * MT;
-    const long long rb = (long long)N * blockIdx.x / gridDim.x;
-    const long long re = (long long)N * (blockIdx.x + 1) / gridDim.x;
-    const int nmine = (int)((re - rb + RB - 1) / RB);
-    for (int i = threadIdx.x; i < 2 * RB * CP; i += NT) codes_s[i] = 0;   // padding stays 0
-    stage_trees(dims_s, thr_s, dims, thr, NCB, D);
-    load_lut_q_tile(lut_s, lut_q, M, m0, lut_unit);
-    float sc[16], bi[16];
-    load_scale_bias(sc, bi, scale, bias, M, m0);
-#pragma unroll
-    for (int s = 0; s < NSTAGE - 1; ++s) {        // group s: batch s (group 0 also the LUT)
-        if (s < nmine) stage_rows(TILE(s), A + BATCH_ROW(s) * D, BATCH_NR(s), D, a_vec);
-        else async_commit();
-    }
-    async_wait_ahead();
-    __syncthreads();                  // LUT, trees, batch 0 and zeroed codes ready
-    u32 bad = 0;
-    if (nmine > 0) {
-        const int nr = BATCH_NR(0);
-        bad |= scan_tile(TILE(0), nr, D, a_vec);
-        encode_batch(TILE(0), nr, D, codes_s, CP, RB, NCB, dims_s, thr_s);
-    }
-    for (int it = 0; it < nmine; ++it) {
-        // the buffer refilled here held batch it-1, encoded before the previous barrier
-        const int ip = it + NSTAGE - 1;
-        if (ip < nmine) stage_rows(TILE(ip), A + BATCH_ROW(ip) * D, BATCH_NR(ip), D, a_vec);
-        else async_commit();
-        async_wait_ahead();
-        __syncthreads();              // batch it+1 landed; codes of it written; it-1 summed
-        if (it + 1 < nmine) {
-            const IN_T* cur = TILE(it + 1);
-            const int nr = BATCH_NR(it + 1);
-            u8* cn = codes_s + ((it + 1) & 1) * (RB * CP);
-            bad |= scan_tile(cur, nr, D, a_vec);
-            encode_batch(cur, nr, D, cn, CP, RB, NCB, dims_s, thr_s);
-        }
-        lookup_q_rows<1>(lut_s, sc, bi, codes_s + (it & 1) * (RB * CP), Y, BATCH_ROW(it),
-                         BATCH_NR(it), M, m0, one);
-    }
-    async_wait_all();
-    if (bad) atomicOr(flag, 1);
-#undef TILE
-}
-"""
-
 _LOOKUP_F = r"""
 #define VL (16 / LUT_SIZE)       // columns per thread: one 16-byte LUT load (4 fp32, 8 fp16)
 #define TPR (MT / VL)
@@ -1083,7 +1005,6 @@ _FAMILIES = {
     "encode_pq_kernel": _ENCODE_PQ,
     "lookup_q_kernel": _LOOKUP_Q_CORE + _LOOKUP_Q,
     "encode_lookup_q_kernel": _LOOKUP_Q_CORE + _ENCODE_LOOKUP_Q,
-    "encode_lookup_q_ahead_kernel": _LOOKUP_Q_CORE + _ENCODE_LOOKUP_Q_AHEAD,
     "encode_lookup_mma_kernel": cuda_mma.SOURCE,
     "lookup_kernel": _LOOKUP_F,
     "lookup_backward_kernel": _LOOKUP_BACKWARD,
@@ -1650,26 +1571,25 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
 
 
 # --------------------------------------------------------------------------- fused apply
-def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=False, groups=1):
+def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, groups=1):
     """(NT, MT, RPT, RB, NSTAGE, smem) of the fused simt kernel, or None when it would not fit.
 
-    Float32 input first tries 1 row per thread and 4 stages of A tiles (5 with ``ahead``,
-    whose encode-ahead takes one buffer) at the widest column tile that allows them: at
-    65536 x 512 x 512, C = 16 on an H100 this was 0.106 ms with 256-column tiles against
-    0.117 ms with one 512-column tile and 2 stages; float16 input lost with 256-column
-    tiles (0.082 against 0.0625 ms). Otherwise: the fewest column tiles (each tile
-    re-encodes its rows), then 2 stages (3 with ``ahead``), then 2 rows per thread; the
-    budget is the device's opt-in shared memory per block. ``groups``: warp groups per
-    block (each with its own codes and A buffers; RB is then a group's batch)."""
+    Float32 input first tries 1 row per thread and 4 stages of A tiles at the widest
+    column tile that allows them: at 65536 x 512 x 512, C = 16 on an H100 this was
+    0.106 ms with 256-column tiles against 0.117 ms with one 512-column tile and 2
+    stages; float16 input lost with 256-column tiles (0.082 against 0.0625 ms).
+    Otherwise: the fewest column tiles (each tile re-encodes its rows), then 2 stages,
+    then 2 rows per thread; the budget is the device's opt-in shared memory per block.
+    ``groups``: warp groups per block (each with its own codes and A buffers; RB is then
+    a group's batch)."""
     tops = [mt] if mt else [t for t in (512, 256, 128, 64, 32, 16)
                             if t <= max(16, _pow2_at_least(M))]
     cp_ = (C + 3) // 4 * 4
-    extra = 1 if ahead else 0
     cands = []
     if in_size == 4 and mt is None and rpt is None and nstage is None:
-        cands += [(t, 4 + extra, 1) for t in tops]
+        cands += [(t, 4, 1) for t in tops]
     for t in tops:
-        for ns in ([nstage] if nstage else [2 + extra, 3 + extra]):
+        for ns in ([nstage] if nstage else [2, 3]):
             for r in ([rpt] if rpt else ([1] if C > 256 else [2, 1])):
                 cands.append((t, ns, r))
     for t, ns, r in cands:
@@ -1678,7 +1598,7 @@ def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=F
             continue
         rb = nt // groups // (t // 16) * r
         head = (C * 16 * t + C * 120 + 15) // 16 * 16
-        smem = head + groups * ((1 + extra) * ((rb * cp_ + 15) // 16 * 16)
+        smem = head + groups * ((rb * cp_ + 15) // 16 * 16
                                 + ns * ((rb * D * in_size + 15) // 16 * 16))
         if smem <= dev["smem_optin"]:
             return nt, t, r, rb, ns, smem
@@ -1687,7 +1607,7 @@ def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, ahead=F
 
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32, *,
                     mode="auto", engine="auto", acc_mode=1, mt=None, rpt=None, nstage=None,
-                    mpw=None, ahead=False, groups=None, check_finite=True):
+                    mpw=None, groups=None, check_finite=True):
     """MADDNESS apply: ``lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)``.
 
     Parameters
@@ -1708,12 +1628,11 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
         was measured slower, see benchmarks/NOTES_gpu.md)
     acc_mode, mt, rpt : simt variant (see :func:`lookup_q`); nstage: A tile buffers
         (mma: the most it may keep, default as many as fit, up to 6); mpw: mma m-tiles
-        (16 rows) per warp and batch; ahead: simt variant that encodes one batch ahead
-        (one barrier per batch, rows split evenly between blocks); groups: simt kernel
-        with this many independent warp groups per block sharing the LUT (1, 2 or 4;
-        not with ``ahead``). None: 4 for float16 input, 2 for float32 (H100, 65536 x
-        512 x 512, C = 16: fp16 0.0583 ms with 4 groups, 0.0593 with 2, 0.0625 with 1;
-        fp32 0.1048 ms with 2, 0.1061 with 1), 1 where a grouped plan does not fit
+        (16 rows) per warp and batch; groups: simt kernel with this many independent
+        warp groups per block sharing the LUT (1, 2 or 4). None: 4 for float16 input,
+        2 for float32 (H100, 65536 x 512 x 512, C = 16: fp16 0.0583 ms with 4 groups,
+        0.0593 with 2, 0.0625 with 1; fp32 0.1048 ms with 2, 0.1061 with 1), 1 where a
+        grouped plan does not fit
     check_finite : bool, raise ValueError if A holds NaN/Inf
 
     Returns
@@ -1726,8 +1645,6 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     validate.check_choice(mode, "mode", ("auto", "fused", "split"))
     validate.check_choice(engine, "engine", ("auto", "mma", "simt"))
     validate.check_choice(groups, "groups", (None, 1, 2, 4))
-    if groups is not None and groups > 1 and ahead:
-        raise ValueError("groups > 1 is not available with ahead=True")
     out_dt = _out_dtype(out_dtype)
     dev_id, A, dims, thresholds, depth = _tree_args(A, dims, thresholds)
     C = dims.shape[0]
@@ -1750,12 +1667,12 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
                 return _encode_lookup_mma(A, dims, thresholds, lut_q, scale, bias, out_dt,
                                           mcfg, dev, dev_id, check_finite)
             if groups is None:      # one group waits on its loads while another sums
-                groups = 1 if ahead else (4 if A.itemsize == 2 else 2)
-                cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, ahead, groups)
+                groups = 4 if A.itemsize == 2 else 2
+                cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, groups)
                 if cfg is None:
                     groups = 1
             if cfg is None:
-                cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, ahead, groups)
+                cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, groups)
             # measured (H100, bench_gpu, 16 shapes): fused wins when M fits one column tile
             # or C <= 16; with more codebooks the LUT tile narrows, every tile re-encodes
             # its rows, and the encode + lookup kernels win
@@ -1772,8 +1689,7 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
         Y = cp.empty((N, M), dtype=out_dt)
         flag = cp.zeros(1, dtype=np.int32)
         a_vec = int(_aligned(A) and (D * A.itemsize) % 16 == 0)
-        kern = _kernel("encode_lookup_q_ahead_kernel" if ahead else "encode_lookup_q_kernel",
-                       dev_id, IN=A.dtype, OUT=out_dt, NT=nt, NCB=C,
+        kern = _kernel("encode_lookup_q_kernel", dev_id, IN=A.dtype, OUT=out_dt, NT=nt, NCB=C,
                        MT=MT, RPT=RPT, NSTAGE=NS, ACC_MODE=acc_mode,
                        USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C),
                        **({"GROUPS": groups} if groups > 1 else {}))
