@@ -135,17 +135,24 @@ def noisy_forward(model, sigma, seed, ref):
     Returns a callable Tensor -> Tensor.
     """
     if not isinstance(model, Sequential):
-        raise TypeError(f"input_noise needs a nimbus.nn.Sequential model, got {type(model).__name__}")
+        raise TypeError("input_noise needs a nimbus.nn.Sequential model, got "
+                        f"{type(model).__name__}")
     sample = backend.normal_sampler(seed, ref)
     s = np.float32(sigma)
 
-    def forward(x):
-        for m in model.layers:
+    def run(modules, x):
+        for m in modules:
+            if isinstance(m, Sequential):          # nested: its layers get noise too
+                x = run(m.layers, x)
+                continue
             if isinstance(m, NimbusLayer):
                 scale = x.data.std(axis=0).astype(np.float32) * s
                 x = x + Tensor(sample(x.shape) * scale[None])
             x = m(x)
         return x
+
+    def forward(x):
+        return run(model.layers, x)
     return forward
 
 

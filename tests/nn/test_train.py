@@ -38,7 +38,7 @@ def test_noise_before_every_layer_not_after(rng):
     # std of the (already noisy) hidden values
     N, D, sigma = 20000, 4, 0.5
     a, b = _identity_model(D).layers[0], _identity_model(D).layers[0]
-    model = nn.Sequential(a, b)
+    model = nn.Sequential(a, nn.Sequential(b))      # nested layers get noise as well
     X = rng.standard_normal((N, D)).astype(np.float32)
     out = noisy_forward(model, sigma, 0, X)(Tensor(X)).data
     s1 = sigma * X.std(axis=0)
