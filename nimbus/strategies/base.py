@@ -86,6 +86,9 @@ class Strategy:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
+    # how _set_lut quantizes LUTs to 8 bits by default ("shared" or "column")
+    LUT_QUANTIZER = "shared"
+
     @property
     def nbuckets(self):
         """K, the buckets (LUT rows) per codebook: ``2**depth`` for tree strategies, else 16."""
@@ -155,13 +158,24 @@ class Strategy:
         """Store what applying needs for this (checked) B: here, its LUT."""
         self._set_lut(self._prototypes_lut(B))
 
-    def _set_lut(self, lut):
-        """Store a float LUT (C, K, M) and, when ``quantize``, its 8-bit version."""
-        from ._lut import quantize_lut
+    def _set_lut(self, lut, quantizer=None):
+        """Store a float LUT (C, K, M) and, when ``quantize``, its 8-bit version.
+
+        quantizer : "shared" (an offset per codebook, one scale: :func:`._lut.quantize_lut`)
+            or "column" (an offset per codebook and column, a scale per column:
+            :func:`._lut.quantize_lut_per_column`); the same lookup format either way.
+            Default: the one this strategy used last (``lut_quantizer_``, kept when the
+            LUT is re-quantized or saved), else the class's ``LUT_QUANTIZER``.
+        """
+        from ._lut import quantize_lut, quantize_lut_per_column
+        q = quantizer or getattr(self, "lut_quantizer_", self.LUT_QUANTIZER)
+        validate.check_choice(q, "quantizer", ("shared", "column"))
         self._cache = {}
         self.lut_ = lut.astype(np.float32)
+        self.lut_quantizer_ = q
         if self.quantize:
-            self.lut_q_, self.lut_scale_, self.lut_bias_ = quantize_lut(self.lut_)
+            fn = quantize_lut if q == "shared" else quantize_lut_per_column
+            self.lut_q_, self.lut_scale_, self.lut_bias_ = fn(self.lut_)
         else:
             for k in ("lut_q_", "lut_scale_", "lut_bias_"):
                 self.__dict__.pop(k, None)

@@ -515,7 +515,6 @@ class DM(TreeStrategy):
         LUT in 8 bits (``quantize=True``: an offset per codebook and column, a scale
         per column, exact integer sums). It has no prototypes: a LUT for another B needs a new fit.
         """
-        from ._lut import quantize_lut_per_column
         from .maddness import Maddness
         self._check_fitted("lut_")
         self._sync_lut()
@@ -531,11 +530,9 @@ class DM(TreeStrategy):
         m.starts_ = np.array(self.starts_, dtype=np.int64)
         m.dims_ = xp.array(self.dims_, dtype=np.int32, copy=True)
         m.thresholds_ = xp.array(self.thresholds_, dtype=np.float32, copy=True)
-        m._set_lut(xp.array(self.lut_, dtype=np.float32, copy=True))
-        if quantize:
-            # per-column steps (never coarser than the shared scale; the same format):
-            # deep or trained LUTs have columns of very different ranges
-            m.lut_q_, m.lut_scale_, m.lut_bias_ = quantize_lut_per_column(m.lut_)
+        # per-column steps (never coarser than the shared scale; the same format): deep
+        # or trained LUTs have columns of very different ranges
+        m._set_lut(xp.array(self.lut_, dtype=np.float32, copy=True), quantizer="column")
         return m
 
     # ------------------------------------------------------------- standalone

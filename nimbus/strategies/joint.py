@@ -39,7 +39,6 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
-from ._lut import quantize_lut_per_column
 from .base import TreeStrategy, subspace_starts
 
 DEPTH = 4                   # the default tree depth (16 leaves)
@@ -415,10 +414,13 @@ class Joint(TreeStrategy):
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
-        (8-bit, see :func:`quantize_lut_per_column`)
+        (8-bit with an offset per codebook and output column and a scale per column,
+        :func:`._lut.quantize_lut_per_column`: each column's step is set by its own
+        range, which matters where a few columns of Y are much wider than the rest)
     """
 
     name = "joint"
+    LUT_QUANTIZER = "column"
 
     def __init__(self, ncodebooks=16, *, split="node", depth=4, refine=20, tol=1e-3, ridge=1e-2,
                  rank=16, min_leaf=None, max_candidates=32, quantize=True,
@@ -585,16 +587,3 @@ class Joint(TreeStrategy):
                 bar.update(C * (self.refine - done - 1))
                 break                       # converged: later passes change little
         return history, dims, thr, ridge
-
-    def _set_lut(self, lut):
-        """Store the float LUT (C, K, M) and, when ``quantize``, an 8-bit version.
-
-        Same format as every strategy (``Y = isum * scale + bias``, exact integer
-        sums), but with one offset per (codebook, output column) and one scale
-        per output column: the step of each column is then set by its own range,
-        never coarser than the shared-scale quantizer's (it matters most where
-        a few columns of Y are much wider than the rest).
-        """
-        super()._set_lut(lut)
-        if self.quantize:
-            self.lut_q_, self.lut_scale_, self.lut_bias_ = quantize_lut_per_column(self.lut_)

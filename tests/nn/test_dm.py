@@ -214,6 +214,30 @@ def test_harden_identity(xp, rng):
     assert not np.allclose(_h(hard(At)), _h(dm(At)))
 
 
+def test_hardened_lut_keeps_its_quantizer(rng, tmp_path):
+    # DM.harden quantizes per column; re-quantizing (a layer switched to float LUTs and
+    # back) and saving must keep that, not fall back to MADDNESS's shared scale
+    from nimbus.strategies._lut import quantize_lut, quantize_lut_per_column
+    dm, A, At, B, _ = _digits_dm(np, rng)
+    dm.parameters()[1].data *= np.linspace(0.1, 10, dm.lut_.shape[2], dtype=np.float32)
+    q = dm.harden(quantize=True)
+    want = quantize_lut_per_column(q.lut_)
+    assert not np.array_equal(quantize_lut(q.lut_)[1], want[1])      # the two differ here
+    q.quantize = False
+    q._set_lut(q.lut_)
+    assert not hasattr(q, "lut_q_")
+    q.quantize = True
+    q._set_lut(q.lut_)
+    for got, w in zip((q.lut_q_, q.lut_scale_, q.lut_bias_), want):
+        np.testing.assert_array_equal(got, w)
+    back = nimbus.load(nimbus.save(q, str(tmp_path / "q.npz")))
+    back._set_lut(back.lut_)
+    np.testing.assert_array_equal(back.lut_scale_, want[1])
+    assert Maddness(4).LUT_QUANTIZER == "shared"
+    with pytest.raises(ValueError, match="quantizer"):
+        q._set_lut(q.lut_, quantizer="per-row")
+
+
 def test_standalone_training_recovers_a_perturbed_lut(rng):
     # the initial LUT is least-squares optimal for its codes; spoil it, then train
     A = np.maximum(0, rng.standard_normal((2000, 4)) @ rng.standard_normal((4, 32))

@@ -7,7 +7,8 @@ import nimbus
 from nimbus.arrays import backend, kernels
 from nimbus.strategies import Joint
 from nimbus.strategies._lut import quantize_lut, ridge_on_codes
-from nimbus.strategies.joint import bin_columns, learn_product_tree, quantize_lut_per_column
+from nimbus.strategies._lut import quantize_lut_per_column
+from nimbus.strategies.joint import bin_columns, learn_product_tree
 
 
 def _lowrank(rng, n, D, r=4, noise=0.1):
