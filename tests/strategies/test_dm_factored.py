@@ -7,7 +7,9 @@ import nimbus.nn as nn
 from nimbus.arrays import backend
 from nimbus.arrays.autograd import Tensor
 from nimbus.strategies import DM
-from nimbus.strategies.dm import FactoredLUT
+from nimbus.arrays import kernels
+from nimbus.arrays.kernels import dm_reference
+from nimbus.strategies.dm import FactoredLUT, factored_leaf_gradients
 
 
 def _h(x):
@@ -96,3 +98,65 @@ def test_bad_lut_form(rng):
     A, B = _data(rng)
     with pytest.raises(ValueError, match="lut_form"):
         DM(2, lut_form="low-rank").fit(A, B)
+
+
+@pytest.mark.parametrize("depth", [1, 4, 8])
+def test_factored_leaf_gradients_equal_the_lut_product(xp, rng, depth):
+    # ragged subspaces (D = 20 in 3 codebooks: widths 7, 7, 6) and a random column order
+    A, B = _data(rng, n=600)
+    order = rng.permutation(20)
+    dm = DM(3, depth=depth, init="maddness", lut_form="factored", column_order=order,
+            random_state=0).fit(xp.asarray(A), xp.asarray(B))
+    gY = xp.asarray(rng.standard_normal((50, 7)).astype(np.float32))
+    G = factored_leaf_gradients(gY, dm.proto_, dm.weight_, dm.cols_, dm.colmask_)
+    want = dm_reference.leaf_gradients(gY, dm.lut_)
+    assert G.shape == (50, 3 * 2 ** depth) and G.dtype == np.float32
+    scale = float(abs(_h(want)).max())
+    np.testing.assert_allclose(_h(G), _h(want), rtol=0, atol=1e-5 * scale)
+
+
+def test_factored_dm_backward_matches_the_free_lut_backward(xp, rng):
+    """The factored layer's gradients (leaf gradients through the factors) equal those
+    of the same LUT trained as a free DM: input, thresholds, prototypes and weights.
+    M = 32 outputs: at least 4x the subspace width, where DM.forward takes that path."""
+    A, B = _data(rng, n=400, M=32)
+    A = xp.asarray(A)
+    dm = DM(3, depth=6, init="maddness", lut_form="factored", tau=0.5,
+            random_state=0).fit(A, xp.asarray(B))
+    x = Tensor(A[:64].copy(), requires_grad=True)
+    gY = xp.asarray(rng.standard_normal((64, 32)).astype(np.float32))
+    (dm.forward(x) * Tensor(gY)).sum().backward()
+    thr, proto, weight = dm.parameters()
+    # the same op with a plain LUT product: DMFunction's default leaf gradients
+    from nimbus.strategies.dm import DMFunction
+    x2 = Tensor(A[:64].copy(), requires_grad=True)
+    t2 = Tensor(thr.data.copy(), requires_grad=True)
+    p2 = Tensor(proto.data.copy(), requires_grad=True)
+    w2 = Tensor(weight.data.copy(), requires_grad=True)
+    lut = FactoredLUT.apply(p2, w2, cols=dm.cols_, mask=dm.colmask_)
+    Y2 = DMFunction.apply(x2, t2, lut, dims=dm.dims_, inv_tau=dm.inv_tau(), inv_temp=1.0)
+    (Y2 * Tensor(gY)).sum().backward()
+    for got, want in ((x.grad, x2.grad), (thr.grad, t2.grad), (proto.grad, p2.grad),
+                      (weight.grad, w2.grad)):
+        scale = float(abs(_h(want)).max()) or 1.0
+        assert scale > 0
+        np.testing.assert_allclose(_h(got), _h(want), rtol=0, atol=1e-5 * scale)
+
+
+def test_dm_backward_rejects_leaf_gradients_of_the_wrong_shape(xp, rng):
+    A, B = _data(rng, n=300)
+    dm = DM(3, depth=4, init="maddness", random_state=0).fit(xp.asarray(A), xp.asarray(B))
+    x = xp.asarray(A[:10])
+    codes, _ = kernels.dm_forward(x, dm.dims_, dm.thresholds_, dm.lut_)
+    gY = xp.ones((10, 7), dtype=np.float32)
+    with pytest.raises(ValueError, match="leaf gradients"):
+        kernels.dm_backward(x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY,
+                            1.0, G=xp.zeros((10, 3 * 15), dtype=np.float32))
+    # a correct G gives what the default product gives
+    G = dm_reference.leaf_gradients(gY, dm.lut_)
+    got = kernels.dm_backward(x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY,
+                              1.0, G=G.astype(np.float64))
+    want = kernels.dm_backward(x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY,
+                               1.0)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(_h(a), _h(b), rtol=1e-6, atol=1e-6)

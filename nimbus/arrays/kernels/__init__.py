@@ -179,7 +179,7 @@ def dm_forward(A, dims, thresholds, lut):
 
 
 def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
-                need_a=True, need_t=True, need_lut=True):
+                need_a=True, need_t=True, need_lut=True, G=None):
     """Surrogate gradients of the DM op (semantics in :mod:`.dm_reference`).
 
     Parameters
@@ -189,6 +189,9 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     (K = 2**d leaves, d in 1..8 read from dims' width)
     inv_temp : float, 1 / softmax temperature
     need_a, need_t, need_lut : which gradients to compute
+    G : optional (N, C*K) float32 leaf gradients ``grad_Y @ LUT_flat^T``, same library,
+        when the caller has a cheaper way to them (e.g. a factored LUT, see
+        :func:`nimbus.strategies.dm.factored_leaf_gradients`); default: one matmul here
 
     Returns
     -------
@@ -198,13 +201,15 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     if backend.is_cupy(A):
         mod = _dm_gpu() or dm_reference
         return mod.dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
-                               need_a, need_t, need_lut)
+                               need_a, need_t, need_lut, G=G)
     from . import dm_cpu
     dm_reference.check_dm(dims, thresholds, lut, inv_tau)
     grad_lut = lookup_backward(codes, grad_Y, lut.shape[1]) if need_lut else None
     grad_A = grad_t = None
     if need_a or need_t:
-        G = dm_reference.leaf_gradients(grad_Y, lut)          # one BLAS product
+        C, K, _ = lut.shape
+        G = (dm_reference.leaf_gradients(grad_Y, lut) if G is None     # one BLAS product
+             else dm_reference.check_leaf_gradients(G, A.shape[0], C, K))
         grad_A, grad_t = dm_cpu.node_backward(A, dims, thresholds, inv_tau, G, inv_temp, need_a)
         grad_t = grad_t if need_t else None
     return grad_A, grad_t, grad_lut

@@ -174,6 +174,16 @@ def leaf_gradients(grad_Y, lut):
     return grad_Y @ lut.reshape(C * K, M).T
 
 
+def check_leaf_gradients(G, N, C, K):
+    """``G`` as C-contiguous float32 leaf gradients, checked to have shape (N, C * K).
+
+    Raises ValueError naming the expected shape otherwise."""
+    if tuple(G.shape) != (N, C * K):
+        raise ValueError(f"G (the leaf gradients) has shape {tuple(G.shape)}; expected "
+                         f"({N}, {C * K}) = (rows, codebooks x leaves)")
+    return backend.namespace(G).ascontiguousarray(G, dtype=np.float32)
+
+
 def node_gradients(A, dims, thresholds, inv_tau, G, inv_temp):
     """Surrogate gradient of the loss w.r.t. each gathered node input ``x_j``.
 
@@ -227,7 +237,7 @@ def scatter_columns(gx, dims, D):
 
 
 def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
-                need_a=True, need_t=True, need_lut=True, lut_grad=None):
+                need_a=True, need_t=True, need_lut=True, lut_grad=None, G=None):
     """Surrogate gradients of the DM op w.r.t. its input, thresholds and LUT.
 
     Parameters
@@ -242,6 +252,8 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     need_a, need_t, need_lut : which gradients to compute
     lut_grad : optional function ``(codes, grad_Y, nbuckets) -> (C, K, M)`` for the
         LUT scatter-add (default: :func:`reference.lookup_backward`)
+    G : optional (N, C * K) float32, the leaf gradients ``grad_Y @ LUT_flat^T`` when the
+        caller has a cheaper way to them (a factored LUT); default: computed here
 
     Returns
     -------
@@ -255,7 +267,9 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
         grad_lut = (lut_grad or reference.lookup_backward)(codes, grad_Y, lut.shape[1])
     grad_A = grad_t = None
     if need_a or need_t:
-        G = leaf_gradients(grad_Y, lut)
+        C, K, _ = lut.shape
+        G = leaf_gradients(grad_Y, lut) if G is None else check_leaf_gradients(
+            G, A.shape[0], C, K)
         gx = node_gradients(A, dims, thresholds, inv_tau, G, inv_temp)
         if need_t:
             grad_t = -gx.sum(axis=0)
