@@ -5,8 +5,11 @@ Its backward needs the leaf gradients ``G = grad_Y @ LUT_flat^T`` (N x C*K, N*C*
 multiply-adds); through the factors they are ``(grad_Y @ weight^T)[:, cols[c]] @
 proto[c]^T`` (N*D*M + N*C*K*w). This script times one training step of the layer
 (``DM.forward`` + ``backward`` through autograd, every parameter trained, batch N) both
-ways, at the shapes of the Fashion-MNIST MLP's layers (depth-8 trees, 8 columns per
-codebook), and checks that the two give the same gradients.
+ways (``DMFunction`` with and without ``factors``), at the shapes of the Fashion-MNIST MLP's
+layers (depth-8 trees, 8 columns per codebook), checks that the two give the same
+gradients, and times the two leaf-gradient computations alone. ``kernels.dm_backward`` uses
+the factors on the CPU where M >= 4w and never on the GPU, so there the two steps are the
+same computation and only the "G" columns differ.
 
 Timing: ``time.perf_counter`` around each step on the CPU; on the GPU (``--gpu``) CUDA
 events; warm-up, median of ``--reps`` steps.
@@ -27,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from nimbus.arrays import backend  # noqa: E402
 from nimbus.arrays.autograd import Tensor  # noqa: E402
 from nimbus.strategies import DM  # noqa: E402
-from nimbus.strategies.dm import DMFunction, FactoredLUT, factored_leaf_gradients  # noqa: E402
+from nimbus.arrays.kernels import dm_reference  # noqa: E402
+from nimbus.strategies.dm import DMFunction, FactoredLUT  # noqa: E402
 from nimbus.table import Table  # noqa: E402
 
 SHAPES = [(784, 256), (256, 256), (256, 10)]       # (D, M) of the MLP's four Linear layers
@@ -53,19 +57,17 @@ def _step_timer(xp):
 
 
 def _step(dm, x, gY, factored):
-    """One training step of the layer as DM.forward makes it, with or without the
-    factored leaf gradients (``leaf_grads``)."""
+    """One training step of the layer as DM.forward makes it, with or without handing the
+    backward the LUT's factors."""
     thr, proto, weight = dm.parameters()
-
-    def leaf(grad_Y):
-        return factored_leaf_gradients(grad_Y, proto.data, weight.data, dm.cols_, dm.colmask_)
+    factors = (proto.data, weight.data, dm.cols_, dm.colmask_) if factored else None
 
     def step():
         for t in (thr, proto, weight):
             t.grad = None
         lut = FactoredLUT.apply(proto, weight, cols=dm.cols_, mask=dm.colmask_)
         Y = DMFunction.apply(x, thr, lut, dims=dm.dims_, inv_tau=dm.inv_tau(),
-                             inv_temp=1.0 / dm.temperature, leaf_grads=leaf if factored else None)
+                             inv_temp=1.0 / dm.temperature, factors=factors)
         (Y * Tensor(gY)).sum().backward()
         return [t.grad for t in (thr, proto, weight)]
     return step
@@ -101,17 +103,27 @@ def main(argv=None):
                 step()
             times[way] = float(np.median([timer(step) for _ in range(args.reps)]))
             grads[way] = [backend.to_host(g) for g in step()]
+        # the leaf gradients alone, both ways (on the GPU kernels.dm_backward ignores the
+        # factors: these two columns say why)
+        f = (dm.proto_, dm.weight_, dm.cols_, dm.colmask_)
+        g_times = {}
+        for way, fn in (("G factored", lambda: dm_reference.factored_leaf_gradients(gY, *f)),
+                        ("G product", lambda: dm_reference.leaf_gradients(gY, dm.lut_))):
+            for _ in range(3):
+                fn()
+            g_times[way] = float(np.median([timer(fn) for _ in range(args.reps)]))
         err = max(float(np.abs(a - b).max() / (np.abs(b).max() or 1.0))
                   for a, b in zip(grads["factored"], grads["LUT product"]))
         rows.append({"D": D, "M": M, "C": D // 8, "K": 2 ** args.depth,
                      "factored ms": times["factored"], "LUT product ms": times["LUT product"],
                      "speed-up": times["LUT product"] / times["factored"],
+                     "G factored ms": g_times["G factored"], "G product ms": g_times["G product"],
                      "max rel. grad diff": err})
         if err > 1e-4:
             raise SystemExit(f"gradients differ by {err:.2e} (relative) at D={D}, M={M}")
     where = "GPU" if args.gpu else "CPU"
     print(Table(rows, ["D", "M", "C", "K", "factored ms", "LUT product ms", "speed-up",
-                       "max rel. grad diff"],
+                       "G factored ms", "G product ms", "max rel. grad diff"],
                 title=f"factored DM layer step ({where}, N={args.n}, median of {args.reps})"))
     return 0
 

@@ -58,58 +58,28 @@ class DMFunction(Function):
     Positional inputs (Tensors or raw arrays of one library):
     x : (N, D) float32; thresholds : (C, K-1) float32; lut : (C, K, M) float32.
     Keyword arguments (no gradient): dims : (C, K-1) int32; inv_tau : (C, K-1) float32
-    (1 / tau per node); inv_temp : float (1 / T); leaf_grads : optional callable
-    ``grad_Y (N, M) -> G (N, C*K)`` giving the leaf gradients ``grad_Y @ LUT_flat^T``
-    more cheaply than that product (a factored LUT: :func:`factored_leaf_gradients`).
+    (1 / tau per node); inv_temp : float (1 / T); factors : optional ``(proto, weight,
+    cols, mask)`` of a factored LUT (see :class:`FactoredLUT`), which the backward may
+    use for the leaf gradients (``kernels.dm_backward``).
     Output: Y (N, M) float32, exactly the hard trees + LUT sum.
     """
 
     @staticmethod
-    def forward(ctx, x, thresholds, lut, *, dims, inv_tau, inv_temp, leaf_grads=None):
+    def forward(ctx, x, thresholds, lut, *, dims, inv_tau, inv_temp, factors=None):
         codes, Y = kernels.dm_forward(x, dims, thresholds, lut)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, thresholds, lut, codes)
             ctx.dims, ctx.inv_tau, ctx.inv_temp = dims, inv_tau, inv_temp
-            ctx.leaf_grads = leaf_grads
+            ctx.factors = factors
         return Y
 
     @staticmethod
     def backward(ctx, grad_Y):
         x, thresholds, lut, codes = ctx.saved
         need_a, need_t, need_lut = ctx.needs_input_grad
-        G = None
-        if ctx.leaf_grads is not None and (need_a or need_t):
-            G = ctx.leaf_grads(grad_Y)
         return kernels.dm_backward(x, ctx.dims, thresholds, ctx.inv_tau, lut, codes, grad_Y,
                                    ctx.inv_temp, need_a=need_a, need_t=need_t, need_lut=need_lut,
-                                   G=G)
-
-
-def factored_leaf_gradients(grad_Y, proto, weight, cols, mask):
-    """Leaf gradients of a factored LUT, ``lut[c] = proto[c] @ weight[cols[c]]``, without
-    the LUT: ``G[n, c*K + k] = <grad_Y[n], lut[c, k]> = <(grad_Y @ weight^T)[n, cols[c]],
-    proto[c, k]>``.
-
-    One (N, M) @ (M, D) product and C small (N, w) @ (w, K) ones: N*D*M + N*C*K*w
-    multiply-adds instead of the N*C*K*M of ``grad_Y @ LUT_flat^T`` (w = 8, M = 256:
-    about 30x fewer).
-
-    Parameters
-    ----------
-    grad_Y : (N, M) float32; proto : (C, K, w) float32; weight : (D, M) float32
-    cols : (C, w) int64 subspace columns (padded); mask : (C, w) float32, 0 on padding
-
-    Returns
-    -------
-    G : (N, C * K) float32, C-contiguous
-    """
-    xp = backend.namespace(grad_Y)
-    N = grad_Y.shape[0]
-    C, K, _ = proto.shape
-    gq = grad_Y @ weight.T                                   # (N, D): grad of the quantized input
-    sub = gq[:, cols] * mask[None]                           # (N, C, w)
-    G = xp.matmul(sub.transpose(1, 0, 2), proto.transpose(0, 2, 1))     # (C, N, K)
-    return xp.ascontiguousarray(G.transpose(1, 0, 2), dtype=np.float32).reshape(N, C * K)
+                                   factors=ctx.factors)
 
 
 class FactoredLUT(Function):
@@ -508,19 +478,13 @@ class DM(TreeStrategy):
         else:                     # frozen factors: the product made last time
             self._sync_lut()
             lut = self.lut_
-        leaf_grads = None
-        # factored: leaf gradients through the factors, M / w times fewer multiply-adds
-        # (30x at M = 256, w = 8: 1.3x faster layer-1 steps on the CPU); at small M the
-        # plain product is as fast (benchmarks/bench_dm_factored.py)
-        if len(params) == 3 and self.n_outputs_ >= 4 * self.proto_.shape[2]:
-            proto, weight, cols, mask = self.proto_, self.weight_, self.cols_, self.colmask_
-
-            def leaf_grads(grad_Y):
-                return factored_leaf_gradients(grad_Y, proto, weight, cols, mask)
+        # factored: the backward may make the leaf gradients through the factors
+        factors = ((self.proto_, self.weight_, self.cols_, self.colmask_) if len(params) == 3
+                   else None)
         if self.noise and training:
             x = x + self._noise_like(x)
         return DMFunction.apply(x, thr, lut, dims=self.dims_, inv_tau=self.inv_tau(),
-                                inv_temp=1.0 / float(self.temperature), leaf_grads=leaf_grads)
+                                inv_temp=1.0 / float(self.temperature), factors=factors)
 
     def _noise_like(self, x):
         """(N, D) float32 Gaussian noise, ``noise * col_scale_`` per column, x's library."""

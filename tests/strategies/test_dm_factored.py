@@ -9,7 +9,7 @@ from nimbus.arrays.autograd import Tensor
 from nimbus.strategies import DM
 from nimbus.arrays import kernels
 from nimbus.arrays.kernels import dm_reference
-from nimbus.strategies.dm import FactoredLUT, factored_leaf_gradients
+from nimbus.strategies.dm import FactoredLUT
 
 
 def _h(x):
@@ -108,7 +108,7 @@ def test_factored_leaf_gradients_equal_the_lut_product(xp, rng, depth):
     dm = DM(3, depth=depth, init="maddness", lut_form="factored", column_order=order,
             random_state=0).fit(xp.asarray(A), xp.asarray(B))
     gY = xp.asarray(rng.standard_normal((50, 7)).astype(np.float32))
-    G = factored_leaf_gradients(gY, dm.proto_, dm.weight_, dm.cols_, dm.colmask_)
+    G = dm_reference.factored_leaf_gradients(gY, dm.proto_, dm.weight_, dm.cols_, dm.colmask_)
     want = dm_reference.leaf_gradients(gY, dm.lut_)
     assert G.shape == (50, 3 * 2 ** depth) and G.dtype == np.float32
     scale = float(abs(_h(want)).max())
@@ -143,20 +143,25 @@ def test_factored_dm_backward_matches_the_free_lut_backward(xp, rng):
         np.testing.assert_allclose(_h(got), _h(want), rtol=0, atol=1e-5 * scale)
 
 
-def test_dm_backward_rejects_leaf_gradients_of_the_wrong_shape(xp, rng):
-    A, B = _data(rng, n=300)
-    dm = DM(3, depth=4, init="maddness", random_state=0).fit(xp.asarray(A), xp.asarray(B))
+def test_dm_backward_checks_factors_and_gives_the_same_gradients_with_them(xp, rng):
+    A, B = _data(rng, n=300, M=32)
+    dm = DM(3, depth=4, init="maddness", lut_form="factored",
+            random_state=0).fit(xp.asarray(A), xp.asarray(B))
     x = xp.asarray(A[:10])
     codes, _ = kernels.dm_forward(x, dm.dims_, dm.thresholds_, dm.lut_)
-    gY = xp.ones((10, 7), dtype=np.float32)
-    with pytest.raises(ValueError, match="leaf gradients"):
-        kernels.dm_backward(x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY,
-                            1.0, G=xp.zeros((10, 3 * 15), dtype=np.float32))
-    # a correct G gives what the default product gives
-    G = dm_reference.leaf_gradients(gY, dm.lut_)
-    got = kernels.dm_backward(x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY,
-                              1.0, G=G.astype(np.float64))
-    want = kernels.dm_backward(x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY,
-                               1.0)
+    gY = xp.asarray(rng.standard_normal((10, 32)).astype(np.float32))
+    factors = (dm.proto_, dm.weight_, dm.cols_, dm.colmask_)
+    args = (x, dm.dims_, dm.thresholds_, dm.inv_tau(), dm.lut_, codes, gY, 1.0)
+    got = kernels.dm_backward(*args, factors=factors)
+    want = kernels.dm_backward(*args)
     for a, b in zip(got, want):
-        np.testing.assert_allclose(_h(a), _h(b), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(_h(a), _h(b), rtol=0, atol=1e-5 * float(abs(_h(b)).max()))
+    bad = [(dm.proto_[:, :8], dm.weight_, dm.cols_, dm.colmask_, "proto"),
+           (dm.proto_, dm.weight_[:, :5], dm.cols_, dm.colmask_, "weight"),
+           (dm.proto_, dm.weight_, dm.cols_[:, :3], dm.colmask_, "cols"),
+           (dm.proto_, dm.weight_, dm.cols_, dm.colmask_[:2], "mask")]
+    for *f, name in bad:
+        with pytest.raises(ValueError, match=f"factors: {name}"):
+            kernels.dm_backward(*args, factors=tuple(f))
+    with pytest.raises(TypeError, match="factors must be a tuple"):
+        kernels.dm_backward(*args, factors=dm.proto_)

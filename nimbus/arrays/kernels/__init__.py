@@ -179,7 +179,7 @@ def dm_forward(A, dims, thresholds, lut):
 
 
 def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
-                need_a=True, need_t=True, need_lut=True, G=None):
+                need_a=True, need_t=True, need_lut=True, factors=None):
     """Surrogate gradients of the DM op (semantics in :mod:`.dm_reference`).
 
     Parameters
@@ -189,27 +189,34 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     (K = 2**d leaves, d in 1..8 read from dims' width)
     inv_temp : float, 1 / softmax temperature
     need_a, need_t, need_lut : which gradients to compute
-    G : optional (N, C*K) float32 leaf gradients ``grad_Y @ LUT_flat^T``, same library,
-        when the caller has a cheaper way to them (e.g. a factored LUT, see
-        :func:`nimbus.strategies.dm.factored_leaf_gradients`); default: one matmul here
+    factors : optional ``(proto (C, K, w), weight (D, M), cols (C, w), mask (C, w))`` when
+        the LUT is ``proto[c] @ weight[cols[c]]`` (a factored DM layer): the leaf
+        gradients may then go through the factors
+        (:func:`.dm_reference.factored_leaf_gradients`). Same result either way; used on
+        the CPU where M >= 4w (the leaf gradients 1.9x faster there), ignored on the GPU, where
+        the one cuBLAS product is faster than the extra launches (0.83-0.88x measured,
+        benchmarks/bench_dm_factored.py)
 
     Returns
     -------
     (grad_A (N, D) | None, grad_t (C, K-1) | None, grad_lut (C, K, M) | None), float32
     """
     from . import dm_reference
+    if factors is not None:
+        dm_reference.check_factors(factors, lut)
     if backend.is_cupy(A):
         mod = _dm_gpu() or dm_reference
         return mod.dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
-                               need_a, need_t, need_lut, G=G)
+                               need_a, need_t, need_lut)
     from . import dm_cpu
     dm_reference.check_dm(dims, thresholds, lut, inv_tau)
     grad_lut = lookup_backward(codes, grad_Y, lut.shape[1]) if need_lut else None
     grad_A = grad_t = None
     if need_a or need_t:
-        C, K, _ = lut.shape
-        G = (dm_reference.leaf_gradients(grad_Y, lut) if G is None     # one BLAS product
-             else dm_reference.check_leaf_gradients(G, A.shape[0], C, K))
+        if factors is not None and lut.shape[2] >= 4 * factors[0].shape[2]:
+            G = dm_reference.factored_leaf_gradients(grad_Y, *factors)
+        else:
+            G = dm_reference.leaf_gradients(grad_Y, lut)      # one BLAS product
         grad_A, grad_t = dm_cpu.node_backward(A, dims, thresholds, inv_tau, G, inv_temp, need_a)
         grad_t = grad_t if need_t else None
     return grad_A, grad_t, grad_lut

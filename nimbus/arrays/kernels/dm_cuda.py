@@ -453,15 +453,14 @@ def _node_backward(A, dims, thresholds, inv_tau, G, grad_A, inv_temp, need_a, de
 
 
 def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
-                need_a=True, need_t=True, need_lut=True, G=None):
+                need_a=True, need_t=True, need_lut=True):
     """Surrogate gradients (grad_A, grad_t, grad_lut); see :func:`.dm_reference.dm_backward`.
 
     Shapes: A (N, D); dims (C, K-1) int32; thresholds, inv_tau (C, K-1) float32; lut
     (C, K, M); codes (N, C) uint8; grad_Y (N, M) -> grad_A (N, D), grad_t (C, K-1),
     grad_lut (C, K, M), float32 (or None where not needed), K = 2**d, 1 <= d <= 8. Trees
     of up to 16 leaves keep each (row, codebook) in a thread's registers; deeper trees
-    take a warp per (row, codebook) with O(K) top-down / bottom-up passes. ``G``: optional
-    precomputed leaf gradients (N, C*K) float32 (else one cuBLAS product here).
+    take a warp per (row, codebook) with O(K) top-down / bottom-up passes.
     """
     cp = _cp()
     A = _c(A, np.float32)
@@ -474,10 +473,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     grad_A = grad_t = None
     if need_a or need_t:
         # leaf gradients: one cuBLAS product, (N, M) @ (M, C*K)
-        if G is None:
-            G = cp.ascontiguousarray(grad_Y @ lut.reshape(C * K, M).T)
-        else:
-            G = dm_reference.check_leaf_gradients(G, N, C, K)
+        G = cp.ascontiguousarray(grad_Y @ lut.reshape(C * K, M).T)
         grad_A = cp.zeros((N, D), dtype=np.float32) if need_a else cp.empty((1, 1), np.float32)
         part = _node_backward(A, dims, thresholds, inv_tau, G, grad_A, inv_temp, need_a,
                               depth)
