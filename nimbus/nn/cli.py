@@ -40,12 +40,12 @@ def add_parser(subparsers):
     p.add_argument("--float-noise", type=float, default=None,
                    help="input noise of every layer while the float model trains, in "
                         "standard deviations of each input (makes it robust to quantized "
-                        "inputs; default 0.4; --quick: 0)")
+                        "inputs; default 0.4)")
     p.add_argument("--codebook-dim", type=int, default=8,
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--depth", type=int, default=None,
                    help="tree depth, 1..8: 2**depth LUT rows per codebook (default 8: 256, "
-                        "LUTs 16x those of depth 4, same lookup cost; --quick: 4)")
+                        "LUTs 16x those of depth 4, same lookup cost)")
     p.add_argument("--lut-form", choices=["free", "factored"], default=None,
                    help="DM LUT parameters while training: every entry (free) or "
                         "prototypes x weights (factored); default factored at depth >= 6, "
@@ -55,7 +55,7 @@ def add_parser(subparsers):
     p.add_argument("--noise", type=float, default=None,
                    help="training-time input noise of the DM layers, in column standard "
                         "deviations (default 0.15, measured best on Fashion-MNIST at depth "
-                        "8; --quick: 0.3; 0 turns it off)")
+                        "8; 0 turns it off)")
     p.add_argument("--schedule", choices=["layerwise", "published"], default="layerwise")
     p.add_argument("--no-int8", action="store_true", help="keep float LUTs")
     p.add_argument("--no-fold", action="store_true", help="do not fold BatchNorm/ReLU")
@@ -99,13 +99,15 @@ def cmd_convert(args):
         Xte, yte = Xte[:args.n_test], yte[:args.n_test]
     hidden = args.hidden or ([64, 32] if quick else [256, 256, 256])
     epochs = args.epochs if args.epochs is not None else (20 if quick else 25)
-    float_noise = args.float_noise if args.float_noise is not None else (0.0 if quick else 0.4)
+    # --quick shares the Fashion-MNIST defaults below: on digits (4 seeds) they convert to
+    # 93.5-96.7% against 89.3-94.0% with depth 4 and no float noise
+    float_noise = args.float_noise if args.float_noise is not None else 0.4
     epl = args.epochs_per_layer if args.epochs_per_layer is not None else (4 if quick else 3)
     fte = args.finetune_epochs if args.finetune_epochs is not None else 6
     bs = args.batch_size or (64 if quick else 256)
-    depth = args.depth if args.depth is not None else (4 if quick else 8)
+    depth = args.depth if args.depth is not None else 8
     lut_form = args.lut_form or ("factored" if depth >= 6 else "free")
-    noise = args.noise if args.noise is not None else (0.3 if quick else 0.15)
+    noise = args.noise if args.noise is not None else 0.15
     if args.gpu:
         if not backend.has_cuda():
             raise SystemExit("error: --gpu needs CuPy and a CUDA device")
