@@ -95,7 +95,7 @@ def test_cli_convert_depth_and_lut_form():
     assert r.returncode == 0, r.stderr
     assert "depth 5 (32 LUT rows per codebook), factored" in r.stdout
     assert "folded" in r.stdout and "converted" in r.stdout
-    r = _cli("convert", "--quick", "--quiet", "--depth", "9")
+    r = _cli("convert", "--quick", "--quiet", "--depth", "11")
     assert r.returncode != 0 and "depth" in r.stderr
 
 

@@ -105,15 +105,18 @@ def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False,
 
 
 def as_codes(codes, ncodebooks, nbuckets=16, name="codes"):
-    """Check a code matrix: 2-D uint8 of shape (N, ncodebooks), values < nbuckets.
+    """Check a code matrix: 2-D of shape (N, ncodebooks), values < nbuckets, dtype uint8
+    (uint16 where nbuckets > 256: trees deeper than 8).
 
     Returns
     -------
-    ndarray, shape (N, ncodebooks), uint8, C-contiguous, same library as ``codes``
+    ndarray, shape (N, ncodebooks), uint8 or uint16, C-contiguous, same library as ``codes``
     """
     arr = _as_array(codes, name)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"{name} must have dtype uint8, got {arr.dtype}")
+    want = np.uint8 if nbuckets <= 256 else np.uint16
+    if arr.dtype != want:
+        raise TypeError(f"{name} must have dtype {np.dtype(want).name} ({nbuckets} buckets), "
+                        f"got {arr.dtype}")
     if arr.ndim != 2 or arr.shape[1] != ncodebooks:
         raise ValueError(f"{name} must have shape (N, {ncodebooks}), got {tuple(arr.shape)}")
     if arr.shape[0] == 0:

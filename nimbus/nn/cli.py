@@ -44,7 +44,7 @@ def add_parser(subparsers):
     p.add_argument("--codebook-dim", type=int, default=8,
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--depth", type=int, default=None,
-                   help="tree depth, 1..8: 2**depth LUT rows per codebook (default 8: 256, "
+                   help="tree depth, 1..10: 2**depth LUT rows per codebook (default 8: 256, "
                         "LUTs 16x those of depth 4, same lookup cost)")
     p.add_argument("--lut-form", choices=["free", "factored"], default=None,
                    help="DM LUT parameters while training: every entry (free) or "

@@ -33,6 +33,7 @@ import numpy as np
 from ..arrays import backend, validate
 from ..arrays.autograd import Tensor, no_grad
 from ..table import Table
+from ..strategies.base import check_depth
 from .layers import BatchNorm, NimbusLayer, Sequential
 from .train import _check_label_range, check_xy, noisy_forward, soft_targets, train_loop
 
@@ -236,7 +237,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
     X : (N, ...) array of real numbers (NumPy or CuPy); y : (N,) int labels
     codebook_dim : int, input dimensions per codebook: C = ceil(D / codebook_dim)
     ncodebooks : int, optional, the same C for every layer instead
-    depth : int in 1..8, depth of every layer's trees: K = 2**depth LUT rows per
+    depth : int in 1..10, depth of every layer's trees: K = 2**depth LUT rows per
         codebook (4: the MADDNESS 16; deeper trees partition each codebook's inputs
         more finely for LUTs 2**(depth-4) times as large, at the same lookup cost)
     lut_form : "free" or "factored": how DM parametrises each LUT while it trains
@@ -310,7 +311,7 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
                                                lo_open=True)
     noise = validate.check_float(noise, "noise", 0.0)
     pretrain_noise = validate.check_float(pretrain_noise, "pretrain_noise", 0.0)
-    depth = validate.check_int(depth, "depth", lo=1, hi=8)
+    depth = check_depth(depth)
     validate.check_choice(lut_form, "lut_form", ("free", "factored"))
     column_orders = dict(column_orders or {})
     for k in column_orders:

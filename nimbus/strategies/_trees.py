@@ -1,4 +1,4 @@
-"""Learning the hash trees of MADDNESS (depth 4 by default, any depth 1..8).
+"""Learning the hash trees of MADDNESS (depth 4 by default, any depth 1..10).
 
 One tree per codebook. Level by level, every bucket is split in two at a
 threshold on one column; the column and thresholds are chosen to minimise the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..arrays import backend
+from ..arrays.kernels.reference import code_dtype
 from .base import NBUCKETS
 
 DEPTH = 4
@@ -102,7 +103,7 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16, depth=DEPTH):
     split : "level" or "node"
     max_candidates : int; columns tried per level (those with the largest
         summed within-bucket SSE) when there are more
-    depth : int in 1..8
+    depth : int in 1..10
 
     Returns
     -------
@@ -118,7 +119,8 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16, depth=DEPTH):
     orders = {}                                   # column -> stable argsort, made on demand
     dims = np.zeros(2 ** depth - 1, dtype=np.int32)
     thresholds = np.full(2 ** depth - 1, np.inf, dtype=np.float32)
-    bucket = xp.zeros(N, dtype=np.uint8)
+    cdt = code_dtype(2 ** depth)
+    bucket = xp.zeros(N, dtype=cdt)
     for level in range(depth):
         nb = 2 ** level
         counts = backend.to_host(xp.bincount(bucket, minlength=nb)).astype(np.int64)
@@ -128,7 +130,7 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16, depth=DEPTH):
         else:
             cand = np.arange(len(cols))
         # centre the targets within each bucket (see _best_splits)
-        G = (bucket[:, None] == xp.arange(nb, dtype=np.uint8)[None, :]).astype(np.float64)
+        G = (bucket[:, None] == xp.arange(nb, dtype=cdt)[None, :]).astype(np.float64)
         means = (G.T @ T) / xp.maximum(xp.asarray(counts, dtype=np.float64), 1)[:, None]
         Tc = T - means[bucket.astype(np.int64)]
         gains = np.empty((len(cand), nb))
@@ -150,7 +152,7 @@ def learn_tree(X, cols, T=None, split="level", max_candidates=16, depth=DEPTH):
         d_rows = xp.asarray(dims[node0:node0 + nb])[bucket.astype(np.int64)]
         t_rows = xp.asarray(thresholds[node0:node0 + nb])[bucket.astype(np.int64)]
         right = X[xp.arange(N), d_rows] > t_rows
-        bucket = (2 * bucket + right).astype(np.uint8)
+        bucket = (2 * bucket + right).astype(cdt)
     return dims, thresholds, bucket
 
 
@@ -162,7 +164,7 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None, dept
     X : (N, D) float32
     starts : (C + 1,) int, subspace column boundaries
     progress : callable() called after each tree, optional
-    depth : int in 1..8, levels of every tree
+    depth : int in 1..10, levels of every tree
 
     Returns
     -------
@@ -173,7 +175,7 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None, dept
     C = len(starts) - 1
     dims = np.zeros((C, 2 ** depth - 1), dtype=np.int32)
     thr = np.zeros((C, 2 ** depth - 1), dtype=np.float32)
-    codes = xp.empty((X.shape[0], C), dtype=np.uint8)
+    codes = xp.empty((X.shape[0], C), dtype=code_dtype(2 ** depth))
     for c in range(C):
         dims[c], thr[c], codes[:, c] = learn_tree(
             X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth)
@@ -213,7 +215,7 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
     codes : (N, C) uint8 current codes
     prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit),
         K = 2**depth
-    depth : int in 1..8, levels of every tree
+    depth : int in 1..10, levels of every tree
 
     Returns
     -------

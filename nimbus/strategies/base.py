@@ -21,11 +21,12 @@ import numpy as np
 from ..arrays import backend, kernels, validate
 
 NBUCKETS = 16           # K of every strategy at its default (depth-4 trees, 16 centroids)
-MAX_DEPTH = 8           # codes are uint8: at most 256 leaves per tree
+# codes are uint8 up to depth 8 (256 leaves), uint16 up to depth 10 (1024 leaves)
+MAX_DEPTH = 10
 
 
 def check_depth(depth):
-    """The tree depth as an int in 1..8 (K = 2**depth leaves per codebook)."""
+    """The tree depth as an int in 1..10 (K = 2**depth leaves per codebook)."""
     return validate.check_int(depth, "depth", lo=1, hi=MAX_DEPTH)
 
 
@@ -222,7 +223,7 @@ class Strategy:
 
         Returns
         -------
-        codes : (N, C) uint8, same library and device as ``A``
+        codes : (N, C) uint8 (uint16 for trees deeper than 8), same library and device as ``A``
         """
         with kernels.finite_checks(check_finite):
             return self._encode(self._check_rows(A, check_finite=check_finite and
@@ -233,7 +234,7 @@ class Strategy:
 
         Parameters
         ----------
-        codes : (N, C) uint8, values < K (as ``encode`` returns)
+        codes : (N, C) uint8 (uint16 when K > 256), values < K (as ``encode`` returns)
 
         Returns
         -------

@@ -141,7 +141,7 @@ class DM(TreeStrategy):
         "maddness": the tree and LUT DM starts from
     split : "node" (every node picks its column: same encode cost, better fit) or
         "level", passed to the initial tree learner
-    depth : int in 1..8, levels of the initial trees (K = 2**depth LUT rows per
+    depth : int in 1..10, levels of the initial trees (K = 2**depth LUT rows per
         codebook; a DM made by :meth:`from_tree` takes its tree's depth)
     lut_form : "free" (every LUT entry is a parameter) or "factored" (the LUT is
         ``prototype @ weight``: K prototypes of each codebook's own w input columns,

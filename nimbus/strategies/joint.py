@@ -39,6 +39,7 @@ import numpy as np
 
 from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
+from ..arrays.kernels.reference import code_dtype
 from .base import TreeStrategy, subspace_starts
 
 DEPTH = 4                   # the default tree depth (16 leaves)
@@ -167,7 +168,7 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None,
     split : "node" or "level"
     min_leaf : int >= 1, fewest training rows on each side of a split
     max_candidates : int or None, columns searched per level (None: all)
-    depth : int in 1..8 (K = 2**depth leaves)
+    depth : int in 1..10 (K = 2**depth leaves)
 
     Returns
     -------
@@ -251,7 +252,7 @@ def learn_product_tree(binned, T, split="node", min_leaf=1, max_candidates=None,
                             [node0:node0 + nb])[bucket]
         right = bins[d_rows, pos] > k_rows          # x > t; equal goes left, as in the encoders
         bucket = 2 * bucket + right
-    return dims, thr, bucket.astype(np.uint8)
+    return dims, thr, bucket.astype(code_dtype(2 ** depth))
 
 
 def _screen_columns(xp, XT, T, bucket, nb, q):
@@ -380,7 +381,7 @@ class Joint(TreeStrategy):
         fit also runs with per-level trees (they are node trees too) and the
         lower training loss wins: the coordinate descent from greedy per-node
         trees sometimes settles in a worse optimum. Fit time doubles.
-    depth : int in 1..8, levels of every tree (K = 2**depth buckets per codebook;
+    depth : int in 1..10, levels of every tree (K = 2**depth buckets per codebook;
         default 4). With C*K > 4096 the joint LUT refit runs as block Gauss-Seidel
         sweeps instead of one dense solve (see ``_CodeRidge``)
     refine : int >= 0, most block-coordinate passes in product space (0: the
@@ -508,7 +509,7 @@ class Joint(TreeStrategy):
         reg = self.ridge * N / (C * K) + 1e-6    # as ridge_on_codes
         dims = np.zeros((C, K - 1), dtype=np.int32)
         thr = np.full((C, K - 1), np.inf, dtype=np.float32)
-        codes = xp.empty((N, C), dtype=np.uint8)
+        codes = xp.empty((N, C), dtype=code_dtype(K))
         # a leaf of a few rows has a mean that heavy tails can throw far off
         min_leaf = self.min_leaf if self.min_leaf is not None else max(1, N // 500)
 

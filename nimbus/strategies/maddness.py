@@ -48,7 +48,7 @@ class Maddness(TreeStrategy):
     ----------
     ncodebooks : int, C (1 <= C <= D)
     split : "level" (paper) or "node"
-    depth : int in 1..8, levels of every tree (K = 2**depth buckets per codebook)
+    depth : int in 1..10, levels of every tree (K = 2**depth buckets per codebook)
     ridge : "auto" or float >= 0, ridge penalty relative to the mean bucket size,
         shrinking the all-column prototypes towards each codebook's plain bucket
         means; "auto" picks it from a grid on 20% held-out rows (never worse there

@@ -1,4 +1,4 @@
-"""Trees of any depth 1..8 in the tree strategies (MADDNESS, joint, DM) and the pipeline.
+"""Trees of any depth 1..10 in the tree strategies (MADDNESS, joint, DM) and the pipeline.
 
 K = 2**depth leaves per codebook: shapes follow K, codes stay below K, deeper trees fit
 better, depth 4 is the default, joint's blockwise refit (C*K > 4096) keeps ``P @ B ==
@@ -22,7 +22,7 @@ def _lowrank(rng, n, D, r=6):
     return A.astype(np.float32)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("depth", [1, 2, 3, 5, 8, 9])
 def test_maddness_shapes_follow_depth(xp, rng, depth):
     K = 2 ** depth
     A = xp.asarray(_lowrank(rng, max(600, 2 * K), 12))
@@ -58,7 +58,7 @@ def test_default_depth_is_four(rng):
     assert a.dims_.shape == (2, 15) and "depth=4" in repr(a)
 
 
-@pytest.mark.parametrize("bad, err", [(0, ValueError), (9, ValueError), (2.0, TypeError),
+@pytest.mark.parametrize("bad, err", [(0, ValueError), (11, ValueError), (2.0, TypeError),
                                       (True, TypeError)])
 def test_bad_depth(rng, bad, err):
     A = _lowrank(rng, 300, 8)
@@ -127,7 +127,7 @@ def test_joint_deeper_fits_better(rng):
     assert e6 < e4, (e6, e4)
 
 
-@pytest.mark.parametrize("depth", [2, 6])
+@pytest.mark.parametrize("depth", [2, 6, 9])
 def test_dm_any_depth_hardens_and_saves(xp, rng, tmp_path, depth):
     K = 2 ** depth
     A = xp.asarray(_lowrank(rng, 1500, 16))

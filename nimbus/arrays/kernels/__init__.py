@@ -10,9 +10,13 @@ This module is the only place that picks an implementation by array library:
 Ops (shapes and semantics in :mod:`.reference`):
 ``encode_tree``, ``encode_pq``, ``lookup``, ``lookup_q``, ``lookup_backward``.
 
-Trees have any depth d in 1..8, read from the width of ``dims``: (C, K-1) with
+Trees have any depth d in 1..10, read from the width of ``dims``: (C, K-1) with
 K = 2**d leaves (:func:`.reference.tree_depth`; another width raises ValueError);
-LUTs are (C, K, M) with K read from ``lut.shape[1]``.
+LUTs are (C, K, M) with K read from ``lut.shape[1]``. Codes are uint8 up to depth 8
+(K <= 256) and uint16 beyond (:func:`.reference.code_dtype`). The Numba and CUDA
+kernels take byte codes only: every op on wider codes (trees of depth 9-10, LUTs of
+K > 256) runs the plain-array reference on either library, which is correct but not
+tuned (see :func:`_wide`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ def _module(lib):
                 raise
             _modules[lib] = None          # no RawKernels: the reference runs on CuPy
     return _modules[lib]
+
+
+def _wide(dims=None, codes=None, nbuckets=None):
+    """True for trees, codes or LUTs beyond a byte (depth > 8, uint16 codes, K > 256): the
+    Numba and CUDA kernels write and read uint8 codes, so these run the reference."""
+    if dims is not None and int(dims.shape[1]) > (1 << reference.BYTE_DEPTH) - 1:
+        return True
+    if codes is not None and codes.dtype == np.uint16:
+        return True
+    return nbuckets is not None and int(nbuckets) > 1 << reference.BYTE_DEPTH
 
 
 def implementation(op, *arrays):
@@ -103,10 +117,13 @@ def _checked(op, A):
 
 
 def encode_tree(A, dims, thresholds):
-    """(N, D) float32, (C, K-1) int32, (C, K-1) float32 -> (N, C) uint8 codes (0..K-1).
+    """(N, D) float32, (C, K-1) int32, (C, K-1) float32 -> (N, C) codes (0..K-1): uint8,
+    or uint16 for trees deeper than 8.
 
-    K = 2**d with the depth d in 1..8 read from dims' width. Raises ValueError if A
+    K = 2**d with the depth d in 1..10 read from dims' width. Raises ValueError if A
     holds NaN or Inf, or if dims' width is not 2**d - 1."""
+    if _wide(dims=dims):                   # the reference checks A for NaN/Inf itself
+        return reference.encode_tree(A, dims, thresholds)
     return _checked("encode_tree", A)(A, dims, thresholds)
 
 
@@ -123,23 +140,31 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     (N, D) float32 (float16 on the GPU), (C, K-1) int32, (C, K-1) float32, (C, K, M) uint8,
     (M,), (M,) -> (N, M) ``out_dtype`` (float32 or float16), K = 2**d. On CuPy one fused kernel
     (codes stay in shared memory). Raises ValueError if A holds NaN or Inf."""
+    if _wide(dims=dims):
+        return reference.encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype)
     return _checked("encode_lookup_q", A)(A, dims, thresholds, lut_q, scale, bias, out_dtype)
 
 
 def lookup(codes, lut):
-    """(N, C) uint8, (C, K, M) float32 (K in 1..256) -> (N, M) float32 sums of LUT rows."""
+    """(N, C) uint8 or uint16, (C, K, M) float32 (K in 1..1024) -> (N, M) float32 sums of LUT rows."""
+    if _wide(codes=codes, nbuckets=lut.shape[1]):
+        return reference.lookup(codes, lut)
     return implementation("lookup", codes)(codes, lut)
 
 
 def lookup_q(codes, lut_q, scale, bias):
-    """(N, C) uint8, (C, K, M) uint8 (K in 1..256), (M,), (M,) -> (N, M) float32, exact
+    """(N, C) uint8 or uint16, (C, K, M) uint8 (K in 1..1024), (M,), (M,) -> (N, M) float32, exact
     integer sums."""
+    if _wide(codes=codes, nbuckets=lut_q.shape[1]):
+        return reference.lookup_q(codes, lut_q, scale, bias)
     return implementation("lookup_q", codes)(codes, lut_q, scale, bias)
 
 
 def lookup_backward(codes, grad_Y, nbuckets=16):
     """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows,
-    K = ``nbuckets`` in 1..256 (codes >= K add nothing)."""
+    K = ``nbuckets`` in 1..1024 (codes >= K add nothing)."""
+    if _wide(codes=codes, nbuckets=nbuckets):
+        return reference.lookup_backward(codes, grad_Y, nbuckets)
     return implementation("lookup_backward", codes)(codes, grad_Y, nbuckets)
 
 
@@ -165,13 +190,13 @@ def dm_forward(A, dims, thresholds, lut):
     """Hard DM forward: the trees' codes and the LUT sum (bitwise encode_tree + lookup).
 
     (N, D) float32, (C, K-1) int32, (C, K-1) float32, (C, K, M) float32 ->
-    (codes (N, C) uint8, Y (N, M) float32), K = 2**d for a tree depth d in 1..8. The
+    (codes (N, C) uint8, Y (N, M) float32), K = 2**d for a tree depth d in 1..10. The
     NumPy path raises ValueError on NaN/Inf in A (the encoder's fused check); the GPU
     path does not check.
     """
     from . import dm_reference
     if backend.is_cupy(A):
-        mod = _dm_gpu()
+        mod = None if _wide(dims=dims) else _dm_gpu()
         return (mod or dm_reference).dm_forward(A, dims, thresholds, lut)
     dm_reference.check_dm(dims, thresholds, lut)
     codes = encode_tree(A, dims, thresholds)
@@ -186,7 +211,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     ----------
     A : (N, D) float32; dims : (C, K-1) int32; thresholds, inv_tau : (C, K-1) float32
     lut : (C, K, M) float32; codes : (N, C) uint8 (the forward's); grad_Y : (N, M) float32
-    (K = 2**d leaves, d in 1..8 read from dims' width)
+    (K = 2**d leaves, d in 1..10 read from dims' width)
     inv_temp : float, 1 / softmax temperature
     need_a, need_t, need_lut : which gradients to compute
     factors : optional ``(proto (C, K, w), weight (D, M), cols (C, w), mask (C, w))`` when
@@ -205,7 +230,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     if factors is not None:
         dm_reference.check_factors(factors, lut)
     if backend.is_cupy(A):
-        mod = _dm_gpu() or dm_reference
+        mod = (None if _wide(dims=dims) else _dm_gpu()) or dm_reference
         return mod.dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
                                need_a, need_t, need_lut)
     from . import dm_cpu

@@ -19,7 +19,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from .reference import check_nbuckets, check_tree, lut_buckets
+from .reference import BYTE_DEPTH, check_nbuckets, check_tree, lut_buckets
 
 _ROWS_PER_BLOCK = 64   # rows per parallel task: amortises allocations, keeps rows in L2
 FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})
@@ -273,7 +273,7 @@ def encode_tree(A, dims, thresholds):
     A = _c(A, np.float32)
     dims = _c(dims, np.int32)
     thresholds = _c(thresholds, np.float32)
-    depth = check_tree(dims, thresholds)
+    depth = check_tree(dims, thresholds, BYTE_DEPTH)
     _check_columns(dims, A.shape[1])
     out = np.empty((A.shape[0], dims.shape[0]), dtype=np.uint8)
     bad = np.zeros((A.shape[0] + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, dtype=np.bool_)
@@ -306,7 +306,7 @@ def lookup(codes, lut):
     Codes >= K read bucket ``code mod K`` (K a power of two) or K - 1, never past the LUT."""
     codes = _c(codes, np.uint8)
     lut = _c(lut, np.float32)
-    K = lut_buckets(lut)
+    K = lut_buckets(lut, BYTE_DEPTH)
     _check_codebooks(codes, lut)
     out = np.empty((codes.shape[0], lut.shape[2]), dtype=np.float32)
     _lookup(codes, lut, out, *_bucket_args(K))
@@ -320,7 +320,7 @@ def lookup_q(codes, lut_q, scale, bias):
     lut_q = _c(lut_q, np.uint8)
     scale = _c(scale, np.float32)
     bias = _c(bias, np.float32)
-    K = lut_buckets(lut_q)
+    K = lut_buckets(lut_q, BYTE_DEPTH)
     _check_codebooks(codes, lut_q)
     if scale.shape != (lut_q.shape[2],) or bias.shape != (lut_q.shape[2],):
         raise ValueError(f"scale {scale.shape} and bias {bias.shape} must both have shape "
@@ -344,7 +344,7 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
 def lookup_backward(codes, grad_Y, nbuckets=16):
     """(N, C) uint8 codes, (N, M) float32 -> (C, nbuckets, M) float32 scatter-add;
     nbuckets = K in 1..256, codes >= K add nothing."""
-    K = check_nbuckets(nbuckets)
+    K = check_nbuckets(nbuckets, BYTE_DEPTH)
     codes = _c(codes, np.uint8)
     grad_Y = _c(grad_Y, np.float32)
     if codes.ndim != 2 or grad_Y.ndim != 2 or codes.shape[0] != grad_Y.shape[0]:

@@ -1181,7 +1181,7 @@ def _tree_args(A, dims, thresholds):
     """(device id, A, dims, thresholds, depth) with the arrays contiguous, exact dtypes."""
     dev = _require_cupy(A=A, dims=dims, thresholds=thresholds)
     A = _rows(A)
-    depth = reference.check_tree(dims, thresholds)      # ValueError naming a bad shape
+    depth = reference.check_tree(dims, thresholds, reference.BYTE_DEPTH)   # ValueError
     if dims.dtype.kind not in "iu":
         raise TypeError(f"dims must hold integer column indices, got dtype {dims.dtype}")
     if thresholds.dtype.kind != "f":
@@ -1432,7 +1432,7 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
     out_dt = _out_dtype(out_dtype)
     if lut_q.ndim != 3:
         raise ValueError(f"lut_q must have shape (C, K, M), got {tuple(lut_q.shape)}")
-    C, K = lut_q.shape[0], reference.lut_buckets(lut_q)
+    C, K = lut_q.shape[0], reference.lut_buckets(lut_q, reference.BYTE_DEPTH)
     codes = _codes(codes, C)
     lut_q, scale, bias = _lut_q_args(lut_q, scale, bias, C)
     N, M = codes.shape[0], lut_q.shape[2]
@@ -1487,7 +1487,7 @@ def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
     if lut.dtype.kind != "f":
         raise TypeError(f"lut must be floating point, got dtype {lut.dtype}")
     C, K, M = lut.shape
-    K = reference.lut_buckets(lut)
+    K = reference.lut_buckets(lut, reference.BYTE_DEPTH)
     codes = _codes(codes, C)
     N = codes.shape[0]
     lut_dt = np.dtype(np.float16) if lut.dtype == np.float16 else np.dtype(np.float32)
@@ -1546,7 +1546,7 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
     if grad_Y.ndim != 2 or grad_Y.shape[0] != codes.shape[0]:
         raise ValueError(f"grad_Y must have shape (N={codes.shape[0]}, M), got "
                          f"{tuple(grad_Y.shape)}")
-    K = reference.check_nbuckets(nbuckets)
+    K = reference.check_nbuckets(nbuckets, reference.BYTE_DEPTH)
     g = _c(grad_Y, np.float32)
     N, C = codes.shape
     M = g.shape[1]

@@ -3,7 +3,7 @@
 Semantics: :func:`.dm_reference.node_gradients` followed by the threshold sum and
 the column scatter-add, fused in one pass so that no (N, C, K-1) or (N, C, K)
 temporary is made (plain NumPy spent ~50 ms per 256-row batch at C=98 on them).
-Trees of any depth d in 1..8 (K = 2**d leaves, read from ``dims.shape[1] == K - 1``).
+Trees of any depth d in 1..10 (K = 2**d leaves, read from ``dims.shape[1] == K - 1``).
 
 Thread mapping: ``prange`` over blocks of rows; a row's column gradients are
 written only by its block, and each block keeps its own threshold-gradient
@@ -87,7 +87,7 @@ def node_backward(A, dims, thresholds, inv_tau, G, inv_temp, need_a=True):
     Parameters
     ----------
     A : (N, D) float32; dims : (C, K-1) int32; thresholds, inv_tau : (C, K-1) float32,
-        K = 2**d leaves (d in 1..8, from dims' width)
+        K = 2**d leaves (d in 1..10, from dims' width)
     G : (N, C * K) float32 leaf gradients; inv_temp : float
 
     Returns

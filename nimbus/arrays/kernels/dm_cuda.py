@@ -337,9 +337,19 @@ def _c(x, dtype):
     return _cp().ascontiguousarray(x, dtype=dtype)
 
 
+def _byte_depth(depth):
+    """``depth``, checked to be one whose codes fit a byte (these kernels write uint8)."""
+    if depth > reference.BYTE_DEPTH:
+        raise ValueError(f"the CUDA DM kernels take trees of depth 1..{reference.BYTE_DEPTH} "
+                         f"(uint8 codes); got depth {depth} (use nimbus.arrays.kernels, which "
+                         f"runs deeper trees with the plain-array reference)")
+    return depth
+
+
 def _leaf_depth(K, what):
     """Depth d of trees with K = 2**d leaves (1 <= d <= 8), else ValueError naming ``what``."""
-    return reference.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)")
+    return reference.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)",
+                                    reference.BYTE_DEPTH)
 
 
 def encode(A, dims, thresholds):
@@ -347,7 +357,7 @@ def encode(A, dims, thresholds):
     check); the depth d (K = 2**d) is read off dims' shape."""
     cp = _cp()
     A, dims, thresholds = _c(A, np.float32), _c(dims, np.int32), _c(thresholds, np.float32)
-    depth = reference.check_tree(dims, thresholds)
+    depth = reference.check_tree(dims, thresholds, reference.BYTE_DEPTH)
     N, D = A.shape
     C = dims.shape[0]
     codes = cp.empty((N, C), dtype=np.uint8)
@@ -383,7 +393,7 @@ def lookup(codes, lut):
 
 def dm_forward(A, dims, thresholds, lut):
     """Hard forward: (codes (N, C) uint8, Y (N, M) float32); see :func:`.dm_reference.dm_forward`."""
-    dm_reference.check_dm(dims, thresholds, lut)
+    _byte_depth(dm_reference.check_dm(dims, thresholds, lut))
     codes = encode(A, dims, thresholds)
     return codes, lookup(codes, lut)
 
@@ -400,7 +410,7 @@ def lut_grad(codes, grad_Y, nbuckets=16):
     gradients ``grad_Y @ LUT_flat^T`` the backward computes anyway.
     """
     cp = _cp()
-    K = reference.check_nbuckets(nbuckets)
+    K = reference.check_nbuckets(nbuckets, reference.BYTE_DEPTH)
     depth = _leaf_depth(K, "nbuckets")
     codes, grad_Y = _c(codes, np.uint8), _c(grad_Y, np.float32)
     N, C = codes.shape
@@ -466,7 +476,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     A = _c(A, np.float32)
     dims, thresholds, inv_tau = _c(dims, np.int32), _c(thresholds, np.float32), _c(inv_tau, np.float32)
     lut, grad_Y = _c(lut, np.float32), _c(grad_Y, np.float32)
-    depth = dm_reference.check_dm(dims, thresholds, lut, inv_tau)
+    depth = _byte_depth(dm_reference.check_dm(dims, thresholds, lut, inv_tau))
     N, D = A.shape
     C, K, M = lut.shape
     grad_lut = lut_grad(codes, grad_Y, K) if need_lut else None

@@ -6,7 +6,7 @@ formulation (no O(C^2) matrices, no N x M x C tensor, no dense path matrix):
 
 * forward: the hard trees and the LUT sum, exactly (``encode_tree`` + ``lookup``);
 * backward, per row n and codebook c (trees as in :mod:`.reference`: depth d in
-  1..8 read from ``dims.shape[1] == K - 1``, K = 2**d leaves, heap-ordered nodes,
+  1..10 read from ``dims.shape[1] == K - 1``, K = 2**d leaves, heap-ordered nodes,
   go right iff ``x > t``):
 
   - gather the K-1 tested values ``x_j = A[n, dims[c, j]]`` (one gather, (N, C, K-1));
@@ -47,7 +47,7 @@ def path_matrix(depth=DEPTH, xp=np):
 
     Parameters
     ----------
-    depth : int, 1..8
+    depth : int, 1..10
     xp : array module of the result
 
     Returns
@@ -124,7 +124,7 @@ def dm_forward(A, dims, thresholds, lut):
     Parameters
     ----------
     A : (N, D) float32
-    dims : (C, K-1) int32, thresholds : (C, K-1) float32 (K = 2**d, d in 1..8)
+    dims : (C, K-1) int32, thresholds : (C, K-1) float32 (K = 2**d, d in 1..10)
     lut : (C, K, M) float32
 
     Returns
@@ -146,7 +146,7 @@ def check_dm(dims, thresholds, lut, inv_tau=None):
 
     Returns
     -------
-    d : int, 1..8, with K = 2**d; raises ValueError naming the shapes otherwise
+    d : int, 1..10, with K = 2**d; raises ValueError naming the shapes otherwise
     """
     d = reference.check_tree(dims, thresholds)
     K = 1 << d
@@ -282,7 +282,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     Parameters
     ----------
     A : (N, D) float32, the forward's input
-    dims : (C, K-1) int32; thresholds : (C, K-1) float32 (K = 2**d, d in 1..8)
+    dims : (C, K-1) int32; thresholds : (C, K-1) float32 (K = 2**d, d in 1..10)
     inv_tau : (C, K-1) float32, 1 / tau per node (tau may differ per node)
     lut : (C, K, M) float32
     codes : (N, C) uint8, the forward's codes

@@ -6,16 +6,17 @@ RawKernels on the GPU. Written for clarity, not speed.
 
 Shared conventions (all kernels):
 
-* A tree of depth ``d`` (1..8) has ``K = 2**d`` leaves and ``K - 1`` internal
+* A tree of depth ``d`` (1..10) has ``K = 2**d`` leaves and ``K - 1`` internal
   nodes in heap order (node ``i`` has children ``2i+1`` and ``2i+2``); the depth
   is inferred from ``dims.shape[1] == K - 1`` (:func:`tree_depth`). A row goes
   right at node ``i`` when ``A[n, dims[c, i]] > thresholds[c, i]`` (strictly), so
   a value equal to a threshold always goes left, in learning and in encoding
   alike, and a ``+inf`` threshold sends every row left. The code is the leaf
-  index ``node - (K - 1)`` (0..K-1), stored as uint8. A per-level tree stores its
+  index ``node - (K - 1)`` (0..K-1), stored as uint8 (uint16 beyond 256 leaves:
+  :func:`code_dtype`). A per-level tree stores its
   level's dimension at every node of that level. The default depth is 4
   (``NLEAVES`` = 16 leaves, ``NNODES`` = 15 nodes).
-* LUTs have shape (C, K, M) with K = ``lut.shape[1]`` in 1..256; 8-bit LUTs are
+* LUTs have shape (C, K, M) with K = ``lut.shape[1]`` in 1..1024; 8-bit LUTs are
   uint8 with ``Y = isum * scale + bias``, ``isum[n, m] = sum_c lut_q[c, codes[n, c], m]``
   summed exactly in integers.
 """
@@ -29,76 +30,87 @@ from .. import backend, validate
 NLEAVES = 16
 NNODES = 15
 DEPTH = 4
-MAX_DEPTH = 8          # codes are uint8: at most 256 leaves
+MAX_DEPTH = 10         # codes are uint8 up to depth 8 (256 leaves), uint16 beyond (1024)
+BYTE_DEPTH = 8         # the deepest trees whose codes fit a byte (the Numba/CUDA kernels)
 
 
-def tree_depth(dims):
+def code_dtype(nbuckets):
+    """The dtype of codes with ``nbuckets`` leaves: uint8 up to 256, uint16 up to 1024."""
+    return np.uint8 if int(nbuckets) <= 256 else np.uint16
+
+
+def tree_depth(dims, max_depth=MAX_DEPTH):
     """The depth d of the trees described by ``dims``, checked.
 
     Parameters
     ----------
     dims : (C, 2**d - 1) array (any library, any dtype), one row of node columns per tree
+    max_depth : int, the deepest trees accepted (the byte-code kernels pass BYTE_DEPTH)
 
     Returns
     -------
-    d : int, 1 <= d <= 8
+    d : int, 1 <= d <= max_depth (10 by default)
 
     Raises ValueError, naming the shape, if ``dims`` is not 2-D or its width is not
-    ``2**d - 1`` for a d in 1..8 (1, 3, 7, 15, 31, 63, 127 or 255 nodes).
+    ``2**d - 1`` for a d in 1..max_depth (1, 3, 7, 15, ..., 1023 nodes).
     """
     shape = tuple(int(x) for x in getattr(dims, "shape", ()))
     if len(shape) != 2:
         raise ValueError(f"dims must be 2-D (C, 2**depth - 1); got shape {shape}")
-    return depth_of_nodes(shape[1], f"dims of shape {shape}")
+    return depth_of_nodes(shape[1], f"dims of shape {shape}", max_depth)
 
 
-def depth_of_nodes(nnodes, what="a tree"):
-    """The depth d with ``2**d - 1 == nnodes``, checked to be in 1..8.
+def depth_of_nodes(nnodes, what="a tree", max_depth=MAX_DEPTH):
+    """The depth d with ``2**d - 1 == nnodes``, checked to be in 1..max_depth.
 
     Parameters
     ----------
     nnodes : int, internal nodes per tree
     what : str, names the operand in the error message
+    max_depth : int, the deepest trees accepted (default MAX_DEPTH = 10)
 
     Returns
     -------
-    d : int, 1 <= d <= 8
+    d : int, 1 <= d <= max_depth
     """
     nnodes = int(nnodes)
     d = (nnodes + 1).bit_length() - 1
-    if nnodes < 1 or (1 << d) - 1 != nnodes or d > MAX_DEPTH:
+    if nnodes < 1 or (1 << d) - 1 != nnodes or d > max_depth:
         raise ValueError(f"{what}: {nnodes} nodes per tree; a tree of depth d in "
-                         f"1..{MAX_DEPTH} has 2**d - 1 nodes (1, 3, 7, ..., 255)")
+                         f"1..{max_depth} has 2**d - 1 nodes (1, 3, 7, ..., "
+                         f"{(1 << max_depth) - 1})")
     return d
 
 
-def check_tree(dims, thresholds):
+def check_tree(dims, thresholds, max_depth=MAX_DEPTH):
     """:func:`tree_depth` of ``dims``, after checking that ``thresholds`` has its shape.
 
     Parameters
     ----------
-    dims : (C, 2**d - 1); thresholds : (C, 2**d - 1)
+    dims : (C, 2**d - 1); thresholds : (C, 2**d - 1); max_depth : as :func:`tree_depth`
 
     Returns
     -------
-    d : int, 1 <= d <= 8
+    d : int, 1 <= d <= max_depth
     """
-    d = tree_depth(dims)
+    d = tree_depth(dims, max_depth)
     if tuple(thresholds.shape) != tuple(dims.shape):
         raise ValueError(f"thresholds has shape {tuple(thresholds.shape)}; it must match "
                          f"dims' shape {tuple(dims.shape)}")
     return d
 
 
-def lut_buckets(lut):
-    """K = ``lut.shape[1]`` of a (C, K, M) LUT, checked to be in 1..256.
+def lut_buckets(lut, max_depth=MAX_DEPTH):
+    """K = ``lut.shape[1]`` of a (C, K, M) LUT, checked to be in 1..2**max_depth
+    (1024 by default; the byte-code kernels pass BYTE_DEPTH: 256).
 
     Returns
     -------
     K : int
     """
-    if lut.ndim != 3 or not 1 <= lut.shape[1] <= 256:
-        raise ValueError(f"a LUT must have shape (C, K, M) with 1 <= K <= 256; "
+    top = 1 << max_depth
+    if lut.ndim != 3 or not 1 <= lut.shape[1] <= top:
+        raise ValueError(f"a LUT must have shape (C, K, M) with 1 <= K <= {top}; "
                          f"got {tuple(lut.shape)}")
     return int(lut.shape[1])
 
@@ -115,10 +127,11 @@ def encode_tree(A, dims, thresholds):
 
     Returns
     -------
-    codes : (N, C) uint8, leaf reached in each tree (0..K-1)
+    codes : (N, C) uint8 (uint16 for trees deeper than 8: ``code_dtype(K)``), leaf
+        reached in each tree (0..K-1)
 
     Raises ValueError if A holds NaN or Inf (every encoder checks) or if dims'
-    width is not 2**d - 1 with 1 <= d <= 8.
+    width is not 2**d - 1 with 1 <= d <= 10.
     """
     xp = backend.namespace(A, dims, thresholds)
     depth = check_tree(dims, thresholds)
@@ -126,7 +139,7 @@ def encode_tree(A, dims, thresholds):
     validate.finite_or_raise(A, "A")
     N = A.shape[0]
     C = dims.shape[0]
-    codes = xp.empty((N, C), dtype=np.uint8)
+    codes = xp.empty((N, C), dtype=code_dtype(nnodes + 1))
     rows = xp.arange(N)
     for c in range(C):
         node = xp.zeros(N, dtype=np.int64)
@@ -135,7 +148,7 @@ def encode_tree(A, dims, thresholds):
             t = thresholds[c][node]
             right = (A[rows, d].astype(np.float32) > t).astype(np.int64)
             node = 2 * node + 1 + right
-        codes[:, c] = (node - nnodes).astype(np.uint8)
+        codes[:, c] = (node - nnodes).astype(codes.dtype)
     return codes
 
 
@@ -173,7 +186,7 @@ def lookup(codes, lut):
     Parameters
     ----------
     codes : (N, C) uint8, each < K
-    lut : (C, K, M) float32, any K in 1..256
+    lut : (C, K, M) float32, any K in 1..1024
 
     Returns
     -------
@@ -194,7 +207,7 @@ def lookup_q(codes, lut_q, scale, bias):
     Parameters
     ----------
     codes : (N, C) uint8, each < K
-    lut_q : (C, K, M) uint8, any K in 1..256
+    lut_q : (C, K, M) uint8, any K in 1..1024
     scale : (M,) float32
     bias : (M,) float32
 
@@ -218,7 +231,7 @@ def lookup_backward(codes, grad_Y, nbuckets=NLEAVES):
     ----------
     codes : (N, C) uint8
     grad_Y : (N, M) float32
-    nbuckets : int (K), 1..256; codes >= K contribute nothing
+    nbuckets : int (K), 1..1024; codes >= K contribute nothing
 
     Returns
     -------
@@ -235,11 +248,13 @@ def lookup_backward(codes, grad_Y, nbuckets=NLEAVES):
     return out
 
 
-def check_nbuckets(nbuckets):
-    """``nbuckets`` as an int, checked to be in 1..256 (codes are uint8)."""
+def check_nbuckets(nbuckets, max_depth=MAX_DEPTH):
+    """``nbuckets`` as an int, checked to be in 1..2**max_depth (1024 by default; the
+    byte-code kernels pass BYTE_DEPTH: 256)."""
+    top = 1 << max_depth
     if isinstance(nbuckets, bool) or not isinstance(nbuckets, (int, np.integer)) \
-            or not 1 <= int(nbuckets) <= 256:
-        raise ValueError(f"nbuckets must be an int in 1..256; got {nbuckets!r}")
+            or not 1 <= int(nbuckets) <= top:
+        raise ValueError(f"nbuckets must be an int in 1..{top}; got {nbuckets!r}")
     return int(nbuckets)
 
 

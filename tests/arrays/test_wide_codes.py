@@ -1,0 +1,134 @@
+"""Trees of depth 9 and 10: codes wider than a byte (uint16, K = 512 or 1024 leaves).
+
+The Numba and CUDA kernels take byte codes only; the op table runs every op on wider
+codes with the plain-array reference. Checked here against independent oracles (a
+per-row tree walk, per-row sums, and the dense path-matrix form of the DM backward), on
+NumPy and (marked gpu) CuPy; the byte kernels refuse deep trees with a ValueError.
+"""
+import numpy as np
+import pytest
+
+from nimbus.arrays import backend, kernels, validate
+from nimbus.arrays.kernels import cpu as cpu_kernels
+from nimbus.arrays.kernels import dm_reference
+from nimbus.arrays.kernels import reference as ref
+
+
+def _h(x):
+    return backend.to_host(x)
+
+
+def _trees(rng, depth, N=60, D=12, C=3):
+    # integer-valued data: many entries equal a threshold (equal goes left)
+    A = rng.integers(-4, 5, size=(N, D)).astype(np.float32)
+    A[:, : D // 2] += rng.standard_normal((N, D // 2)).astype(np.float32)
+    dims = rng.integers(0, D, size=(C, 2 ** depth - 1)).astype(np.int32)
+    thr = rng.integers(-3, 4, size=(C, 2 ** depth - 1)).astype(np.float32)
+    return A, dims, thr
+
+
+def _walk(A, dims, thr):
+    """Leaf of every row in every tree, one row at a time (heap order, right iff x > t)."""
+    N, C, nn = A.shape[0], dims.shape[0], dims.shape[1]
+    out = np.zeros((N, C), dtype=np.int64)
+    for n in range(N):
+        for c in range(C):
+            node = 0
+            while node < nn:
+                node = 2 * node + (2 if A[n, dims[c, node]] > thr[c, node] else 1)
+            out[n, c] = node - nn
+    return out
+
+
+@pytest.mark.parametrize("depth", [9, 10])
+def test_encode_tree_deep_matches_a_tree_walk(xp, rng, depth):
+    A, dims, thr = _trees(rng, depth)
+    codes = kernels.encode_tree(xp.asarray(A), xp.asarray(dims), xp.asarray(thr))
+    assert codes.dtype == np.uint16 and type(codes) is type(xp.asarray(A))
+    np.testing.assert_array_equal(_h(codes).astype(np.int64), _walk(A, dims, thr))
+    assert ref.code_dtype(256) == np.uint8 and ref.code_dtype(257) == np.uint16
+
+
+@pytest.mark.parametrize("K", [512, 1024])
+def test_lookups_with_wide_codes_match_row_sums(xp, rng, K):
+    N, C, M = 40, 3, 5
+    codes = rng.integers(0, K, size=(N, C)).astype(np.uint16)
+    lut = rng.standard_normal((C, K, M)).astype(np.float32)
+    want = np.array([sum(lut[c, codes[n, c]] for c in range(C)) for n in range(N)])
+    got = kernels.lookup(xp.asarray(codes), xp.asarray(lut))
+    np.testing.assert_allclose(_h(got), want, rtol=1e-5, atol=1e-5)
+    q = rng.integers(0, 256, size=(C, K, M)).astype(np.uint8)
+    scale = rng.uniform(0.5, 2, size=M).astype(np.float32)
+    bias = rng.standard_normal(M).astype(np.float32)
+    isum = np.array([sum(q[c, codes[n, c]].astype(np.int64) for c in range(C)) for n in range(N)])
+    got = kernels.lookup_q(xp.asarray(codes), xp.asarray(q), xp.asarray(scale), xp.asarray(bias))
+    np.testing.assert_allclose(_h(got), isum * scale + bias, rtol=1e-6, atol=1e-4)
+    gY = rng.standard_normal((N, M)).astype(np.float32)
+    want = np.zeros((C, K, M))
+    for n in range(N):
+        for c in range(C):
+            want[c, codes[n, c]] += gY[n]
+    got = kernels.lookup_backward(xp.asarray(codes), xp.asarray(gY), K)
+    np.testing.assert_allclose(_h(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dm_backward_depth_9_matches_the_dense_path_matrix(xp, rng):
+    depth, T = 9, 0.7
+    A, dims, thr = _trees(rng, depth, N=20, D=10, C=2)
+    K, M = 2 ** depth, 4
+    lut = rng.standard_normal((2, K, M)).astype(np.float32)
+    inv_tau = rng.uniform(0.5, 2.0, size=dims.shape).astype(np.float32)
+    gY = rng.standard_normal((20, M)).astype(np.float32)
+    args = [xp.asarray(a) for a in (A, dims, thr, inv_tau, lut)]
+    codes, Y = kernels.dm_forward(args[0], args[1], args[2], args[4])
+    assert codes.dtype == np.uint16
+    gA, gt, glut = kernels.dm_backward(*args, codes, xp.asarray(gY), 1.0 / T)
+    # dense oracle: b = s @ P^T, p = softmax(b / T), gb = p (G - <p, G>) / T, gs = gb @ P
+    P = _h(dm_reference.path_matrix(depth)).astype(np.float64)
+    want_A = np.zeros(A.shape)
+    want_t = np.zeros(thr.shape)
+    for c in range(2):
+        x = A[:, dims[c]].astype(np.float64)
+        s = np.where(x > thr[c], 1.0, -1.0)
+        b = s @ P.T
+        p = np.exp((b - b.max(axis=1, keepdims=True)) / T)
+        p /= p.sum(axis=1, keepdims=True)
+        G = gY.astype(np.float64) @ lut[c].T.astype(np.float64)
+        gb = p * (G - (p * G).sum(axis=1, keepdims=True)) / T
+        gx = (gb @ P) * (1 - np.tanh((x - thr[c]) * inv_tau[c]) ** 2) * inv_tau[c]
+        want_t[c] = -gx.sum(axis=0)
+        np.add.at(want_A, (np.arange(20)[:, None], dims[c][None, :]), gx)
+    np.testing.assert_allclose(_h(gt), want_t, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_h(gA), want_A, rtol=1e-4, atol=1e-4)
+    assert _h(glut).shape == (2, K, M)
+
+
+def test_byte_kernels_refuse_deep_trees(rng):
+    A, dims, thr = _trees(rng, 9)
+    with pytest.raises(ValueError, match="depth d in 1..8"):
+        cpu_kernels.encode_tree(A, dims, thr)
+    with pytest.raises(ValueError, match="1 <= K <= 256"):
+        cpu_kernels.lookup(np.zeros((2, 3), np.uint8), np.zeros((3, 512, 2), np.float32))
+    with pytest.raises(ValueError, match="depth d in 1..10"):
+        kernels.encode_tree(A, rng.integers(0, 12, size=(3, 2047)).astype(np.int32),
+                            np.zeros((3, 2047), np.float32))
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_refuse_deep_trees(rng):
+    cp = backend.cupy()
+    from nimbus.arrays.kernels import cuda, dm_cuda
+    A, dims, thr = (cp.asarray(a) for a in _trees(rng, 9))
+    with pytest.raises(ValueError, match="depth d in 1..8"):
+        cuda.encode_tree(A, dims, thr)
+    with pytest.raises(ValueError, match="depth"):
+        dm_cuda.dm_forward(A, dims, thr, cp.zeros((3, 512, 2), np.float32))
+
+
+def test_codes_dtype_follows_the_buckets(rng):
+    c16 = rng.integers(0, 300, size=(5, 2)).astype(np.uint16)
+    assert validate.as_codes(c16, 2, 512).dtype == np.uint16
+    with pytest.raises(TypeError, match="uint16"):
+        validate.as_codes(c16.astype(np.uint8), 2, 512)
+    with pytest.raises(TypeError, match="uint8"):
+        validate.as_codes(c16, 2, 256)
