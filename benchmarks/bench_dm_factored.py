@@ -86,7 +86,8 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     rows = []
     for D, M in SHAPES:
-        A = np.maximum(0, rng.standard_normal((max(4096, 2 ** args.depth * 8), D))).astype(np.float32)
+        rows_fit = max(4096, 2 ** args.depth * 8)
+        A = np.maximum(0, rng.standard_normal((rows_fit, D))).astype(np.float32)
         B = (rng.standard_normal((D, M)) / np.sqrt(D)).astype(np.float32)
         if args.gpu:
             A, B = backend.to_device(A), backend.to_device(B)

@@ -146,7 +146,8 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
 
 
 def lookup(codes, lut):
-    """(N, C) uint8 or uint16, (C, K, M) float32 (K in 1..1024) -> (N, M) float32 sums of LUT rows."""
+    """(N, C) uint8 or uint16, (C, K, M) float32 (K in 1..1024) -> (N, M) float32 sums of
+    LUT rows."""
     if _wide(codes=codes, nbuckets=lut.shape[1]):
         return reference.lookup(codes, lut)
     return implementation("lookup", codes)(codes, lut)
@@ -190,7 +191,7 @@ def dm_forward(A, dims, thresholds, lut):
     """Hard DM forward: the trees' codes and the LUT sum (bitwise encode_tree + lookup).
 
     (N, D) float32, (C, K-1) int32, (C, K-1) float32, (C, K, M) float32 ->
-    (codes (N, C) uint8, Y (N, M) float32), K = 2**d for a tree depth d in 1..10. The
+    (codes (N, C) uint8 or uint16, Y (N, M) float32), K = 2**d for a depth d in 1..10. The
     NumPy path raises ValueError on NaN/Inf in A (the encoder's fused check); the GPU
     path does not check.
     """
