@@ -45,7 +45,8 @@ def add_parser(subparsers):
                    help="input dimensions per codebook: C = ceil(D / this) (default 8)")
     p.add_argument("--depth", type=int, default=None,
                    help="tree depth, 1..10: 2**depth LUT rows per codebook (default 8: 256, "
-                        "LUTs 16x those of depth 4, same lookup cost)")
+                        "LUTs 16x those of depth 4, same lookup cost; 9-10: uint16 codes, "
+                        "run by the slower plain-array ops, init on 16384 rows)")
     p.add_argument("--lut-form", choices=["free", "factored"], default=None,
                    help="DM LUT parameters while training: every entry (free) or "
                         "prototypes x weights (factored); default factored at depth >= 6, "
@@ -126,6 +127,10 @@ def cmd_convert(args):
         train_s = time.perf_counter() - t0
         print(f"float training: {epochs} epochs, input noise {float_noise:g}, in {train_s:.1f} s")
         kw = {} if args.lr is None else {"lr": args.lr}
+        if depth >= 9:
+            # 512-1024 leaves per tree: the init needs more rows, and leaves of a few rows
+            # (the default min_leaf is N/500) -- the settings of the depth-9 runs in RESULTS
+            kw.update(init_rows=16384, init_params={"refine": 0, "min_leaf": 4})
         report = convert(model, Xtr, ytr, codebook_dim=args.codebook_dim, depth=depth,
                          lut_form=lut_form,
                          epochs_per_layer=epl,
