@@ -113,7 +113,8 @@ def as_codes(codes, ncodebooks, nbuckets=16, name="codes"):
     ndarray, shape (N, ncodebooks), uint8 or uint16, C-contiguous, same library as ``codes``
     """
     arr = _as_array(codes, name)
-    want = np.uint8 if nbuckets <= 256 else np.uint16
+    from .kernels.reference import code_dtype      # here: reference imports this module
+    want = code_dtype(nbuckets)
     if arr.dtype != want:
         raise TypeError(f"{name} must have dtype {np.dtype(want).name} ({nbuckets} buckets), "
                         f"got {arr.dtype}")

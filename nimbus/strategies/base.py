@@ -22,7 +22,7 @@ from ..arrays import backend, kernels, validate
 
 NBUCKETS = 16           # K of every strategy at its default (depth-4 trees, 16 centroids)
 # codes are uint8 up to depth 8 (256 leaves), uint16 up to depth 10 (1024 leaves)
-MAX_DEPTH = 10
+MAX_DEPTH = kernels.reference.MAX_DEPTH
 
 
 def check_depth(depth):
