@@ -12,7 +12,9 @@ Timing: CUDA events around each call, after warm-up, median of ``--reps`` runs,
 inputs rotated among 4 sets so that repeats do not hit a warm L2 with the same X.
 Correctness is checked in the same run against the plain-CuPy oracle.
 
-Usage: ``python benchmarks/bench_dm_gpu.py [--n 8192 --d 512 --m 512 --c 32]``
+``--depth`` sets the trees' depth (default 4: 16 leaves; 9-10 take uint16 codes).
+
+Usage: ``python benchmarks/bench_dm_gpu.py [--n 8192 --d 512 --m 512 --c 32 --depth 4]``
 """
 from __future__ import annotations
 
@@ -47,13 +49,14 @@ def _time(cp, fn, sets, reps, warmup=5):
     return float(np.median(times)), float(np.percentile(times, 10)), float(np.percentile(times, 90))
 
 
-def _problem(cp, rng, N, D, M, C):
+def _problem(cp, rng, N, D, M, C, depth):
+    K = 2 ** depth
     X = np.maximum(0, rng.standard_normal((N, D))).astype(np.float32)
     starts = np.round(np.linspace(0, D, C + 1)).astype(int)
-    dims = np.stack([rng.integers(starts[c], starts[c + 1], size=15) for c in range(C)])
-    thr = np.abs(0.8 * rng.standard_normal((C, 15))).astype(np.float32)
-    lut = (0.1 * rng.standard_normal((C, 16, M))).astype(np.float32)
-    inv_tau = np.full((C, 15), 2.0, np.float32)
+    dims = np.stack([rng.integers(starts[c], starts[c + 1], size=K - 1) for c in range(C)])
+    thr = np.abs(0.8 * rng.standard_normal((C, K - 1))).astype(np.float32)
+    lut = (0.1 * rng.standard_normal((C, K, M))).astype(np.float32)
+    inv_tau = np.full((C, K - 1), 2.0, np.float32)
     gY = rng.standard_normal((N, M)).astype(np.float32)
     W = (rng.standard_normal((D, M)) / np.sqrt(D)).astype(np.float32)
     return [cp.asarray(a) for a in (X, dims.astype(np.int32), thr, lut, inv_tau, gY, W)]
@@ -66,15 +69,19 @@ def main(argv=None):
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--m", type=int, default=512)
     p.add_argument("--c", type=int, default=32)
+    p.add_argument("--depth", type=int, default=4, help="tree depth, 1..10 (default 4)")
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     cp = backend.cupy()
     if cp is None or not backend.has_cuda():
         raise SystemExit("needs CuPy and a CUDA device")
-    N, D, M, C = args.n, args.d, args.m, args.c
+    N, D, M, C, depth = args.n, args.d, args.m, args.c, args.depth
+    if not 1 <= depth <= 10:
+        raise SystemExit(f"--depth must be in 1..10, got {depth}")
+    K = 2 ** depth
     rng = np.random.default_rng(0)
-    sets = [_problem(cp, rng, N, D, M, C) for _ in range(4)]
+    sets = [_problem(cp, rng, N, D, M, C, depth) for _ in range(4)]
     inv_temp = 1.0
 
     # correctness first, on the same inputs
@@ -111,8 +118,9 @@ def main(argv=None):
         "encode": lambda X, dims, thr, lut, *a: dm_cuda.encode(X, dims, thr),
         "lookup": lambda X, dims, thr, lut, *a: dm_cuda.lookup(codes, lut),
         "leaf grads G (cuBLAS)": lambda X, dims, thr, lut, inv_tau, gY, W:
-            gY @ lut.reshape(C * 16, M).T,
-        "LUT scatter-add": lambda X, dims, thr, lut, inv_tau, gY, W: dm_cuda.lut_grad(codes, gY),
+            gY @ lut.reshape(C * K, M).T,
+        "LUT scatter-add": lambda X, dims, thr, lut, inv_tau, gY, W:
+            dm_cuda.lut_grad(codes, gY, K),
         "node backward (dX, dt)": lambda X, dims, thr, lut, inv_tau, gY, W:
             dm_cuda.dm_backward(X, dims, thr, inv_tau, lut, codes, gY, inv_temp, True, True,
                                 False),
@@ -133,7 +141,8 @@ def main(argv=None):
                      "p90_ms": t[2], "vs_exact": t[0] / t_exact[0]})
     dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
     table = Table(rows, ["what", "median_ms", "p10_ms", "p90_ms", "vs_exact"],
-                  title=f"one layer step at N={N}, D={D}, M={M}, C={C} on {dev}")
+                  title=f"one layer step at N={N}, D={D}, M={M}, C={C}, depth {depth} "
+                  f"on {dev}")
     print(table)
     print()
     print(table.to_markdown())
@@ -141,7 +150,8 @@ def main(argv=None):
     print(f"\nDM step / exact step = {ratio:.2f} (target <= 4)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "rows": rows, "ratio": ratio, "check": rel}, f, indent=1)
+            json.dump({"device": dev, "depth": depth, "rows": rows, "ratio": ratio, "check": rel},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

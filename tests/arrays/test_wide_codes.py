@@ -1,9 +1,10 @@
 """Trees of depth 9 and 10: codes wider than a byte (uint16, K = 512 or 1024 leaves).
 
-The Numba and CUDA kernels take byte codes only; the op table runs every op on wider
-codes with the plain-array reference. Checked here against independent oracles (a
-per-row tree walk, per-row sums, and the dense path-matrix form of the DM backward), on
-NumPy and (marked gpu) CuPy; the byte kernels refuse deep trees with a ValueError.
+The Numba kernels take uint8 and uint16 codes; on CuPy the depth-templated kernels of
+dm_cuda serve the wide encode, float lookup, LUT scatter-add and DM ops, and the 8-bit
+lookups run the reference. Checked here against independent oracles (a per-row tree
+walk, per-row sums, and the dense path-matrix form of the DM backward), on NumPy and
+(marked gpu) CuPy; the byte-tuned CUDA kernels refuse deep trees with a ValueError.
 """
 import numpy as np
 import pytest
@@ -103,26 +104,89 @@ def test_dm_backward_depth_9_matches_the_dense_path_matrix(xp, rng):
     assert _h(glut).shape == (2, K, M)
 
 
-def test_byte_kernels_refuse_deep_trees(rng):
-    A, dims, thr = _trees(rng, 9)
-    with pytest.raises(ValueError, match="depth d in 1..8"):
-        cpu_kernels.encode_tree(A, dims, thr)
-    with pytest.raises(ValueError, match="1 <= K <= 256"):
-        cpu_kernels.lookup(np.zeros((2, 3), np.uint8), np.zeros((3, 512, 2), np.float32))
+@pytest.mark.parametrize("depth", [9, 10])
+def test_numba_kernels_take_deep_trees(rng, depth):
+    A, dims, thr = _trees(rng, depth)
+    codes = cpu_kernels.encode_tree(A, dims, thr)
+    assert codes.dtype == np.uint16
+    np.testing.assert_array_equal(codes.astype(np.int64), _walk(A, dims, thr))
+    # a per-level tree (one column per level) takes the level kernel
+    ldims = np.repeat(rng.integers(0, A.shape[1], size=(3, depth)), 2 ** np.arange(depth),
+                      axis=1).astype(np.int32)
+    np.testing.assert_array_equal(cpu_kernels.encode_tree(A, ldims, thr).astype(np.int64),
+                                  _walk(A, ldims, thr))
     with pytest.raises(ValueError, match="depth d in 1..10"):
         kernels.encode_tree(A, rng.integers(0, 12, size=(3, 2047)).astype(np.int32),
                             np.zeros((3, 2047), np.float32))
 
 
+def test_numba_lookups_keep_wide_codes_in_bounds(rng):
+    """Codes >= K: mod K for K a power of two, clamped to K - 1 otherwise; a uint16 code is
+    never narrowed to a byte first (300 would read bucket 44)."""
+    C, M = 2, 3
+    codes = np.array([[300, 5], [1023, 599], [44, 0]], dtype=np.uint16)
+    for K in (512, 400, 64, 100):
+        lut = rng.standard_normal((C, K, M)).astype(np.float32)
+        bucket = codes % K if K & (K - 1) == 0 else np.minimum(codes, K - 1)
+        want = lut[0, bucket[:, 0]] + lut[1, bucket[:, 1]]
+        np.testing.assert_allclose(cpu_kernels.lookup(codes, lut), want, rtol=1e-6)
+        q = rng.integers(0, 256, size=(C, K, M)).astype(np.uint8)
+        isum = q[0, bucket[:, 0]].astype(np.int64) + q[1, bucket[:, 1]]
+        one = np.ones(M, np.float32)
+        np.testing.assert_array_equal(cpu_kernels.lookup_q(codes, q, one, 0 * one), isum)
+        gY = rng.standard_normal((3, M)).astype(np.float32)
+        got = cpu_kernels.lookup_backward(codes, gY, K)
+        want = np.zeros((C, K, M))
+        for n in range(3):
+            for c in range(C):
+                if codes[n, c] < K:                       # codes >= K add nothing
+                    want[c, codes[n, c]] += gY[n]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 @pytest.mark.gpu
-def test_cuda_kernels_refuse_deep_trees(rng):
+def test_byte_cuda_kernels_refuse_deep_trees(rng):
     cp = backend.cupy()
-    from nimbus.arrays.kernels import cuda, dm_cuda
+    from nimbus.arrays.kernels import cuda
     A, dims, thr = (cp.asarray(a) for a in _trees(rng, 9))
     with pytest.raises(ValueError, match="depth d in 1..8"):
         cuda.encode_tree(A, dims, thr)
-    with pytest.raises(ValueError, match="depth"):
-        dm_cuda.dm_forward(A, dims, thr, cp.zeros((3, 512, 2), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("depth", [9, 10])
+@pytest.mark.parametrize("N,D,C,M", [(1, 8, 1, 1), (257, 37, 5, 7), (3000, 64, 9, 132)])
+def test_dm_cuda_deep_trees_match_the_reference(rng, depth, N, D, C, M):
+    """The depth-templated CUDA DM kernels at depth 9 and 10 (uint16 codes, fewer warps per
+    backward block) against the plain-array oracle on CuPy."""
+    cp = backend.cupy()
+    from nimbus.arrays.kernels import dm_cuda
+    A = rng.standard_normal((N, D)).astype(np.float32)
+    dims = rng.integers(0, D, size=(C, 2 ** depth - 1)).astype(np.int32)
+    thr = (0.3 * rng.standard_normal(dims.shape)).astype(np.float32)
+    lut = rng.standard_normal((C, 2 ** depth, M)).astype(np.float32)
+    inv_tau = rng.uniform(0.5, 3.0, size=dims.shape).astype(np.float32)
+    gY = rng.standard_normal((N, M)).astype(np.float32)
+    A, dims, thr, lut, inv_tau, gY = (cp.asarray(a) for a in (A, dims, thr, lut, inv_tau, gY))
+    codes, Y = dm_cuda.dm_forward(A, dims, thr, lut)
+    rcodes, rY = dm_reference.dm_forward(A, dims, thr, lut)
+    assert codes.dtype == np.uint16
+    np.testing.assert_array_equal(_h(codes), _h(rcodes))
+    np.testing.assert_array_equal(_h(Y), _h(rY))            # same order of additions
+    got = dm_cuda.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 0.8)
+    want = dm_reference.dm_backward(A, dims, thr, inv_tau, lut, codes, gY, 0.8)
+    for g, r in zip(got, want):
+        r = _h(r)
+        np.testing.assert_allclose(_h(g), r, rtol=1e-4, atol=1e-5 * (np.abs(r).max() + 1))
+    # the op table sends wide encode / lookup / scatter-add to these kernels
+    np.testing.assert_array_equal(_h(kernels.encode_tree(A, dims, thr)), _h(rcodes))
+    np.testing.assert_array_equal(_h(kernels.lookup(codes, lut)), _h(rY))
+    assert kernels._wide_gpu("lookup", 2 ** depth) is dm_cuda.lookup
+    assert kernels._wide_gpu("lookup", 600) is ref.lookup         # not a power of two
+    with pytest.raises(ValueError, match="non-finite"):
+        bad = A.copy()
+        bad[N // 2, 0] = np.nan
+        kernels.encode_tree(bad, dims, thr)
 
 
 def test_codes_dtype_follows_the_buckets(rng):

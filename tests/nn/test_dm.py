@@ -358,8 +358,8 @@ def test_gpu_kernels_match_oracle(rng, N, D, C, M):
         np.testing.assert_allclose(_h(g), r, rtol=1e-4, atol=1e-5 * (np.abs(r).max() + 1))
 
 
-# ------------------------------------------------------------------ trees of any depth 1..8
-DEPTHS = [1, 2, 3, 4, 5, 8]
+# ------------------------------------------------------------------ trees of any depth 1..10
+DEPTHS = [1, 2, 3, 4, 5, 8, 9, 10]
 
 
 def _path_matrix_depth(depth):

@@ -13,10 +13,11 @@ Ops (shapes and semantics in :mod:`.reference`):
 Trees have any depth d in 1..10, read from the width of ``dims``: (C, K-1) with
 K = 2**d leaves (:func:`.reference.tree_depth`; another width raises ValueError);
 LUTs are (C, K, M) with K read from ``lut.shape[1]``. Codes are uint8 up to depth 8
-(K <= 256) and uint16 beyond (:func:`.reference.code_dtype`). The Numba and CUDA
-kernels take byte codes only: every op on wider codes (trees of depth 9-10, LUTs of
-K > 256) runs the plain-array reference on either library, which is correct but not
-tuned (see :func:`_wide`).
+(K <= 256) and uint16 beyond (:func:`.reference.code_dtype`). The Numba kernels take
+both. On CuPy, ops on wider codes (trees of depth 9-10, LUTs of K > 256; see
+:func:`_wide`) go to the depth-templated kernels of :mod:`.dm_cuda` (encode, float
+lookup, LUT scatter-add, for K a power of two); the byte-tuned kernels of :mod:`.cuda`
+take byte codes only, and the 8-bit lookups on wide codes run the reference.
 """
 from __future__ import annotations
 
@@ -47,12 +48,24 @@ def _module(lib):
 
 def _wide(dims=None, codes=None, nbuckets=None):
     """True for trees, codes or LUTs beyond a byte (depth > 8, uint16 codes, K > 256): the
-    Numba and CUDA kernels write and read uint8 codes, so these run the reference."""
+    kernels of :mod:`.cuda` write and read uint8 codes, so on CuPy these go elsewhere
+    (:func:`_wide_gpu`)."""
     if dims is not None and int(dims.shape[1]) > (1 << reference.BYTE_DEPTH) - 1:
         return True
     if codes is not None and codes.dtype == np.uint16:
         return True
     return nbuckets is not None and int(nbuckets) > 1 << reference.BYTE_DEPTH
+
+
+# ops on wide codes that dm_cuda serves on CuPy (its kernels are templated on the depth)
+_WIDE_GPU = {"encode_tree": "encode", "lookup": "lookup", "lookup_backward": "lut_grad"}
+
+
+def _wide_gpu(op, K):
+    """For CuPy arrays beyond a byte: the dm_cuda function serving ``op`` with K leaves (a
+    power of two), else the reference."""
+    mod = _dm_gpu() if op in _WIDE_GPU and int(K) & (int(K) - 1) == 0 else None
+    return getattr(mod, _WIDE_GPU[op]) if mod is not None else getattr(reference, op)
 
 
 def implementation(op, *arrays):
@@ -100,11 +113,11 @@ class finite_checks:
         return False
 
 
-def _checked(op, A):
-    """The implementation of an encode op, preceded by a NaN/Inf check of A unless the
-    implementation does that check itself in its own pass over A (or checks are off,
-    see :class:`finite_checks`)."""
-    fn = implementation(op, A)
+def _checked(op, A, fn=None):
+    """The implementation of an encode op (or ``fn``), preceded by a NaN/Inf check of A
+    unless the implementation does that check itself in its own pass over A (or checks
+    are off, see :class:`finite_checks`)."""
+    fn = fn or implementation(op, A)
     mod = _module(backend.library_name(A))
     if mod is not None and fn is getattr(mod, op, None) and \
             op in getattr(mod, "FUSED_FINITE_CHECK", ()):
@@ -122,8 +135,11 @@ def encode_tree(A, dims, thresholds):
 
     K = 2**d with the depth d in 1..10 read from dims' width. Raises ValueError if A
     holds NaN or Inf, or if dims' width is not 2**d - 1."""
-    if _wide(dims=dims):                   # the reference checks A for NaN/Inf itself
-        return reference.encode_tree(A, dims, thresholds)
+    if _wide(dims=dims) and backend.is_cupy(A):
+        fn = _wide_gpu("encode_tree", int(dims.shape[1]) + 1)
+        if fn is reference.encode_tree:    # the reference checks A for NaN/Inf itself
+            return fn(A, dims, thresholds)
+        return _checked("encode_tree", A, fn)(A, dims, thresholds)
     return _checked("encode_tree", A)(A, dims, thresholds)
 
 
@@ -140,32 +156,34 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     (N, D) float32 (float16 on the GPU), (C, K-1) int32, (C, K-1) float32, (C, K, M) uint8,
     (M,), (M,) -> (N, M) ``out_dtype`` (float32 or float16), K = 2**d. On CuPy one fused kernel
     (codes stay in shared memory). Raises ValueError if A holds NaN or Inf."""
-    if _wide(dims=dims):
-        return reference.encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype)
+    if _wide(dims=dims) and backend.is_cupy(A):
+        Y = lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)
+        return Y.astype(out_dtype, copy=False)
     return _checked("encode_lookup_q", A)(A, dims, thresholds, lut_q, scale, bias, out_dtype)
 
 
 def lookup(codes, lut):
     """(N, C) uint8 or uint16, (C, K, M) float32 (K in 1..1024) -> (N, M) float32 sums of
     LUT rows."""
-    if _wide(codes=codes, nbuckets=lut.shape[1]):
-        return reference.lookup(codes, lut)
+    if _wide(codes=codes, nbuckets=lut.shape[1]) and backend.is_cupy(codes):
+        return _wide_gpu("lookup", lut.shape[1])(codes, lut)
     return implementation("lookup", codes)(codes, lut)
 
 
 def lookup_q(codes, lut_q, scale, bias):
     """(N, C) uint8 or uint16, (C, K, M) uint8 (K in 1..1024), (M,), (M,) -> (N, M) float32, exact
     integer sums."""
-    if _wide(codes=codes, nbuckets=lut_q.shape[1]):
+    if _wide(codes=codes, nbuckets=lut_q.shape[1]) and backend.is_cupy(codes):
         return reference.lookup_q(codes, lut_q, scale, bias)
     return implementation("lookup_q", codes)(codes, lut_q, scale, bias)
 
 
 def lookup_backward(codes, grad_Y, nbuckets=16):
-    """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows,
-    K = ``nbuckets`` in 1..1024 (codes >= K add nothing)."""
-    if _wide(codes=codes, nbuckets=nbuckets):
-        return reference.lookup_backward(codes, grad_Y, nbuckets)
+    """(N, C) uint8 or uint16, (N, M) float32 -> (C, K, M) float32 scatter-add of grad
+    rows, K = ``nbuckets`` in 1..1024 (codes >= K add nothing)."""
+    if _wide(codes=codes, nbuckets=nbuckets) and backend.is_cupy(codes):
+        reference.check_nbuckets(nbuckets)
+        return _wide_gpu("lookup_backward", nbuckets)(codes, grad_Y, nbuckets)
     return implementation("lookup_backward", codes)(codes, grad_Y, nbuckets)
 
 
@@ -197,8 +215,7 @@ def dm_forward(A, dims, thresholds, lut):
     """
     from . import dm_reference
     if backend.is_cupy(A):
-        mod = None if _wide(dims=dims) else _dm_gpu()
-        return (mod or dm_reference).dm_forward(A, dims, thresholds, lut)
+        return (_dm_gpu() or dm_reference).dm_forward(A, dims, thresholds, lut)
     dm_reference.check_dm(dims, thresholds, lut)
     codes = encode_tree(A, dims, thresholds)
     return codes, lookup(codes, lut)
@@ -231,7 +248,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     if factors is not None:
         dm_reference.check_factors(factors, lut)
     if backend.is_cupy(A):
-        mod = (None if _wide(dims=dims) else _dm_gpu()) or dm_reference
+        mod = _dm_gpu() or dm_reference
         return mod.dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
                                need_a, need_t, need_lut)
     from . import dm_cpu

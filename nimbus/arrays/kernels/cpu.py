@@ -8,8 +8,10 @@ Thread mapping: every kernel runs ``prange`` over blocks of rows (the backward
 over codebooks), so threads never write the same output element.
 
 Launchers make every argument contiguous with its exact dtype before the call;
-the semantics are those of :mod:`.reference`, for trees of any depth 1..8 (read
-from ``dims.shape[1]``) and LUTs of any K in 1..256 (read from ``lut.shape[1]``).
+the semantics are those of :mod:`.reference`, for trees of any depth 1..10 (read
+from ``dims.shape[1]``) and LUTs of any K in 1..1024 (read from ``lut.shape[1]``).
+Codes are uint8, or uint16 for trees deeper than 8 (Numba compiles each code dtype
+once).
 The encoders check A for NaN/Inf in the same pass over memory
 (``FUSED_FINITE_CHECK``), so the apply path reads A once.
 """
@@ -19,7 +21,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from .reference import BYTE_DEPTH, check_nbuckets, check_tree, lut_buckets
+from .reference import check_nbuckets, check_tree, code_dtype, lut_buckets
 
 _ROWS_PER_BLOCK = 64   # rows per parallel task: amortises allocations, keeps rows in L2
 FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})
@@ -40,7 +42,7 @@ def _block_nonfinite(bits, n0, n1):
 
 
 # The tree depth is a run-time value (the width of dims), so one compiled kernel serves
-# every depth 1..8. With a run-time trip count LLVM cannot unroll the descent, which
+# every depth 1..10 (two, with the uint16 codes of depths 9 and 10). With a run-time trip count LLVM cannot unroll the descent, which
 # cost 20% at the default depth 4; so each kernel calls its inlined row loop twice,
 # once with the literal 4 (unrolled like the old fixed-depth kernels) and once with the
 # run-time depth.
@@ -150,14 +152,14 @@ def _encode_pq_row(A, cent, starts, out, n, C, K):
 @njit(inline="always")
 def _bucket(code, kmask, kmax):
     # a code >= K must not read past the LUT: with K a power of two it is taken mod K
-    # (kmask = K - 1, as the GPU kernels do), otherwise clamped to K - 1 (kmask = 255)
+    # (kmask = K - 1, as the GPU kernels do), otherwise clamped to K - 1 (kmask = 0xFFFF)
     return min(code & kmask, kmax)
 
 
 def _bucket_args(K):
     """(kmask, kmax) for :func:`_bucket` with K buckets."""
     pow2 = K & (K - 1) == 0
-    return np.int64(K - 1 if pow2 else 255), np.int64(K - 1)
+    return np.int64(K - 1 if pow2 else 0xFFFF), np.int64(K - 1)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -258,6 +260,13 @@ def _check_columns(dims, D):
                          f"{int(dims.min())}..{int(dims.max())}")
 
 
+def _codes(codes, K):
+    """Codes as contiguous uint8, or uint16 when they are uint16 already or K > 256 (a
+    uint16 code is never narrowed: a clamped code >= K keeps its value)."""
+    wide = codes.dtype == np.uint16 or K > 256
+    return _c(codes, np.uint16 if wide else np.uint8)
+
+
 def _check_codebooks(codes, lut):
     if codes.ndim != 2 or codes.shape[1] != lut.shape[0]:
         raise ValueError(f"codes of shape {codes.shape} do not fit a LUT of shape {lut.shape}: "
@@ -265,17 +274,17 @@ def _check_codebooks(codes, lut):
 
 
 def encode_tree(A, dims, thresholds):
-    """Numba tree encode, any depth d in 1..8 (from ``dims.shape[1] == 2**d - 1``).
+    """Numba tree encode, any depth d in 1..10 (from ``dims.shape[1] == 2**d - 1``).
 
     A (N, D) float32, dims (C, 2**d - 1) int32, thresholds (C, 2**d - 1) float32 ->
-    codes (N, C) uint8. Raises ValueError if A holds NaN/Inf (checked in the same
-    pass), if dims' width is not 2**d - 1 or if dims names a column outside A."""
+    codes (N, C) uint8 (uint16 for d > 8). Raises ValueError if A holds NaN/Inf (checked
+    in the same pass), if dims' width is not 2**d - 1 or if dims names a column outside A."""
     A = _c(A, np.float32)
     dims = _c(dims, np.int32)
     thresholds = _c(thresholds, np.float32)
-    depth = check_tree(dims, thresholds, BYTE_DEPTH)
+    depth = check_tree(dims, thresholds)
     _check_columns(dims, A.shape[1])
-    out = np.empty((A.shape[0], dims.shape[0]), dtype=np.uint8)
+    out = np.empty((A.shape[0], dims.shape[0]), dtype=code_dtype(1 << depth))
     bad = np.zeros((A.shape[0] + _ROWS_PER_BLOCK - 1) // _ROWS_PER_BLOCK, dtype=np.bool_)
     ldims = _level_dims(dims, depth)
     if ldims is not None:
@@ -301,12 +310,12 @@ def encode_pq(A, centroids, starts):
 
 
 def lookup(codes, lut):
-    """(N, C) uint8 codes, (C, K, M) float32 LUT (K in 1..256) -> (N, M) float32.
+    """(N, C) uint8 or uint16 codes, (C, K, M) float32 LUT (K in 1..1024) -> (N, M) float32.
 
     Codes >= K read bucket ``code mod K`` (K a power of two) or K - 1, never past the LUT."""
-    codes = _c(codes, np.uint8)
     lut = _c(lut, np.float32)
-    K = lut_buckets(lut, BYTE_DEPTH)
+    K = lut_buckets(lut)
+    codes = _codes(codes, K)
     _check_codebooks(codes, lut)
     out = np.empty((codes.shape[0], lut.shape[2]), dtype=np.float32)
     _lookup(codes, lut, out, *_bucket_args(K))
@@ -314,13 +323,13 @@ def lookup(codes, lut):
 
 
 def lookup_q(codes, lut_q, scale, bias):
-    """(N, C) uint8, (C, K, M) uint8 (K in 1..256), (M,), (M,) float32 -> (N, M) float32,
-    exact integer sums; codes >= K are handled as in :func:`lookup`."""
-    codes = _c(codes, np.uint8)
+    """(N, C) uint8 or uint16, (C, K, M) uint8 (K in 1..1024), (M,), (M,) float32 ->
+    (N, M) float32, exact integer sums; codes >= K are handled as in :func:`lookup`."""
     lut_q = _c(lut_q, np.uint8)
     scale = _c(scale, np.float32)
     bias = _c(bias, np.float32)
-    K = lut_buckets(lut_q, BYTE_DEPTH)
+    K = lut_buckets(lut_q)
+    codes = _codes(codes, K)
     _check_codebooks(codes, lut_q)
     if scale.shape != (lut_q.shape[2],) or bias.shape != (lut_q.shape[2],):
         raise ValueError(f"scale {scale.shape} and bias {bias.shape} must both have shape "
@@ -342,10 +351,10 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
 
 
 def lookup_backward(codes, grad_Y, nbuckets=16):
-    """(N, C) uint8 codes, (N, M) float32 -> (C, nbuckets, M) float32 scatter-add;
-    nbuckets = K in 1..256, codes >= K add nothing."""
-    K = check_nbuckets(nbuckets, BYTE_DEPTH)
-    codes = _c(codes, np.uint8)
+    """(N, C) uint8 or uint16 codes, (N, M) float32 -> (C, nbuckets, M) float32
+    scatter-add; nbuckets = K in 1..1024, codes >= K add nothing."""
+    K = check_nbuckets(nbuckets)
+    codes = _codes(codes, K)
     grad_Y = _c(grad_Y, np.float32)
     if codes.ndim != 2 or grad_Y.ndim != 2 or codes.shape[0] != grad_Y.shape[0]:
         raise ValueError(f"codes {codes.shape} and grad_Y {grad_Y.shape} need shapes "

@@ -23,13 +23,15 @@ everything else is here:
   only trees sharing a column contend) and keeps its threshold gradients in
   registers, reduced over the block's row groups in shared memory into one partial
   per block (summed afterwards: deterministic).
-* ``dm_node_backward_warp`` (depth 5..8, 32..256 leaves, too many for registers): a
+* ``dm_node_backward_warp`` (depth 5..10, 32..1024 leaves, too many for registers): a
   warp per (row, codebook), the per-row arrays in shared memory, O(K) work: the
   path misses top-down, the leaf softmax with warp-shuffle sums, the subtree sums
   bottom-up; threshold gradients per warp in shared memory, one partial per block.
 
-Trees have depth d in 1..8 (K = 2**d leaves, dims (C, K-1); the depth is read off
-the shapes). Launchers make every argument contiguous with its exact dtype and pass
+Trees have depth d in 1..10 (K = 2**d leaves, dims (C, K-1); the depth is read off
+the shapes). Codes are uint8 up to depth 8 and uint16 beyond (``code_t`` in the
+source); deeper trees take fewer warps per backward block (8, 4 at depth 9, 1 at depth
+10) so that the per-warp shared arrays fit the 48 KiB of static shared memory. Launchers make every argument contiguous with its exact dtype and pass
 scalars as np.int32 / np.float32. The module is compiled on first use, once per
 (device, depth); depth 4 compiles to the same code as before other depths existed
 (except that the lookups now take codes mod K, which valid codes never notice).
@@ -45,9 +47,14 @@ from .cuda import device_info
 _SOURCE = r"""
 #define NL (1 << DEPTH)          // leaves per tree
 #define NN (NL - 1)              // internal nodes, heap order
+#if DEPTH > 8
+typedef unsigned short code_t;   // 512 or 1024 leaves: uint16 codes
+#else
+typedef unsigned char code_t;
+#endif
 
 extern "C" __global__ void dm_encode(const float* __restrict__ A, const int* __restrict__ dims,
-                                     const float* __restrict__ thr, unsigned char* __restrict__ codes,
+                                     const float* __restrict__ thr, code_t* __restrict__ codes,
                                      long long N, int D, int C)
 {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -60,32 +67,32 @@ extern "C" __global__ void dm_encode(const float* __restrict__ A, const int* __r
     int node = 0;
 #pragma unroll
     for (int l = 0; l < DEPTH; ++l) node = 2 * node + 1 + (a[dc[node]] > tc[node] ? 1 : 0);
-    codes[i] = (unsigned char)(node - NN);
+    codes[i] = (code_t)(node - NN);
 }
 
 // Codes are taken mod NL (a mask) so that no code reads past its codebook's LUT.
-extern "C" __global__ void dm_lookup(const unsigned char* __restrict__ codes,
+extern "C" __global__ void dm_lookup(const code_t* __restrict__ codes,
                                      const float* __restrict__ lut, float* __restrict__ Y,
                                      long long N, int C, int M)
 {
     int m = blockIdx.x * blockDim.x + threadIdx.x;
     if (m >= M) return;
     for (long long n = blockIdx.y; n < N; n += gridDim.y) {
-        const unsigned char* cd = codes + n * C;
+        const code_t* cd = codes + n * C;
         float acc = 0.f;
         for (int c = 0; c < C; ++c) acc += lut[((long long)c * NL + (cd[c] & (NL - 1))) * M + m];
         Y[n * M + m] = acc;
     }
 }
 
-extern "C" __global__ void dm_lookup4(const unsigned char* __restrict__ codes,
+extern "C" __global__ void dm_lookup4(const code_t* __restrict__ codes,
                                       const float4* __restrict__ lut, float4* __restrict__ Y,
                                       long long N, int C, int M4)
 {
     int m = blockIdx.x * blockDim.x + threadIdx.x;
     if (m >= M4) return;
     for (long long n = blockIdx.y; n < N; n += gridDim.y) {
-        const unsigned char* cd = codes + n * C;
+        const code_t* cd = codes + n * C;
         float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
         for (int c = 0; c < C; ++c) {
             float4 v = lut[((long long)c * NL + (cd[c] & (NL - 1))) * M4 + m];
@@ -95,7 +102,7 @@ extern "C" __global__ void dm_lookup4(const unsigned char* __restrict__ codes,
     }
 }
 
-extern "C" __global__ void dm_onehot(const unsigned char* __restrict__ codes,
+extern "C" __global__ void dm_onehot(const code_t* __restrict__ codes,
                                      float* __restrict__ onehot, long long N, int C)
 {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -207,8 +214,16 @@ dm_node_backward(const float* __restrict__ A, const int* __restrict__ dims,
     }
 }
 #else
+// warps per block: the per-warp shared arrays take about 18 * NL bytes, so deeper trees
+// take fewer warps to stay under the 48 KiB of static shared memory per block
+#if DEPTH <= 8
 #define NW 8
-// Trees of 32 to 256 leaves: a warp per (row, codebook), O(NL) work, the per-row arrays
+#elif DEPTH == 9
+#define NW 4
+#else
+#define NW 1
+#endif
+// Trees of 32 to 1024 leaves: a warp per (row, codebook), O(NL) work, the per-row arrays
 // in shared memory (K floats per thread would not fit in registers). Block: NW warps on
 // codebook blockIdx.y; warp w takes rows r0 + w, r0 + w + NW, ... of the block's
 // rows_per_block rows. Per row: the node differences x - t (lanes stride over nodes);
@@ -313,8 +328,12 @@ dm_node_backward_warp(const float* __restrict__ A, const int* __restrict__ dims,
 
 _modules = {}          # (device id, depth) -> compiled RawModule
 _NB_ROWS = 8           # row groups per dm_node_backward block (NB_ROWS in the source)
-_NW = 8                # warps per dm_node_backward_warp block (NW in the source)
 _REGISTER_DEPTH = 4    # deepest trees whose backward keeps a (row, codebook) in registers
+
+
+def _warps(depth):
+    """Warps per dm_node_backward_warp block for trees of ``depth`` (NW in the source)."""
+    return 8 if depth <= 8 else 4 if depth == 9 else 1
 
 
 def _cp():
@@ -337,30 +356,28 @@ def _c(x, dtype):
     return _cp().ascontiguousarray(x, dtype=dtype)
 
 
-def _byte_depth(depth):
-    """``depth``, checked to be one whose codes fit a byte (these kernels write uint8)."""
-    if depth > reference.BYTE_DEPTH:
-        raise ValueError(f"the CUDA DM kernels take trees of depth 1..{reference.BYTE_DEPTH} "
-                         f"(uint8 codes); got depth {depth} (use nimbus.arrays.kernels, which "
-                         f"runs deeper trees with the plain-array reference)")
-    return depth
+def _codes(codes, K):
+    """``codes`` as a contiguous array of the code dtype of K leaves (uint8 up to 256,
+    uint16 beyond). The kernels take codes mod K (K = 2**d), so narrowing uint16 codes
+    to a byte for K <= 256 keeps every code's bucket (K divides 256)."""
+    return _c(codes, reference.code_dtype(K))
 
 
 def _leaf_depth(K, what):
-    """Depth d of trees with K = 2**d leaves (1 <= d <= 8), else ValueError naming ``what``."""
-    return reference.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)",
-                                    reference.BYTE_DEPTH)
+    """Depth d of trees with K = 2**d leaves (1 <= d <= 10), else ValueError naming ``what``."""
+    return reference.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)")
 
 
 def encode(A, dims, thresholds):
-    """(N, D) float32, (C, K-1) int32, (C, K-1) float32 -> (N, C) uint8 codes (no NaN
-    check); the depth d (K = 2**d) is read off dims' shape."""
+    """(N, D) float32, (C, K-1) int32, (C, K-1) float32 -> (N, C) codes (no NaN check),
+    uint8 up to K = 256 and uint16 beyond; the depth d (K = 2**d, 1 <= d <= 10) is read
+    off dims' shape."""
     cp = _cp()
     A, dims, thresholds = _c(A, np.float32), _c(dims, np.int32), _c(thresholds, np.float32)
-    depth = reference.check_tree(dims, thresholds, reference.BYTE_DEPTH)
+    depth = reference.check_tree(dims, thresholds)
     N, D = A.shape
     C = dims.shape[0]
-    codes = cp.empty((N, C), dtype=np.uint8)
+    codes = cp.empty((N, C), dtype=reference.code_dtype(1 << depth))
     total = N * C
     if total:
         threads = 256
@@ -371,13 +388,13 @@ def encode(A, dims, thresholds):
 
 
 def lookup(codes, lut):
-    """(N, C) uint8, (C, K, M) float32 -> (N, M) float32, summed in codebook order
-    (K = 2**d, 1 <= d <= 8; codes taken mod K)."""
+    """(N, C) uint8 or uint16, (C, K, M) float32 -> (N, M) float32, summed in codebook
+    order (K = 2**d, 1 <= d <= 10; codes taken mod K)."""
     cp = _cp()
-    codes, lut = _c(codes, np.uint8), _c(lut, np.float32)
-    N, C = codes.shape
     K, M = lut.shape[1], lut.shape[2]
     depth = _leaf_depth(K, f"lut {tuple(lut.shape)}")
+    codes, lut = _codes(codes, K), _c(lut, np.float32)
+    N, C = codes.shape
     Y = cp.empty((N, M), dtype=np.float32)
     if N == 0 or M == 0:
         return Y
@@ -392,15 +409,16 @@ def lookup(codes, lut):
 
 
 def dm_forward(A, dims, thresholds, lut):
-    """Hard forward: (codes (N, C) uint8, Y (N, M) float32); see :func:`.dm_reference.dm_forward`."""
-    _byte_depth(dm_reference.check_dm(dims, thresholds, lut))
+    """Hard forward: (codes (N, C) uint8 or uint16, Y (N, M) float32); see
+    :func:`.dm_reference.dm_forward`."""
+    dm_reference.check_dm(dims, thresholds, lut)
     codes = encode(A, dims, thresholds)
     return codes, lookup(codes, lut)
 
 
 def lut_grad(codes, grad_Y, nbuckets=16):
-    """(N, C) uint8, (N, M) float32 -> (C, K, M) float32 scatter-add of grad rows, K =
-    ``nbuckets`` = 2**d (1 <= d <= 8).
+    """(N, C) uint8 or uint16, (N, M) float32 -> (C, K, M) float32 scatter-add of grad
+    rows, K = ``nbuckets`` = 2**d (1 <= d <= 10).
 
     Computed as one cuBLAS product ``onehot(codes)^T @ grad_Y`` (onehot (N, C*K)): the
     same sums (each picked entry receives exactly the rows that picked it, times 1.0) in
@@ -410,9 +428,9 @@ def lut_grad(codes, grad_Y, nbuckets=16):
     gradients ``grad_Y @ LUT_flat^T`` the backward computes anyway.
     """
     cp = _cp()
-    K = reference.check_nbuckets(nbuckets, reference.BYTE_DEPTH)
+    K = reference.check_nbuckets(nbuckets)
     depth = _leaf_depth(K, "nbuckets")
-    codes, grad_Y = _c(codes, np.uint8), _c(grad_Y, np.float32)
+    codes, grad_Y = _codes(codes, K), _c(grad_Y, np.float32)
     N, C = codes.shape
     M = grad_Y.shape[1]
     onehot = cp.zeros((N, C * K), dtype=np.float32)
@@ -449,13 +467,14 @@ def _node_backward(A, dims, thresholds, inv_tau, G, grad_A, inv_temp, need_a, de
     if C > 65535:
         raise ValueError(f"the DM backward kernel takes at most 65535 codebooks, got C={C}")
     sms = device_info(cp.cuda.Device().id)["sms"]
-    chunks = max(1, min(-(-N // _NW), -(-sms * 16 // max(C, 1))))
+    nw = _warps(depth)
+    chunks = max(1, min(-(-N // nw), -(-sms * 16 * 8 // nw // max(C, 1))))
     rows = -(-N // chunks)
     gx = -(-N // rows) if N else 1
     part = cp.empty((gx, C, NN), dtype=np.float32)
     if N and C:
         _function("dm_node_backward_warp", depth)(
-            (gx, C), (32 * _NW,),
+            (gx, C), (32 * nw,),
             (*args, part, *tail, np.int32(rows), np.int32(bool(need_a))))
     else:
         part[...] = 0
@@ -467,8 +486,9 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     """Surrogate gradients (grad_A, grad_t, grad_lut); see :func:`.dm_reference.dm_backward`.
 
     Shapes: A (N, D); dims (C, K-1) int32; thresholds, inv_tau (C, K-1) float32; lut
-    (C, K, M); codes (N, C) uint8; grad_Y (N, M) -> grad_A (N, D), grad_t (C, K-1),
-    grad_lut (C, K, M), float32 (or None where not needed), K = 2**d, 1 <= d <= 8. Trees
+    (C, K, M); codes (N, C) uint8 (uint16 for K > 256); grad_Y (N, M) -> grad_A (N, D),
+    grad_t (C, K-1), grad_lut (C, K, M), float32 (or None where not needed), K = 2**d,
+    1 <= d <= 10. Trees
     of up to 16 leaves keep each (row, codebook) in a thread's registers; deeper trees
     take a warp per (row, codebook) with O(K) top-down / bottom-up passes.
     """
@@ -476,7 +496,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     A = _c(A, np.float32)
     dims, thresholds, inv_tau = _c(dims, np.int32), _c(thresholds, np.float32), _c(inv_tau, np.float32)
     lut, grad_Y = _c(lut, np.float32), _c(grad_Y, np.float32)
-    depth = _byte_depth(dm_reference.check_dm(dims, thresholds, lut, inv_tau))
+    depth = dm_reference.check_dm(dims, thresholds, lut, inv_tau)
     N, D = A.shape
     C, K, M = lut.shape
     grad_lut = lut_grad(codes, grad_Y, K) if need_lut else None
