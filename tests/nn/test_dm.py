@@ -344,9 +344,23 @@ def test_noise_only_while_training(xp, rng):
 @pytest.mark.parametrize("N,D,C,M", [(1, 8, 1, 1), (257, 37, 5, 7), (3000, 64, 8, 130),
                                      (5000, 256, 33, 64)])
 def test_gpu_kernels_match_oracle(rng, N, D, C, M):
+    _gpu_kernels_match_oracle(_problem(rng, N, D, C, M))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("depth", [9, 10])
+@pytest.mark.parametrize("N,D,C,M", [(1, 8, 1, 1), (257, 37, 5, 7), (3000, 64, 9, 132)])
+def test_gpu_kernels_deep_trees_match_oracle(rng, depth, N, D, C, M):
+    """Depth 9 and 10: uint16 codes, fewer warps per backward block."""
+    codes = _gpu_kernels_match_oracle(_problem_depth(rng, N, D, C, M, depth))
+    assert codes.dtype == np.uint16
+
+
+def _gpu_kernels_match_oracle(problem):
+    """dm_cuda's forward and backward against dm_reference on CuPy; returns the codes."""
     cp = backend.cupy()
     from nimbus.arrays.kernels import dm_cuda
-    A, dims, thr, lut, inv_tau, gY = (cp.asarray(a) for a in _problem(rng, N, D, C, M))
+    A, dims, thr, lut, inv_tau, gY = (cp.asarray(a) for a in problem)
     codes, Y = dm_cuda.dm_forward(A, dims, thr, lut)
     rcodes, rY = dm_reference.dm_forward(A, dims, thr, lut)
     np.testing.assert_array_equal(_h(codes), _h(rcodes))
@@ -356,6 +370,7 @@ def test_gpu_kernels_match_oracle(rng, N, D, C, M):
     for g, r in zip(got, ref):
         r = _h(r)
         np.testing.assert_allclose(_h(g), r, rtol=1e-4, atol=1e-5 * (np.abs(r).max() + 1))
+    return codes
 
 
 # ------------------------------------------------------------------ trees of any depth 1..10
