@@ -169,7 +169,21 @@ def test_op_table_sends_wide_gpu_ops_to_dm_cuda(rng, depth):
     assert kernels._wide_gpu("lookup", K) is dm_cuda.lookup
     assert kernels._wide_gpu("lookup_backward", K) is dm_cuda.lut_grad
     assert kernels._wide_gpu("lookup", 600) is ref.lookup           # not a power of two
-    assert kernels._wide_gpu("lookup_q", K) is ref.lookup_q
+    assert kernels._wide_gpu("lookup_q", K) is dm_cuda.lookup_q
+    assert kernels._wide_gpu("lookup_q", 600) is ref.lookup_q
+    # the 8-bit lookup kernel: bitwise the reference (exact integer sums, same rounding)
+    C, M = dims.shape[0], 37
+    q = cp.asarray(rng.integers(0, 256, size=(C, K, M)).astype(np.uint8))
+    scale = cp.asarray(rng.uniform(0.01, 2, size=M).astype(np.float32))
+    bias = cp.asarray(rng.standard_normal(M).astype(np.float32))
+    np.testing.assert_array_equal(_h(kernels.lookup_q(codes, q, scale, bias)),
+                                  _h(ref.lookup_q(codes, q, scale, bias)))
+    got = kernels.encode_lookup_q(cp.asarray(A).astype(np.float16), cp.asarray(dims),
+                                  cp.asarray(thr), q, scale, bias, out_dtype=np.float16)
+    want = ref.encode_lookup_q(cp.asarray(A).astype(np.float16), cp.asarray(dims),
+                               cp.asarray(thr), q, scale, bias, np.float16)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(_h(got), _h(want))
     bad = cp.asarray(A)
     bad[150, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):

@@ -15,9 +15,9 @@ K = 2**d leaves (:func:`.reference.tree_depth`; another width raises ValueError)
 LUTs are (C, K, M) with K read from ``lut.shape[1]``. Codes are uint8 up to depth 8
 (K <= 256) and uint16 beyond (:func:`.reference.code_dtype`). The Numba kernels take
 both. On CuPy, ops on wider codes (trees of depth 9-10, LUTs of K > 256; see
-:func:`_wide`) go to the depth-templated kernels of :mod:`.dm_cuda` (encode, float
-lookup, LUT scatter-add, for K a power of two); the byte-tuned kernels of :mod:`.cuda`
-take byte codes only, and the 8-bit lookups on wide codes run the reference.
+:func:`_wide`) go to the depth-templated kernels of :mod:`.dm_cuda` (encode, float and
+8-bit lookups, LUT scatter-add, for K a power of two; the reference otherwise): the
+byte-tuned kernels of :mod:`.cuda` take byte codes only.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def _wide(dims=None, codes=None, nbuckets=None):
 
 
 # ops on wide codes that dm_cuda serves on CuPy (its kernels are templated on the depth)
-_WIDE_GPU = {"encode_tree": "encode", "lookup": "lookup", "lookup_backward": "lut_grad"}
+_WIDE_GPU = {"encode_tree": "encode", "lookup": "lookup", "lookup_q": "lookup_q",
+             "lookup_backward": "lut_grad"}
 
 
 def _wide_gpu(op, K):
@@ -174,7 +175,7 @@ def lookup_q(codes, lut_q, scale, bias):
     """(N, C) uint8 or uint16, (C, K, M) uint8 (K in 1..1024), (M,), (M,) -> (N, M) float32, exact
     integer sums."""
     if _wide(codes=codes, nbuckets=lut_q.shape[1]) and backend.is_cupy(codes):
-        return reference.lookup_q(codes, lut_q, scale, bias)
+        return _wide_gpu("lookup_q", lut_q.shape[1])(codes, lut_q, scale, bias)
     return implementation("lookup_q", codes)(codes, lut_q, scale, bias)
 
 

@@ -11,6 +11,8 @@ everything else is here:
   fastest: LUT rows are read coalesced (float4 when M % 4 == 0) and a row's codes
   are broadcast. Codebooks are summed in order c = 0..C-1 from 0, as the reference
   does, so the result is bitwise the reference's.
+* ``dm_lookup_q``: the 8-bit lookup for wide codes, thread per (row, output column),
+  columns fastest; int32 sums, then scale and bias.
 * ``dm_onehot``: thread per (row, codebook) writes the 1 of the one-hot codes; the
   LUT gradient (the exact scatter-add of ``grad_Y`` rows) is then one cuBLAS
   product ``onehot^T @ grad_Y`` (see :func:`lut_grad` for why not a scatter kernel).
@@ -99,6 +101,25 @@ extern "C" __global__ void dm_lookup4(const code_t* __restrict__ codes,
             acc.x += v.x; acc.y += v.y; acc.z += v.z; acc.w += v.w;
         }
         Y[n * M4 + m] = acc;
+    }
+}
+
+// 8-bit LUT sums, exact in int32 (C * 255 < 2^31 for any C the shapes allow), then
+// isum * scale + bias rounded as the reference does (no fused multiply-add).
+extern "C" __global__ void dm_lookup_q(const code_t* __restrict__ codes,
+                                       const unsigned char* __restrict__ lut_q,
+                                       const float* __restrict__ scale,
+                                       const float* __restrict__ bias, float* __restrict__ Y,
+                                       long long N, int C, int M)
+{
+    int m = blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= M) return;
+    const float sm = scale[m], bm = bias[m];
+    for (long long n = blockIdx.y; n < N; n += gridDim.y) {
+        const code_t* cd = codes + n * C;
+        int acc = 0;
+        for (int c = 0; c < C; ++c) acc += lut_q[((long long)c * NL + (cd[c] & (NL - 1))) * M + m];
+        Y[n * M + m] = __fadd_rn(__fmul_rn((float)acc, sm), bm);
     }
 }
 
@@ -405,6 +426,30 @@ def lookup(codes, lut):
     name = "dm_lookup4" if vec else "dm_lookup"
     _function(name, depth)(grid, (threads,), (codes, lut, Y, np.int64(N), np.int32(C),
                                               np.int32(width)))
+    return Y
+
+
+def lookup_q(codes, lut_q, scale, bias):
+    """(N, C) uint8 or uint16, (C, K, M) uint8, (M,), (M,) float32 -> (N, M) float32: exact
+    integer sums of the 8-bit LUT rows, then ``isum * scale + bias`` (K = 2**d, 1 <= d <= 10;
+    codes taken mod K). Used for trees deeper than 8, whose codes the byte-tuned kernels of
+    :mod:`.cuda` do not take."""
+    cp = _cp()
+    K, M = lut_q.shape[1], lut_q.shape[2]
+    depth = _leaf_depth(K, f"lut_q {tuple(lut_q.shape)}")
+    codes, lut_q = _codes(codes, K), _c(lut_q, np.uint8)
+    scale, bias = _c(scale, np.float32), _c(bias, np.float32)
+    N, C = codes.shape
+    if C != lut_q.shape[0] or scale.shape != (M,) or bias.shape != (M,):
+        raise ValueError(f"codes {codes.shape}, lut_q {lut_q.shape}, scale {scale.shape} and "
+                         f"bias {bias.shape} need shapes (N, C), (C, K, M), (M,), (M,)")
+    Y = cp.empty((N, M), dtype=np.float32)
+    if N and M:
+        threads = 128 if M >= 128 else 32 * ((M + 31) // 32)
+        grid = ((M + threads - 1) // threads, min(N, 65535))
+        _function("dm_lookup_q", depth)(grid, (threads,), (codes, lut_q, scale, bias, Y,
+                                                           np.int64(N), np.int32(C),
+                                                           np.int32(M)))
     return Y
 
 
