@@ -184,6 +184,23 @@ def test_op_table_sends_wide_gpu_ops_to_dm_cuda(rng, depth):
                                cp.asarray(thr), q, scale, bias, np.float16)
     assert got.dtype == np.float16
     np.testing.assert_array_equal(_h(got), _h(want))
+    # codes >= K add nothing to the LUT gradient, as in the reference
+    gY = cp.asarray(rng.standard_normal((2, 3)).astype(np.float32))
+    wild = cp.asarray(np.array([[K + 5] * C, [1] * C], dtype=np.uint16))
+    got = _h(kernels.lookup_backward(wild, gY, K))
+    assert np.abs(got[:, 5]).max() == 0
+    np.testing.assert_allclose(got[:, 1], np.repeat(_h(gY)[1:], C, axis=0), rtol=1e-6)
+    # bad input through the op table: clear errors, no reads outside the arrays
+    with pytest.raises(ValueError, match="column indices"):
+        kernels.encode_tree(cp.asarray(A), cp.asarray(dims) + 100, cp.asarray(thr))
+    with pytest.raises(ValueError, match="codebooks"):
+        kernels.lookup(codes[:, :2], cp.zeros((C, K, 4), np.float32))
+    with pytest.raises(TypeError, match="uint8 or uint16"):
+        kernels.lookup(codes.astype(np.int64), cp.zeros((C, K, 4), np.float32))
+    with pytest.raises(ValueError, match="grad_Y"):
+        kernels.lookup_backward(codes, cp.zeros((3, 4), np.float32), K)
+    with pytest.raises(ValueError, match="scale"):
+        kernels.lookup_q(codes, q, scale[:3], bias)
     bad = cp.asarray(A)
     bad[150, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):

@@ -44,7 +44,7 @@ import numpy as np
 
 from .. import backend
 from . import dm_reference, reference
-from .cuda import device_info
+from .cuda import _check_dims, device_info
 
 _SOURCE = r"""
 #define NL (1 << DEPTH)          // leaves per tree
@@ -130,7 +130,8 @@ extern "C" __global__ void dm_onehot(const code_t* __restrict__ codes,
     if (i >= N * C) return;
     long long n = i / C;
     int c = (int)(i - n * C);
-    onehot[n * (NL * C) + c * NL + (codes[i] & (NL - 1))] = 1.f;
+    const int k = codes[i];
+    if (k < NL) onehot[n * (NL * C) + c * NL + k] = 1.f;    // codes >= K add nothing
 }
 
 #if DEPTH <= 4
@@ -377,10 +378,18 @@ def _c(x, dtype):
     return _cp().ascontiguousarray(x, dtype=dtype)
 
 
-def _codes(codes, K):
-    """``codes`` as a contiguous array of the code dtype of K leaves (uint8 up to 256,
-    uint16 beyond). The kernels take codes mod K (K = 2**d), so narrowing uint16 codes
-    to a byte for K <= 256 keeps every code's bucket (K divides 256)."""
+def _codes(codes, K, C=None):
+    """``codes`` checked ((N, C) uint8 or uint16, C codebooks when given) and made a
+    contiguous array of the code dtype of K leaves (uint8 up to 256, uint16 beyond). The
+    kernels take codes mod K (K = 2**d), so narrowing uint16 codes to a byte for K <= 256
+    keeps every code's bucket (K divides 256)."""
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be 2-D (N, C), got shape {tuple(codes.shape)}")
+    if codes.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"codes must have dtype uint8 or uint16, got {codes.dtype}")
+    if C is not None and codes.shape[1] != C:
+        raise ValueError(f"codes have {codes.shape[1]} codebooks (shape {tuple(codes.shape)}) "
+                         f"but the LUT has {C}")
     return _c(codes, reference.code_dtype(K))
 
 
@@ -394,10 +403,17 @@ def encode(A, dims, thresholds):
     uint8 up to K = 256 and uint16 beyond; the depth d (K = 2**d, 1 <= d <= 10) is read
     off dims' shape."""
     cp = _cp()
-    A, dims, thresholds = _c(A, np.float32), _c(dims, np.int32), _c(thresholds, np.float32)
     depth = reference.check_tree(dims, thresholds)
+    if A.ndim != 2:
+        raise ValueError(f"A must be 2-D (N, D), got shape {tuple(A.shape)}")
+    if dims.dtype.kind not in "iu" or thresholds.dtype.kind != "f":
+        raise TypeError(f"dims must hold integers and thresholds floats, got dtypes "
+                        f"{dims.dtype} and {thresholds.dtype}")
+    A, dims, thresholds = _c(A, np.float32), _c(dims, np.int32), _c(thresholds, np.float32)
     N, D = A.shape
     C = dims.shape[0]
+    if C:
+        _check_dims(dims, D)             # a column outside A would read foreign memory
     codes = cp.empty((N, C), dtype=reference.code_dtype(1 << depth))
     total = N * C
     if total:
@@ -412,9 +428,12 @@ def lookup(codes, lut):
     """(N, C) uint8 or uint16, (C, K, M) float32 -> (N, M) float32, summed in codebook
     order (K = 2**d, 1 <= d <= 10; codes taken mod K)."""
     cp = _cp()
+    if lut.ndim != 3 or lut.dtype.kind != "f":
+        raise ValueError(f"lut must be a float (C, K, M) array, got shape {tuple(lut.shape)} "
+                         f"and dtype {lut.dtype}")
     K, M = lut.shape[1], lut.shape[2]
     depth = _leaf_depth(K, f"lut {tuple(lut.shape)}")
-    codes, lut = _codes(codes, K), _c(lut, np.float32)
+    codes, lut = _codes(codes, K, lut.shape[0]), _c(lut, np.float32)
     N, C = codes.shape
     Y = cp.empty((N, M), dtype=np.float32)
     if N == 0 or M == 0:
@@ -435,14 +454,18 @@ def lookup_q(codes, lut_q, scale, bias):
     codes taken mod K). Used for trees deeper than 8, whose codes the byte-tuned kernels of
     :mod:`.cuda` do not take."""
     cp = _cp()
+    if lut_q.ndim != 3:
+        raise ValueError(f"lut_q must have shape (C, K, M), got {tuple(lut_q.shape)}")
+    if lut_q.dtype != np.uint8:
+        raise TypeError(f"lut_q must have dtype uint8, got {lut_q.dtype}")
     K, M = lut_q.shape[1], lut_q.shape[2]
     depth = _leaf_depth(K, f"lut_q {tuple(lut_q.shape)}")
-    codes, lut_q = _codes(codes, K), _c(lut_q, np.uint8)
+    if scale.shape != (M,) or bias.shape != (M,):
+        raise ValueError(f"scale {tuple(scale.shape)} and bias {tuple(bias.shape)} must both "
+                         f"have shape ({M},) for lut_q {tuple(lut_q.shape)}")
+    codes, lut_q = _codes(codes, K, lut_q.shape[0]), _c(lut_q, np.uint8)
     scale, bias = _c(scale, np.float32), _c(bias, np.float32)
     N, C = codes.shape
-    if C != lut_q.shape[0] or scale.shape != (M,) or bias.shape != (M,):
-        raise ValueError(f"codes {codes.shape}, lut_q {lut_q.shape}, scale {scale.shape} and "
-                         f"bias {bias.shape} need shapes (N, C), (C, K, M), (M,), (M,)")
     Y = cp.empty((N, M), dtype=np.float32)
     if N and M:
         threads = 128 if M >= 128 else 32 * ((M + 31) // 32)
@@ -463,7 +486,7 @@ def dm_forward(A, dims, thresholds, lut):
 
 def lut_grad(codes, grad_Y, nbuckets=16):
     """(N, C) uint8 or uint16, (N, M) float32 -> (C, K, M) float32 scatter-add of grad
-    rows, K = ``nbuckets`` = 2**d (1 <= d <= 10).
+    rows, K = ``nbuckets`` = 2**d (1 <= d <= 10); codes >= K add nothing.
 
     Computed as one cuBLAS product ``onehot(codes)^T @ grad_Y`` (onehot (N, C*K)): the
     same sums (each picked entry receives exactly the rows that picked it, times 1.0) in
@@ -475,7 +498,11 @@ def lut_grad(codes, grad_Y, nbuckets=16):
     cp = _cp()
     K = reference.check_nbuckets(nbuckets)
     depth = _leaf_depth(K, "nbuckets")
-    codes, grad_Y = _codes(codes, K), _c(grad_Y, np.float32)
+    codes = _codes(codes, K)
+    if grad_Y.ndim != 2 or grad_Y.shape[0] != codes.shape[0]:
+        raise ValueError(f"grad_Y must have shape (N={codes.shape[0]}, M), got "
+                         f"{tuple(grad_Y.shape)}")
+    grad_Y = _c(grad_Y, np.float32)
     N, C = codes.shape
     M = grad_Y.shape[1]
     onehot = cp.zeros((N, C * K), dtype=np.float32)
