@@ -178,6 +178,15 @@ def test_op_table_sends_wide_gpu_ops_to_dm_cuda(rng, depth):
     bias = cp.asarray(rng.standard_normal(M).astype(np.float32))
     np.testing.assert_array_equal(_h(kernels.lookup_q(codes, q, scale, bias)),
                                   _h(ref.lookup_q(codes, q, scale, bias)))
+    # M % 4 == 0 takes the 4-column kernel; views that start off a 16-byte boundary are
+    # copied before its vector loads
+    q4 = cp.asarray(rng.integers(0, 256, size=(C * K * 8 + 1,)).astype(np.uint8))
+    q4 = q4[1:].reshape(C, K, 8)
+    sb = cp.asarray(rng.uniform(0.01, 2, size=17).astype(np.float32))
+    np.testing.assert_array_equal(_h(kernels.lookup_q(codes, q4, sb[1:9], sb[9:])),
+                                  _h(ref.lookup_q(codes, q4, sb[1:9], sb[9:])))
+    lut8 = cp.asarray(rng.standard_normal(C * K * 8 + 1).astype(np.float32))[1:].reshape(C, K, 8)
+    np.testing.assert_array_equal(_h(kernels.lookup(codes, lut8)), _h(ref.lookup(codes, lut8)))
     got = kernels.encode_lookup_q(cp.asarray(A).astype(np.float16), cp.asarray(dims),
                                   cp.asarray(thr), q, scale, bias, out_dtype=np.float16)
     want = ref.encode_lookup_q(cp.asarray(A).astype(np.float16), cp.asarray(dims),

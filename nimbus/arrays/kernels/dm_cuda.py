@@ -11,8 +11,8 @@ everything else is here:
   fastest: LUT rows are read coalesced (float4 when M % 4 == 0) and a row's codes
   are broadcast. Codebooks are summed in order c = 0..C-1 from 0, as the reference
   does, so the result is bitwise the reference's.
-* ``dm_lookup_q``: the 8-bit lookup for wide codes, thread per (row, output column),
-  columns fastest; int32 sums, then scale and bias.
+* ``dm_lookup_q`` / ``dm_lookup_q4``: the 8-bit lookup for wide codes, thread per (row,
+  1 or 4 output columns), columns fastest; int32 sums, then scale and bias.
 * ``dm_onehot``: thread per (row, codebook) writes the 1 of the one-hot codes; the
   LUT gradient (the exact scatter-add of ``grad_Y`` rows) is then one cuBLAS
   product ``onehot^T @ grad_Y`` (see :func:`lut_grad` for why not a scatter kernel).
@@ -120,6 +120,30 @@ extern "C" __global__ void dm_lookup_q(const code_t* __restrict__ codes,
         int acc = 0;
         for (int c = 0; c < C; ++c) acc += lut_q[((long long)c * NL + (cd[c] & (NL - 1))) * M + m];
         Y[n * M + m] = __fadd_rn(__fmul_rn((float)acc, sm), bm);
+    }
+}
+
+// dm_lookup_q for M % 4 == 0: four output columns per thread (one 4-byte load per LUT row)
+extern "C" __global__ void dm_lookup_q4(const code_t* __restrict__ codes,
+                                        const uchar4* __restrict__ lut_q,
+                                        const float4* __restrict__ scale,
+                                        const float4* __restrict__ bias, float4* __restrict__ Y,
+                                        long long N, int C, int M4)
+{
+    int m = blockIdx.x * blockDim.x + threadIdx.x;
+    if (m >= M4) return;
+    const float4 sm = scale[m], bm = bias[m];
+    for (long long n = blockIdx.y; n < N; n += gridDim.y) {
+        const code_t* cd = codes + n * C;
+        int a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        for (int c = 0; c < C; ++c) {
+            const uchar4 v = lut_q[((long long)c * NL + (cd[c] & (NL - 1))) * M4 + m];
+            a0 += v.x; a1 += v.y; a2 += v.z; a3 += v.w;
+        }
+        Y[n * M4 + m] = make_float4(__fadd_rn(__fmul_rn((float)a0, sm.x), bm.x),
+                                    __fadd_rn(__fmul_rn((float)a1, sm.y), bm.y),
+                                    __fadd_rn(__fmul_rn((float)a2, sm.z), bm.z),
+                                    __fadd_rn(__fmul_rn((float)a3, sm.w), bm.w));
     }
 }
 
@@ -378,6 +402,12 @@ def _c(x, dtype):
     return _cp().ascontiguousarray(x, dtype=dtype)
 
 
+def _aligned(x, nbytes):
+    """``x`` itself when its data starts on an ``nbytes`` boundary, else an aligned copy
+    (the vector kernels load float4 / uchar4; a contiguous view may start anywhere)."""
+    return x if x.data.ptr % nbytes == 0 else x.copy()
+
+
 def _codes(codes, K, C=None):
     """``codes`` checked ((N, C) uint8 or uint16, C codebooks when given) and made a
     contiguous array of the code dtype of K leaves (uint8 up to 256, uint16 beyond). The
@@ -439,6 +469,8 @@ def lookup(codes, lut):
     if N == 0 or M == 0:
         return Y
     vec = M % 4 == 0
+    if vec:
+        lut = _aligned(lut, 16)
     width = M // 4 if vec else M
     threads = 128 if width >= 128 else 32 * ((width + 31) // 32)
     grid = ((width + threads - 1) // threads, min(N, 65535))
@@ -468,11 +500,15 @@ def lookup_q(codes, lut_q, scale, bias):
     N, C = codes.shape
     Y = cp.empty((N, M), dtype=np.float32)
     if N and M:
-        threads = 128 if M >= 128 else 32 * ((M + 31) // 32)
-        grid = ((M + threads - 1) // threads, min(N, 65535))
-        _function("dm_lookup_q", depth)(grid, (threads,), (codes, lut_q, scale, bias, Y,
-                                                           np.int64(N), np.int32(C),
-                                                           np.int32(M)))
+        vec = M % 4 == 0
+        if vec:
+            lut_q, scale, bias = _aligned(lut_q, 4), _aligned(scale, 16), _aligned(bias, 16)
+        width = M // 4 if vec else M
+        threads = 128 if width >= 128 else 32 * ((width + 31) // 32)
+        grid = ((width + threads - 1) // threads, min(N, 65535))
+        _function("dm_lookup_q4" if vec else "dm_lookup_q", depth)(
+            grid, (threads,), (codes, lut_q, scale, bias, Y, np.int64(N), np.int32(C),
+                               np.int32(width)))
     return Y
 
 
