@@ -42,7 +42,8 @@ def _block_nonfinite(bits, n0, n1):
 
 
 # The tree depth is a run-time value (the width of dims), so one compiled kernel serves
-# every depth 1..10 (two, with the uint16 codes of depths 9 and 10). With a run-time trip count LLVM cannot unroll the descent, which
+# every depth 1..10 (two: depths 9 and 10 write uint16 codes). With a run-time trip
+# count LLVM cannot unroll the descent, which
 # cost 20% at the default depth 4; so each kernel calls its inlined row loop twice,
 # once with the literal 4 (unrolled like the old fixed-depth kernels) and once with the
 # run-time depth.

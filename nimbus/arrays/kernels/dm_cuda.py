@@ -33,10 +33,12 @@ everything else is here:
 Trees have depth d in 1..10 (K = 2**d leaves, dims (C, K-1); the depth is read off
 the shapes). Codes are uint8 up to depth 8 and uint16 beyond (``code_t`` in the
 source); deeper trees take fewer warps per backward block (8, 4 at depth 9, 1 at depth
-10) so that the per-warp shared arrays fit the 48 KiB of static shared memory. Launchers make every argument contiguous with its exact dtype and pass
-scalars as np.int32 / np.float32. The module is compiled on first use, once per
+10) so that the per-warp shared arrays fit the 48 KiB of static shared memory.
+Launchers check their inputs, make every argument contiguous with its exact dtype and
+pass scalars as np.int32 / np.float32. The module is compiled on first use, once per
 (device, depth); depth 4 compiles to the same code as before other depths existed
-(except that the lookups now take codes mod K, which valid codes never notice).
+(except that the lookups take codes mod K and the one-hot skips codes >= K, which
+valid codes never notice).
 """
 from __future__ import annotations
 
