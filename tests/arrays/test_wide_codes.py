@@ -1,8 +1,8 @@
 """Trees of depth 9 and 10: codes wider than a byte (uint16, K = 512 or 1024 leaves).
 
 The Numba kernels take uint8 and uint16 codes; on CuPy the depth-templated kernels of
-dm_cuda serve the wide encode, float lookup, LUT scatter-add and DM ops, and the 8-bit
-lookups run the reference. Checked here against independent oracles (a per-row tree
+dm_cuda serve the wide encode, float and 8-bit lookups, LUT scatter-add and DM ops (the
+reference where K is not a power of two). Checked here against independent oracles (a per-row tree
 walk, per-row sums, and the dense path-matrix form of the DM backward), on NumPy and
 (marked gpu) CuPy; the byte-tuned CUDA kernels refuse deep trees with a ValueError.
 """
