@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from nimbus._timing import time_call  # noqa: E402
 from nimbus.arrays import backend, kernels  # noqa: E402
 from nimbus.arrays.kernels import reference as ref  # noqa: E402
 from nimbus.table import Table  # noqa: E402
@@ -68,15 +68,7 @@ def _timer(gpu, reps):
             return float(np.median(times))
         return run
 
-    def run(fn):
-        fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times))
-    return run
+    return lambda fn: time_call(fn, repeat=reps, warmup=1)[0] * 1e3
 
 
 def main(argv=None):
@@ -115,7 +107,8 @@ def main(argv=None):
                          "apply_ms": t, "exact_ms": t_exact, "exact/apply": t_exact / t})
             print(f"D={D} C={C} depth {depth}: apply {t:.4f} ms, exact {t_exact:.4f} ms",
                   flush=True)
-    where = (backend.cupy().cuda.runtime.getDeviceProperties(0)["name"].decode()
+    cp = backend.cupy()
+    where = (cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
              if args.gpu else f"CPU, {os.cpu_count()} cores")
     table = Table(rows, ["D", "M", "C", "depth", "K", "lut_MB", "encode_ms", "apply_ms",
                          "exact_ms", "exact/apply"],
