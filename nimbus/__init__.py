@@ -14,12 +14,40 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import strategies  # noqa: E402
 from .api import amm, compare, fit  # noqa: E402
-from .io import load, save  # noqa: E402
+from . import io as _io  # noqa: E402
+from .io import save  # noqa: E402
 from .metrics import nmse  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["amm", "fit", "compare", "save", "load", "nmse", "strategies", "nn", "__version__"]
+
+
+# The packages whose import registers a loader with nimbus.io (each class
+# registers where it is defined; io itself imports none of them, see load).
+_LOADER_PACKAGES = (".strategies", ".nn")
+
+
+def load(path):
+    """Read a file written by :func:`nimbus.save`: a strategy, a model, or any
+    other kind a nimbus package registers. Arrays come back as NumPy arrays.
+
+    Imports the packages that register loaders (``nimbus.strategies``,
+    ``nimbus.nn``) first, then reads with :func:`nimbus.io.load`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike, an ``.npz`` file written by :func:`nimbus.save`
+
+    Raises
+    ------
+    FileNotFoundError if ``path`` does not exist; ValueError if it is not a
+    nimbus file, is of an unknown kind, or is corrupt.
+    """
+    import importlib
+    for pkg in _LOADER_PACKAGES:
+        importlib.import_module(pkg, __name__)
+    return _io.load(path)
 
 
 def __getattr__(name):

@@ -9,6 +9,12 @@ complete, so a failed save never destroys an existing file.
 Objects take part through two methods and a registered loader:
 ``obj._nimbus_kind`` ("strategy", "model", ...), ``obj.to_state() -> (meta dict,
 {name: array})`` and ``register_loader(kind, fn(meta, arrays) -> obj)``.
+
+This module imports nothing of nimbus: each package registers the loaders of
+the classes it defines when it is imported (``nimbus.strategies`` the kind
+"strategy", ``nimbus.nn`` the kind "model" and the compiled kinds). The public
+:func:`nimbus.load` imports those packages before it reads; a caller of
+:func:`load` here must have imported the package that registers the file's kind.
 """
 from __future__ import annotations
 
@@ -26,8 +32,24 @@ _loaders = {}
 
 
 def register_loader(kind, fn):
-    """Register ``fn(meta, arrays) -> object`` for files whose kind is ``kind``."""
+    """Register ``fn(meta, arrays) -> object`` for files whose kind is ``kind``.
+
+    ``kind`` is a non-empty str (the ``_nimbus_kind`` of the saved class); a
+    later registration of the same kind replaces the earlier one (re-imports).
+    ``meta`` is the JSON dict the object's ``to_state`` returned and ``arrays``
+    the dict of NumPy arrays it returned, as read back from the file.
+    """
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"register_loader: kind must be a non-empty str, got {kind!r}")
+    if not callable(fn):
+        raise TypeError(f"register_loader: the loader for {kind!r} must be callable, "
+                        f"got {type(fn).__name__}")
     _loaders[kind] = fn
+
+
+def known_kinds():
+    """The kinds of file that :func:`load` can read now (sorted list of str)."""
+    return sorted(_loaders)
 
 
 def _to_state(obj):
@@ -108,20 +130,14 @@ def load(path):
         raise ValueError(f"{path} was written by a newer nimbus (format version "
                          f"{doc.get('version')!r}; this one reads up to {VERSION})")
     kind = doc.get("kind")
-    if kind not in _loaders:
-        _import_loaders()
-    if kind not in _loaders:
-        raise ValueError(f"{path}: unknown object kind {kind!r}")
+    if not isinstance(kind, str) or kind not in _loaders:
+        # No import here on purpose: the registering packages import this module
+        # (nimbus.load imports them first), so importing them back would be a cycle.
+        raise ValueError(f"{path}: unknown object kind {kind!r} (this nimbus reads "
+                         f"{', '.join(known_kinds()) or 'no kinds yet'}; read files with "
+                         "nimbus.load, which imports the packages that register them)")
     try:
         return _loaders[kind](doc.get("meta", {}), arrays)
     except (KeyError, TypeError, IndexError) as exc:
         raise ValueError(f"{path}: incomplete or malformed nimbus file ({exc!r})") from None
 
-
-def _import_loaders():
-    """Import the modules that register loaders (strategies; nn when it exists)."""
-    from . import strategies  # noqa: F401
-    try:
-        from . import nn  # noqa: F401
-    except ImportError:
-        pass
