@@ -2,8 +2,10 @@
 
 Imported by :mod:`nimbus.arrays.kernels` the first time a CuPy array needs a
 kernel; CuPy itself is reached only through :func:`nimbus.arrays.backend.cupy`
-inside the launchers, never at import time. Each kernel is CUDA C++ compiled by
-NVRTC on its first launch and cached per (kernel, substitutions, device): the
+inside the launchers, never at import time. Each kernel is CUDA C++ held in the
+``.cu``/``.cuh`` files of the ``cuda/`` folder beside this module (package data; see
+:func:`source`), compiled by NVRTC on its first launch and cached per (kernel,
+substitutions, device): the
 substitutions are the element types (float32 or float16 input/output, float32
 or float16 LUT) and compile-time sizes (codebooks, column tile, rows per
 thread, tree depth, buckets per codebook), one source per kernel. Kernel
@@ -41,10 +43,12 @@ timings do).
 """
 from __future__ import annotations
 
+import importlib.resources
+
 import numpy as np
 
 from .. import backend, validate
-from . import cuda_mma, reference
+from . import reference
 
 FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})
 
@@ -54,973 +58,58 @@ _ENCODE_TILE_BUDGET = 32 * 1024  # bytes of A staged per encode block
 _MAX_INT32 = 2 ** 31 - 1
 
 # --------------------------------------------------------------------------- source
-# One CUDA C++ source per kernel family; the header of #defines is the only thing that
-# differs between variants. No CUDA header is included (NVRTC needs none): half
-# precision is handled as raw 16-bit words converted with cvt instructions.
-_PRELUDE = r"""
-#ifndef TREE_DEPTH
-#define TREE_DEPTH 4             // tree depth d: 2^d leaves, 2^d - 1 heap-ordered nodes
-#endif
-#define TNODES ((1 << TREE_DEPTH) - 1)
-#ifndef NK
-#define NK 16                    // buckets (LUT rows) per codebook: K, 1..256
-#endif
-// Bucket of the code byte in bits sh.. of w: codes >= NK never index past a LUT (taken
-// mod NK: a mask when NK is a power of two, as CuPy's indexing wraps).
-#if (NK & (NK - 1)) == 0
-#define BUCKET(w, sh) (((w) >> (sh)) & (u32)(NK - 1))
-#else
-#define BUCKET(w, sh) ((((w) >> (sh)) & 255u) % (u32)NK)
-#endif
-// Warp groups: GROUPS independent teams of GT threads in one block (the fused kernel's
-// "virtual blocks", which share the block's LUT); GTID is a thread's index in its team.
-#ifndef GROUPS
-#define GROUPS 1
-#endif
-#define GT (NT / GROUPS)
-#if GROUPS == 1
-#define GTID threadIdx.x
-#else
-#define GTID (threadIdx.x % GT)
-#endif
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+# The CUDA C++ lives in .cu/.cuh files under cuda/ (package data). One source per kernel
+# family: a header of #defines (the only thing that differs between variants), the
+# shared prelude (cuda/prelude.cuh, prepended by concatenation: NVRTC is given one
+# string, no include path), then the family's files. No CUDA header is included (NVRTC
+# needs none): half precision is handled as raw 16-bit words converted with cvt
+# instructions.
+_FAMILIES = {           # kernel name -> the files of its source, in order, after the prelude
+    "encode_tree_tile": ("encode_tree.cu",), "encode_tree_direct": ("encode_tree.cu",),
+    "encode_pq_kernel": ("encode_pq.cu",),
+    "lookup_q_kernel": ("lookup_q_core.cuh", "lookup_q.cu"),
+    "encode_lookup_q_kernel": ("lookup_q_core.cuh", "encode_lookup_q.cu"),
+    "lookup_kernel": ("lookup.cu",),
+    "lookup_backward_kernel": ("lookup_backward.cu",),
+    "lookup_global_kernel": ("lookup_global.cu",),
+    "spin_kernel": ("spin.cu",),
+}
+_PRELUDE_FILE = "prelude.cuh"
+_UNROLL_PLACEHOLDER = "PRAGMA_UNROLL_C"    # replaced by the unroll pragma of UNROLL_C
+_texts = {}             # file name -> its text (read once)
 
-__device__ __forceinline__ float h2f(u16 h) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-}
-__device__ __forceinline__ u16 f2h(float f) {          // round to nearest even, as astype
-    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
-}
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(u16 x) { return h2f(x); }
-__device__ __forceinline__ void put(float* p, float v) { *p = v; }
-__device__ __forceinline__ void put(u16* p, float v) { *p = f2h(v); }
 
-// Non-finite detection on raw words: an all-ones exponent plus one carries into the sign
-// bit, so `acc |= (w & EXP) + ONE` keeps bit 31 (bit 15 too for half pairs) iff some value
-// was NaN or Inf. Three integer ops per word, no float compare.
-__device__ __forceinline__ u32 nonfinite_bits(float x) {
-    return ((__float_as_uint(x) & 0x7F800000u) + 0x00800000u) & 0x80000000u;
-}
-__device__ __forceinline__ u32 nonfinite_bits(u16 x) {
-    return ((((u32)x) & 0x7C00u) + 0x0400u) & 0x8000u;
-}
-__device__ __forceinline__ u32 nonfinite_word(u32 w) {
-#if IN_SIZE == 4
-    return ((w & 0x7F800000u) + 0x00800000u) & 0x80000000u;
-#else
-    return ((w & 0x7C007C00u) + 0x04000400u) & 0x80008000u;
-#endif
-}
+def load_source(filename):
+    """Text of the CUDA file ``filename`` of the package's ``cuda/`` folder (cached).
 
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-// 16-byte global -> shared copies; asynchronous (cp.async, sm_80+) when USE_CP_ASYNC so a
-// block can have a whole tile in flight without staging it through registers.
-__device__ __forceinline__ void copy16(void* dst, const void* src) {
-#if USE_CP_ASYNC
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_u32(dst)), "l"(src) : "memory");
-#else
-    *(uint4*)dst = *(const uint4*)src;
-#endif
-}
-// 4- and 8-byte asynchronous copies; `valid` false copies nothing and zero-fills dst.
-__device__ __forceinline__ void copy4(void* dst, const void* src, bool valid) {
-#if USE_CP_ASYNC
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
-#else
-    *(u32*)dst = valid ? *(const u32*)src : 0u;
-#endif
-}
-__device__ __forceinline__ void copy8(void* dst, const void* src, bool valid) {
-#if USE_CP_ASYNC
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;"
-                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 8 : 0) : "memory");
-#else
-    *(uint2*)dst = valid ? *(const uint2*)src : make_uint2(0u, 0u);
-#endif
-}
-__device__ __forceinline__ void async_commit() {
-#if USE_CP_ASYNC
-    asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void async_wait_all() {
-#if USE_CP_ASYNC
-    asm volatile("cp.async.wait_group 0;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void async_wait_prev() {     // all groups but the newest
-#if USE_CP_ASYNC
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
-#endif
-}
-#ifdef NSTAGE
-__device__ __forceinline__ void async_wait_pipeline() { // all but the newest NSTAGE-1
-#if USE_CP_ASYNC
-    asm volatile("cp.async.wait_group %0;" :: "n"(NSTAGE - 1) : "memory");
-#endif
-}
-#endif
+    Found through :mod:`importlib.resources`, so it works from a wheel as well as from a
+    source tree. Raises FileNotFoundError naming the file if the package data is missing.
+    """
+    text = _texts.get(filename)
+    if text is None:
+        res = importlib.resources.files(__package__).joinpath("cuda").joinpath(filename)
+        try:
+            text = res.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"CUDA source {filename!r} is missing from nimbus/arrays/kernels/cuda/ "
+                "(package data; reinstall cumulonimbus)") from None
+        _texts[filename] = text
+    return text
 
-// Stage `nbytes` contiguous bytes at dst: 16-byte asynchronous copies when `vec` (both
-// addresses 16-byte aligned), the tail (and everything when not `vec`) byte by byte.
-__device__ __forceinline__ void stage_bytes(u8* dst, const u8* __restrict__ src, int nbytes,
-                                            int vec) {
-    int done = 0;
-    if (vec) {
-        const int n16 = nbytes >> 4;
-        for (int i = threadIdx.x; i < n16; i += NT) copy16((uint4*)dst + i, (const uint4*)src + i);
-        done = n16 << 4;
-    }
-    for (int i = done + threadIdx.x; i < nbytes; i += NT) dst[i] = src[i];
-}
-
-// Stage `nrows` consecutive rows of A (row-major, D columns) at `dst`. `vec`: the source
-// is 16-byte aligned and a row is a whole number of 16-byte units.
-__device__ __forceinline__ void stage_rows(IN_T* dst, const IN_T* __restrict__ src, int nrows,
-                                           int D, int vec) {
-    if (vec) {
-        const int n16 = (nrows * D * IN_SIZE) >> 4;
-        for (int i = GTID; i < n16; i += GT) copy16((uint4*)dst + i, (const uint4*)src + i);
-    } else {
-        const int n = nrows * D;
-        for (int i = GTID; i < n; i += GT) dst[i] = src[i];
-    }
-    async_commit();
-}
-
-// NaN/Inf bits of a staged tile (this thread's share), read back from shared memory.
-__device__ __forceinline__ u32 scan_tile(const IN_T* tile, int nrows, int D, int vec) {
-    u32 bad = 0;
-    if (vec) {
-        const int n16 = (nrows * D * IN_SIZE) >> 4;
-        for (int i = GTID; i < n16; i += GT) {
-            const uint4 w = ((const uint4*)tile)[i];
-            bad |= nonfinite_word(w.x) | nonfinite_word(w.y) | nonfinite_word(w.z)
-                 | nonfinite_word(w.w);
-        }
-    } else {
-        const int n = nrows * D;
-        for (int i = GTID; i < n; i += GT) bad |= nonfinite_bits(tile[i]);
-    }
-    return bad;
-}
-
-// Leaf reached by one row in one tree of depth TREE_DEPTH: heap-ordered nodes, right iff
-// x > t (strictly: x == t goes left, as in learning). dims are already clamped to [0, D).
-__device__ __forceinline__ u8 tree_leaf(const IN_T* row, const int* dims, const float* thr) {
-    int node = 0;
-#pragma unroll
-    for (int l = 0; l < TREE_DEPTH; ++l)
-        node = 2 * node + 1 + (to_f32(row[dims[node]]) > thr[node] ? 1 : 0);
-    return (u8)(node - TNODES);
-}
-
-// Codes of a staged batch: thread t encodes the (row, tree) pairs t, t + NT, ... of the
-// ``nrb`` x ``ncb`` batch into ``codes`` (row stride ``cp``); rows >= ``nr`` get code 0.
-// Inlined with compile-time nrb/ncb, so p / ncb stays a constant division.
-__device__ __forceinline__ void encode_batch(const IN_T* tile, int nr, int D, u8* codes, int cp,
-                                             int nrb, int ncb, const int* dims_s,
-                                             const float* thr_s) {
-    for (int p = GTID; p < nrb * ncb; p += GT) {
-        const int r = p / ncb, c = p - r * ncb;
-        codes[r * cp + c] = r < nr ? tree_leaf(tile + r * D, dims_s + c * TNODES,
-                                                       thr_s + c * TNODES)
-                                   : (u8)0;
-    }
-}
-
-__device__ __forceinline__ void stage_trees(int* dims_s, float* thr_s, const int* __restrict__ dims,
-                                            const float* __restrict__ thr, int ntrees, int D) {
-    for (int i = threadIdx.x; i < ntrees * TNODES; i += NT) {
-        const unsigned d = (unsigned)dims[i];          // negative -> huge -> clamped
-        dims_s[i] = (int)(d < (unsigned)D ? d : (unsigned)(D - 1));
-        thr_s[i] = thr[i];
-    }
-}
-"""
-
-_ENCODE_TREE = r"""
-// Thread mapping: a block stages `rows` consecutive rows of A (all D columns) in shared
-// memory, then thread t computes the (row, codebook) pairs t, t + NT, ... of the tile
-// (consecutive threads write consecutive code bytes); blocks stride over row tiles.
-extern "C" __global__ void __launch_bounds__(NT)
-encode_tree_tile(const IN_T* __restrict__ A, const int* __restrict__ dims,
-                 const float* __restrict__ thr, u8* __restrict__ codes, int* __restrict__ flag,
-                 int N, int D, int C, int rows, int a_vec)
-{
-    extern __shared__ __align__(16) u8 smem[];
-    int* dims_s = (int*)smem;
-    float* thr_s = (float*)(smem + C * TNODES * 4);
-    IN_T* tile = (IN_T*)(smem + ((C * TNODES * 8 + 15) & ~15));
-    stage_trees(dims_s, thr_s, dims, thr, C, D);
-    u32 bad = 0;
-    const long long ntiles = ((long long)N + rows - 1) / rows;
-    for (long long t = blockIdx.x; t < ntiles; t += gridDim.x) {
-        const long long r0 = t * rows;
-        const int nr = (int)((long long)N - r0 < rows ? (long long)N - r0 : rows);
-        __syncthreads();                 // previous tile consumed; trees staged
-        stage_rows(tile, A + r0 * D, nr, D, a_vec);
-        async_wait_all();
-        __syncthreads();
-        bad |= scan_tile(tile, nr, D, a_vec);
-        encode_batch(tile, nr, D, codes + r0 * C, C, nr, C, dims_s, thr_s);
-    }
-    if (bad) atomicOr(flag, 1);
-}
-
-// Thread mapping: thread -> one (row, codebook) pair, grid-stride; reads A, dims and
-// thresholds from global memory. Fallback for rows too wide for shared memory.
-extern "C" __global__ void __launch_bounds__(NT)
-encode_tree_direct(const IN_T* __restrict__ A, const int* __restrict__ dims,
-                   const float* __restrict__ thr, u8* __restrict__ codes, int* __restrict__ flag,
-                   int N, int D, int C)
-{
-    u32 bad = 0;
-    const long long total = (long long)N * C;
-    for (long long p = (long long)blockIdx.x * NT + threadIdx.x; p < total;
-         p += (long long)gridDim.x * NT) {
-        const long long n = p / C;
-        const int c = (int)(p - n * C);
-        const IN_T* row = A + n * D;
-        int node = 0;
-        for (int l = 0; l < TREE_DEPTH; ++l) {
-            unsigned d = (unsigned)dims[c * TNODES + node];
-            d = d < (unsigned)D ? d : (unsigned)(D - 1);
-            node = 2 * node + 1 + (to_f32(row[d]) > thr[c * TNODES + node] ? 1 : 0);
-        }
-        codes[p] = (u8)(node - TNODES);
-        if (c == 0) for (int j = 0; j < D; ++j) bad |= nonfinite_bits(row[j]);
-    }
-    if (bad) atomicOr(flag, 1);
-}
-"""
-
-_ENCODE_PQ = r"""
-// Thread mapping: blockIdx.y is the codebook c, thread -> row (blocks stride over rows).
-// All threads of a block read the same centroid entries (broadcast loads); each thread
-// keeps its row's 16 squared distances in registers. Ties keep the lowest k (argmin).
-extern "C" __global__ void __launch_bounds__(NT)
-encode_pq_kernel(const IN_T* __restrict__ A, const float* __restrict__ cent,
-                 const int* __restrict__ starts, u8* __restrict__ codes, int* __restrict__ flag,
-                 int N, int D, int C, int W)
-{
-    const int c = blockIdx.y;
-    const int s = starts[c], w = starts[c + 1] - s;   // checked on the host: 0 <= w <= W
-    const float* cc = cent + (long long)c * 16 * W;
-    u32 bad = 0;
-    for (long long n = (long long)blockIdx.x * NT + threadIdx.x; n < N;
-         n += (long long)gridDim.x * NT) {
-        const IN_T* a = A + n * D + s;
-        float d[16];
-#pragma unroll
-        for (int k = 0; k < 16; ++k) d[k] = 0.f;
-        for (int j = 0; j < w; ++j) {
-            const IN_T raw = a[j];
-            bad |= nonfinite_bits(raw);
-            const float x = to_f32(raw);
-#pragma unroll
-            for (int k = 0; k < 16; ++k) {
-                const float e = x - cc[k * W + j];
-                d[k] = __fadd_rn(d[k], __fmul_rn(e, e));
-            }
-        }
-        int best = 0;
-        float bd = d[0];
-#pragma unroll
-        for (int k = 1; k < 16; ++k)
-            if (d[k] < bd) { bd = d[k]; best = k; }
-        codes[n * C + c] = (u8)best;
-    }
-    if (bad) atomicOr(flag, 1);
-}
-"""
-
-# The 8-bit lookup core, shared by lookup_q_kernel and the fused encode_lookup_q_kernel.
-_LOOKUP_Q_CORE = r"""
-#define TPR (MT / 16)            // threads per row: each owns 16 columns of the tile
-#define RG (GT / TPR)            // rows a block (a warp group) works on at once
-#define RB (RG * RPT)            // rows per batch
-#define CP ((NCB + 3) & ~3)      // codes row stride in shared memory: whole 32-bit words
-#define CH (16 / OUT_SIZE)       // output columns per 16-byte store: 4 (fp32) or 8 (fp16)
-#define NCHK (16 / CH)           // 16-byte stores per thread and row
-#define LUT_BYTES (NCB * NK * MT)
-
-// LUT tile in shared memory: [NCB][NK][MT] bytes. Within a LUT row, thread tr's 16 bytes
-// sit together at 16*tr (one 16-byte load), and byte s of them is output column
-// (s / CH) * TPR * CH + tr * CH + s % CH of the tile: each thread's outputs are NCHK
-// chunks of CH adjacent columns, so a warp's 16-byte stores fill whole segments.
-#define SLOT_COL(tr, s) (((s) / CH) * (TPR * CH) + (tr) * CH + ((s) % CH))
-
-// Issue the copies of the tile's LUT (asynchronous in units of `unit` = 8 or 4 bytes, a
-// divisor of M and CH given by the launcher; unit 1: synchronous bytes). Columns past M
-// are zero.
-__device__ __forceinline__ void load_lut_q_tile(u8* lut_s, const u8* __restrict__ lut_q, int M,
-                                                int m0, int unit) {
-    if (unit >= 4) {
-        const int per_row = MT / unit;
-        for (int i = threadIdx.x; i < NCB * NK * per_row; i += NT) {
-            const int ck = i / per_row, j = (i - ck * per_row) * unit;   // tile column
-            const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
-            u8* dst = lut_s + ck * MT + tr * 16 + q * CH + (j - ch * CH);
-            const bool ok = m0 + j < M;            // a unit is wholly inside or outside
-            const u8* src = ok ? lut_q + (long long)ck * M + m0 + j : lut_q;
-            if (unit == 8) copy8(dst, src, ok); else copy4(dst, src, ok);
-        }
-    } else {
-        for (int i = threadIdx.x; i < NCB * NK * MT; i += NT) {
-            const int ck = i / MT, j = i - ck * MT;
-            const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
-            lut_s[ck * MT + tr * 16 + q * CH + (j - ch * CH)] =
-                m0 + j < M ? lut_q[(long long)ck * M + m0 + j] : (u8)0;
-        }
-    }
-}
-
-// Codes of rows [r0, r0 + nr) into a [RB][CP] buffer. `vec` (CP == NCB, aligned): one
-// contiguous asynchronous copy; else byte by byte (padding columns are left at 0).
-__device__ __forceinline__ void stage_codes(u8* dst, const u8* __restrict__ codes, long long r0,
-                                            int nr, int vec) {
-    const u8* src = codes + r0 * NCB;
-    if (vec) {
-        stage_bytes(dst, src, nr * NCB, 1);
-    } else {
-        for (int i = threadIdx.x; i < nr * NCB; i += NT) {
-            const int r = i / NCB, c = i - r * NCB;
-            dst[r * CP + c] = src[i];
-        }
-    }
-}
-
-// Exact float of an integer sum below 2^23 without the (quarter-rate) I2F instruction:
-// the integer becomes the mantissa of 2^23 + x, and 2^23 is subtracted exactly.
-__device__ __forceinline__ float u2f_exact(u32 x) {
-#if NCB * 255 < 8388608
-    return __fsub_rn(__uint_as_float(0x4B000000u | x), 8388608.0f);
-#else
-    return __uint2float_rn(x);
-#endif
-}
-
-__device__ __forceinline__ void mad_u32(u32& acc, u32 x, u32 one) {
-    asm("mad.lo.u32 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(one));
-}
-__device__ __forceinline__ void mad_wide(u64& acc, u32 x, u32 one) {
-    asm("mad.wide.u32 %0, %1, %2, %0;" : "+l"(acc) : "r"(x), "r"(one));
-}
-
-// Accumulation of 4 LUT bytes (one word, columns b0..b3) of two codebooks (x0, x1).
-// ACC_MODE 0: byte_perm spreads bytes into 16-bit lanes, IADD3 adds both codebooks.
-// ACC_MODE 1: the same spread, the adds as IMAD (x * one + acc, `one` a runtime 1) so
-//             they run on the FMA pipe beside the byte_perms on the integer pipe.
-// ACC_MODE 2: even bytes masked into 16-bit lanes (LOP3 + IADD3); whole words summed in
-//             64 bits with IMAD.WIDE; odd lanes = (whole - even) >> 8 at the end.
-// 16-bit lanes are exact for up to 257 codebooks; the caller flushes every 256.
-__device__ __forceinline__ void acc_word(u32& a0, u32& a1, u64& aw, u32 x0, u32 x1, u32 one) {
-#if ACC_MODE == 0
-    a0 += __byte_perm(x0, 0, 0x4140) + __byte_perm(x1, 0, 0x4140);
-    a1 += __byte_perm(x0, 0, 0x4342) + __byte_perm(x1, 0, 0x4342);
-#elif ACC_MODE == 1
-    mad_u32(a0, __byte_perm(x0, 0, 0x4140), one); mad_u32(a0, __byte_perm(x1, 0, 0x4140), one);
-    mad_u32(a1, __byte_perm(x0, 0, 0x4342), one); mad_u32(a1, __byte_perm(x1, 0, 0x4342), one);
-#else
-    a0 += (x0 & 0x00FF00FFu) + (x1 & 0x00FF00FFu);
-    mad_wide(aw, x0, one); mad_wide(aw, x1, one);
-#endif
-}
-
-// Store CH adjacent outputs at p (all inside the row): the widest stores p's alignment
-// allows (16, 8 or 4 bytes; single values otherwise), so rows whose byte length is not a
-// multiple of 16 (float16 with M = 100, say) still use wide stores where they can.
-__device__ __forceinline__ void store_chunk(float* p, const float* v) {
-    const unsigned a = (unsigned)(unsigned long long)p;
-    if ((a & 15u) == 0) {
-        *(float4*)p = make_float4(v[0], v[1], v[2], v[3]);
-    } else if ((a & 7u) == 0) {
-        *(float2*)p = make_float2(v[0], v[1]);
-        *(float2*)(p + 2) = make_float2(v[2], v[3]);
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) p[e] = v[e];
-    }
-}
-__device__ __forceinline__ void store_chunk(u16* p, const float* v) {
-    u32 w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) w[k] = (u32)f2h(v[2 * k]) | ((u32)f2h(v[2 * k + 1]) << 16);
-    const unsigned a = (unsigned)(unsigned long long)p;
-    if ((a & 15u) == 0) {
-        *(uint4*)p = make_uint4(w[0], w[1], w[2], w[3]);
-    } else if ((a & 7u) == 0) {
-        *(uint2*)p = make_uint2(w[0], w[1]);
-        *(uint2*)(p + 4) = make_uint2(w[2], w[3]);
-    } else if ((a & 3u) == 0) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) *(u32*)(p + 2 * k) = w[k];
-    } else {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) { p[2 * k] = (u16)(w[k] & 0xFFFFu); p[2 * k + 1] = (u16)(w[k] >> 16); }
-    }
-}
-
-// Sums over codebooks [cb, ce) (at most 256: 16-bit lanes stay exact) of rows rg + RG*i,
-// i < RPT, 16 columns each for thread tr, added to tot[i][slot].
-__device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lut_t,
-        const u8* codes_s, int rg, int cb, int ce, u32 one) {
-    u32 a[RPT][8];
-    u64 aw[RPT][4];
-#pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) a[i][j] = 0u;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) aw[i][j] = 0ull;
-    }
-    PRAGMA_UNROLL_C
-    for (int c = cb; c < ce; c += 4) {
-        u32 cw[RPT];
-#pragma unroll
-        for (int i = 0; i < RPT; ++i) cw[i] = *(const u32*)(codes_s + (rg + RG * i) * CP + c);
-#pragma unroll
-        for (int k = 0; k < 4; k += 2) {
-            if (c + k < ce) {
-                const bool two = c + k + 1 < ce;
-#pragma unroll
-                for (int i = 0; i < RPT; ++i) {
-                    const u32 k0 = BUCKET(cw[i], 8 * k);        // memory safe
-                    const uint4 w0 = *(const uint4*)(lut_t + ((c + k) * NK + k0) * MT);
-                    uint4 w1 = make_uint4(0u, 0u, 0u, 0u);
-                    if (two) {
-                        const u32 k1 = BUCKET(cw[i], 8 * k + 8);
-                        w1 = *(const uint4*)(lut_t + ((c + k + 1) * NK + k1) * MT);
-                    }
-                    acc_word(a[i][0], a[i][1], aw[i][0], w0.x, w1.x, one);
-                    acc_word(a[i][2], a[i][3], aw[i][1], w0.y, w1.y, one);
-                    acc_word(a[i][4], a[i][5], aw[i][2], w0.z, w1.z, one);
-                    acc_word(a[i][6], a[i][7], aw[i][3], w0.w, w1.w, one);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {          // word q holds slots 4q .. 4q+3
-#if ACC_MODE == 2
-            const u32 ev = a[i][2 * q];
-            const u32 od = (u32)((aw[i][q] - (u64)ev) >> 8);
-            tot[i][4 * q + 0] += ev & 0xFFFFu;  tot[i][4 * q + 2] += ev >> 16;
-            tot[i][4 * q + 1] += od & 0xFFFFu;  tot[i][4 * q + 3] += od >> 16;
-#else
-            const u32 lo = a[i][2 * q], hi = a[i][2 * q + 1];
-            tot[i][4 * q + 0] += lo & 0xFFFFu;  tot[i][4 * q + 1] += lo >> 16;
-            tot[i][4 * q + 2] += hi & 0xFFFFu;  tot[i][4 * q + 3] += hi >> 16;
-#endif
-        }
-    }
-}
-
-// Rows rg + RG*i (i < RPT) of the batch, 16 columns each for thread tr: integer sums of
-// the 8-bit LUT over all codebooks, then y = isum * scale + bias (two roundings, as the
-// reference), stored as OUT_T. Scale and bias of the thread's slot s are sc[s * SB_STRIDE],
-// bi[s * SB_STRIDE] (registers: stride 1; shared memory: stride TPR).
-template <int SB_STRIDE>
-__device__ __forceinline__ void lookup_q_rows(const u8* lut_s, const float* sc, const float* bi,
-        const u8* codes_s, OUT_T* __restrict__ Y, long long row0, int nr, int M, int m0,
-        u32 one) {
-    const int tr = GTID % TPR, rg = GTID / TPR;
-    const u8* lut_t = lut_s + tr * 16;
-    u32 tot[RPT][16];
-#pragma unroll
-    for (int i = 0; i < RPT; ++i)
-#pragma unroll
-        for (int s = 0; s < 16; ++s) tot[i][s] = 0u;
-#if NCB <= 256
-    lookup_q_chunk(tot, lut_t, codes_s, rg, 0, NCB, one);      // constant bounds: full unroll
-#else
-    for (int cb = 0; cb < NCB; cb += 256)
-        lookup_q_chunk(tot, lut_t, codes_s, rg, cb, cb + 256 < NCB ? cb + 256 : NCB, one);
-#endif
-#pragma unroll
-    for (int i = 0; i < RPT; ++i) {
-        const int r = rg + RG * i;
-        if (r < nr) {
-            OUT_T* yrow = Y + (row0 + r) * (long long)M;
-#pragma unroll
-            for (int q = 0; q < NCHK; ++q) {
-                const int m = m0 + q * (TPR * CH) + tr * CH;   // first column of this chunk
-                float v[CH];
-#pragma unroll
-                for (int e = 0; e < CH; ++e)
-                    v[e] = __fadd_rn(__fmul_rn(u2f_exact(tot[i][q * CH + e]),
-                                               sc[(q * CH + e) * SB_STRIDE]),
-                                     bi[(q * CH + e) * SB_STRIDE]);
-                if (m + CH <= M) {
-                    store_chunk(yrow + m, v);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < CH; ++e) if (m + e < M) put(yrow + m + e, v[e]);
-                }
-            }
-        }
-    }
-}
-
-// Scale and bias of the tile in shared memory, slot-interleaved: slot s of thread tr at
-// s * TPR + tr (scale) and MT + s * TPR + tr (bias), so the lanes of a warp read adjacent
-// words (no bank conflicts); 0 past M.
-__device__ __forceinline__ void load_scale_bias_smem(float* sb_s, const float* __restrict__ scale,
-                                                     const float* __restrict__ bias, int M, int m0) {
-    for (int j = threadIdx.x; j < MT; j += NT) {
-        const int ch = j / CH, q = ch / TPR, tr = ch - q * TPR;
-        const int pos = (q * CH + (j - ch * CH)) * TPR + tr;
-        sb_s[pos] = m0 + j < M ? scale[m0 + j] : 0.f;
-        sb_s[MT + pos] = m0 + j < M ? bias[m0 + j] : 0.f;
-    }
-}
-
-// Scale and bias of thread tr's 16 slots (0 past M), kept in registers.
-__device__ __forceinline__ void load_scale_bias(float* sc, float* bi, const float* __restrict__ scale,
-                                                const float* __restrict__ bias, int M, int m0) {
-    const int tr = threadIdx.x % TPR;
-#pragma unroll
-    for (int s = 0; s < 16; ++s) {
-        const int m = m0 + SLOT_COL(tr, s);
-        sc[s] = m < M ? scale[m] : 0.f;
-        bi[s] = m < M ? bias[m] : 0.f;
-    }
-}
-"""
-
-_LOOKUP_Q = r"""
-// Thread mapping: blockIdx.y picks a tile of MT columns, whose 8-bit LUT (all codebooks)
-// the block keeps in shared memory; blocks stride over batches of RB rows (blockIdx.x);
-// thread t owns 16 columns (t % TPR) of rows t / TPR + RG * i, i < RPT. The codes of the
-// next batch arrive by cp.async while the current batch is summed (two buffers).
-extern "C" __global__ void __launch_bounds__(NT)
-lookup_q_kernel(const u8* __restrict__ codes, const u8* __restrict__ lut_q,
-                const float* __restrict__ scale, const float* __restrict__ bias,
-                OUT_T* __restrict__ Y, int N, int M, u32 one, int lut_unit, int codes_vec)
-{
-    extern __shared__ __align__(16) u8 smem[];
-    u8* lut_s = smem;
-    float* sb_s = (float*)(smem + LUT_BYTES);
-    u8* cbuf0 = smem + LUT_BYTES + 8 * MT;
-    u8* cbuf1 = cbuf0 + (RB * CP + 15) / 16 * 16;
-    const int m0 = blockIdx.y * MT;
-    const int nbatch = (N + RB - 1) / RB;
-    for (int i = threadIdx.x; i < 2 * ((RB * CP + 15) / 16 * 16); i += NT) cbuf0[i] = 0;
-    __syncthreads();                     // zeroed before the asynchronous copies land
-    load_lut_q_tile(lut_s, lut_q, M, m0, lut_unit);
-    load_scale_bias_smem(sb_s, scale, bias, M, m0);      // registers would cost occupancy
-    const float* sc = sb_s + threadIdx.x % TPR;
-    const float* bi = sb_s + MT + threadIdx.x % TPR;
-    int b = blockIdx.x;
-    if (b < nbatch) {
-        const long long r0 = (long long)b * RB;
-        const int nr = (int)((long long)N - r0 < RB ? (long long)N - r0 : RB);
-        stage_codes(cbuf0, codes, r0, nr, codes_vec);
-    }
-    async_commit();
-    for (int it = 0; b < nbatch; ++it, b += gridDim.x) {
-        u8* cur = (it & 1) ? cbuf1 : cbuf0;
-        u8* nxt = (it & 1) ? cbuf0 : cbuf1;
-        __syncthreads();                 // every thread is done with nxt (batch it - 1)
-        const int bn = b + gridDim.x;
-        if (bn < nbatch) {
-            const long long rn = (long long)bn * RB;
-            stage_codes(nxt, codes, rn, (int)((long long)N - rn < RB ? (long long)N - rn : RB),
-                        codes_vec);
-        }
-        async_commit();
-        async_wait_prev();
-        __syncthreads();                 // cur (and on the first pass the LUT) has landed
-        const long long row0 = (long long)b * RB;
-        const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
-        lookup_q_rows<TPR>(lut_s, sc, bi, cur, Y, row0, nr, M, m0, one);
-    }
-}
-"""
-
-_ENCODE_LOOKUP_Q = r"""
-// Barrier of a thread's warp group (the whole block when GROUPS == 1).
-__device__ __forceinline__ void group_sync() {
-#if GROUPS == 1
-    __syncthreads();
-#else
-    asm volatile("bar.sync %0, %1;" :: "r"((int)(threadIdx.x / GT) + 1), "n"(GT) : "memory");
-#endif
-}
-
-// Thread mapping: blockIdx.y picks a tile of MT columns (its 8-bit LUT stays in shared
-// memory). The block's GROUPS warp groups of GT threads are independent "virtual blocks"
-// sharing that LUT (own A buffers, codes and barriers), so one group's loads wait while
-// another sums; virtual blocks stride over batches of RB rows. Rows of A arrive in shared
-// memory by cp.async NSTAGE-1 batches ahead (NSTAGE buffers); per batch, thread t of a
-// group checks its share of the tile for NaN/Inf and encodes the (row, tree) pairs t,
-// t + GT, ... into the group's codes; then thread t sums 16 columns (t % TPR) of rows
-// t / TPR + RG * i, i < RPT, as lookup_q_kernel does.
-extern "C" __global__ void __launch_bounds__(NT, 1)    // 1 block/SM: the registers may all go
-encode_lookup_q_kernel(const IN_T* __restrict__ A, const int* __restrict__ dims,
-                       const float* __restrict__ thr, const u8* __restrict__ lut_q,
-                       const float* __restrict__ scale, const float* __restrict__ bias,
-                       OUT_T* __restrict__ Y, int* __restrict__ flag,
-                       int N, int D, int M, u32 one, int a_vec, int lut_unit)
-{
-    extern __shared__ __align__(16) u8 smem[];
-    u8* lut_s = smem;
-    int* dims_s = (int*)(smem + LUT_BYTES);
-    float* thr_s = (float*)(smem + LUT_BYTES + NCB * TNODES * 4);
-    const int head = (LUT_BYTES + NCB * TNODES * 8 + 15) / 16 * 16;
-    const int codes_bytes = (RB * CP + 15) / 16 * 16;
-    const int tile_bytes = (RB * D * IN_SIZE + 15) & ~15;
-    const int g = GROUPS == 1 ? 0 : (int)(threadIdx.x / GT);
-    u8* codes_s = smem + head + g * (codes_bytes + NSTAGE * tile_bytes);
-    const int off_tiles = head + g * (codes_bytes + NSTAGE * tile_bytes) + codes_bytes;
-
-    const int m0 = blockIdx.y * MT;
-    const int nbatch = (N + RB - 1) / RB;
-    const int vb = blockIdx.x * GROUPS + g, nvb = gridDim.x * GROUPS;     // virtual block
-    for (int i = GTID; i < RB * CP; i += GT) codes_s[i] = 0;   // padding stays 0
-    stage_trees(dims_s, thr_s, dims, thr, NCB, D);
-    load_lut_q_tile(lut_s, lut_q, M, m0, lut_unit);
-    float sc[16], bi[16];
-    load_scale_bias(sc, bi, scale, bias, M, m0);
-#pragma unroll
-    for (int s = 0; s < NSTAGE - 1; ++s) {        // group s: batch s (group 0 also the LUT)
-        const int bs = vb + s * nvb;
-        if (bs < nbatch) {
-            const long long r0 = (long long)bs * RB;
-            stage_rows((IN_T*)(smem + off_tiles + s * tile_bytes), A + r0 * D,
-                       (int)((long long)N - r0 < RB ? (long long)N - r0 : RB), D, a_vec);
-        } else {
-            async_commit();
-        }
-    }
-#if GROUPS > 1
-    // the LUT, trees and zeroed codes were staged by the whole block: wait for every
-    // thread's copies once (group barriers alone would not cover the other groups')
-    async_wait_all();
-    __syncthreads();
-#endif
-    u32 bad = 0;
-    int b = vb;
-    for (int it = 0; b < nbatch; ++it, b += nvb) {
-        // the buffer refilled here was read by the encode of batch it - 1, which ended
-        // before that iteration's second barrier
-        const int bp = b + (NSTAGE - 1) * nvb;
-        if (bp < nbatch) {
-            const long long rp = (long long)bp * RB;
-            stage_rows((IN_T*)(smem + off_tiles + ((it + NSTAGE - 1) % NSTAGE) * tile_bytes),
-                       A + rp * D, (int)((long long)N - rp < RB ? (long long)N - rp : RB), D,
-                       a_vec);
-        } else {
-            async_commit();                        // an empty group keeps the count uniform
-        }
-        async_wait_pipeline();
-        group_sync();                  // batch it has landed; lookups of it - 1 are done
-        const IN_T* cur = (const IN_T*)(smem + off_tiles + (it % NSTAGE) * tile_bytes);
-        const long long row0 = (long long)b * RB;
-        const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
-        bad |= scan_tile(cur, nr, D, a_vec);
-        encode_batch(cur, nr, D, codes_s, CP, RB, NCB, dims_s, thr_s);
-        group_sync();
-        lookup_q_rows<1>(lut_s, sc, bi, codes_s, Y, row0, nr, M, m0, one);
-    }
-    async_wait_all();
-    if (bad) atomicOr(flag, 1);
-}
-"""
-
-_LOOKUP_F = r"""
-#define VL (16 / LUT_SIZE)       // columns per thread: one 16-byte LUT load (4 fp32, 8 fp16)
-#define TPR (MT / VL)
-#define RG (NT / TPR)
-#define RB (RG * RPT)
-#define CP ((NCB + 3) & ~3)
-
-__device__ __forceinline__ void add_lut(float* acc, uint4 w) {
-#if LUT_SIZE == 4
-    acc[0] += __uint_as_float(w.x); acc[1] += __uint_as_float(w.y);
-    acc[2] += __uint_as_float(w.z); acc[3] += __uint_as_float(w.w);
-#else
-    const u32 ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        acc[2 * j] += h2f((u16)(ws[j] & 0xFFFFu));
-        acc[2 * j + 1] += h2f((u16)(ws[j] >> 16));
-    }
-#endif
-}
-
-// Thread mapping: blockIdx.y picks a tile of MT columns whose LUT (all codebooks) the block
-// keeps in shared memory; blocks stride over batches of RB rows; thread t owns VL adjacent
-// columns (t % TPR) of rows t / TPR + RG * i, i < RPT. Sums run over codebooks in order
-// from 0, as the reference's, so float32 results are identical.
-extern "C" __global__ void __launch_bounds__(NT)
-lookup_kernel(const u8* __restrict__ codes, const LUT_T* __restrict__ lut,
-              OUT_T* __restrict__ Y, int N, int M, int lut_vec, int y_vec)
-{
-    extern __shared__ __align__(16) u8 smem[];
-    LUT_T* lut_s = (LUT_T*)smem;
-    u8* codes_s = smem + NCB * NK * MT * LUT_SIZE;
-    const int m0 = blockIdx.y * MT;
-    const int nv = MT / VL;
-    for (int i = threadIdx.x; i < NCB * NK * nv; i += NT) {
-        const int ck = i / nv, v = i - ck * nv;
-        const int m = m0 + v * VL;
-        const LUT_T* src = lut + (long long)ck * M + m;
-        LUT_T* dst = lut_s + ck * MT + v * VL;
-        if (lut_vec) {
-            *(uint4*)dst = m < M ? *(const uint4*)src : make_uint4(0u, 0u, 0u, 0u);
-        } else {
-#pragma unroll
-            for (int e = 0; e < VL; ++e) dst[e] = m + e < M ? src[e] : (LUT_T)0;
-        }
-    }
-    const int tr = threadIdx.x % TPR, rg = threadIdx.x / TPR;
-    const LUT_T* lut_t = lut_s + tr * VL;
-    const int nbatch = (N + RB - 1) / RB;
-    for (int b = blockIdx.x; b < nbatch; b += gridDim.x) {
-        const long long row0 = (long long)b * RB;
-        const int nr = (int)((long long)N - row0 < RB ? (long long)N - row0 : RB);
-        __syncthreads();
-        const u8* src = codes + row0 * NCB;
-        for (int i = threadIdx.x; i < RB * CP; i += NT) {
-            const int r = i / CP, c = i - r * CP;
-            codes_s[i] = (r < nr && c < NCB) ? (u8)BUCKET((u32)src[r * NCB + c], 0) : (u8)0;
-        }
-        __syncthreads();
-        float acc[RPT][VL];
-#pragma unroll
-        for (int i = 0; i < RPT; ++i)
-#pragma unroll
-            for (int e = 0; e < VL; ++e) acc[i][e] = 0.f;
-        PRAGMA_UNROLL_C
-        for (int c = 0; c < NCB; ++c) {
-#pragma unroll
-            for (int i = 0; i < RPT; ++i) {
-                const int k = codes_s[(rg + RG * i) * CP + c];
-                add_lut(acc[i], *(const uint4*)(lut_t + (c * NK + k) * MT));
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < RPT; ++i) {
-            const int r = rg + RG * i;
-            if (r >= nr) continue;
-            OUT_T* yrow = Y + (row0 + r) * (long long)M;
-            const int m = m0 + tr * VL;
-            if (y_vec && m + VL <= M) {
-#if OUT_SIZE == 4
-#pragma unroll
-                for (int e = 0; e < VL; e += 4)
-                    *(float4*)(yrow + m + e) = make_float4(acc[i][e], acc[i][e + 1], acc[i][e + 2], acc[i][e + 3]);
-#else
-#pragma unroll
-                for (int e = 0; e < VL; e += 4) {
-                    uint2 o;
-                    o.x = (u32)f2h(acc[i][e]) | ((u32)f2h(acc[i][e + 1]) << 16);
-                    o.y = (u32)f2h(acc[i][e + 2]) | ((u32)f2h(acc[i][e + 3]) << 16);
-                    *(uint2*)(yrow + m + e) = o;
-                }
-#endif
-            } else {
-#pragma unroll
-                for (int e = 0; e < VL; ++e) if (m + e < M) put(yrow + m + e, acc[i][e]);
-            }
-        }
-    }
-}
-"""
-
-_LOOKUP_BACKWARD = r"""
-// Thread mapping: block (blockIdx.x: 32 columns, blockIdx.y: a chunk of rows,
-// blockIdx.z: a group of CB codebooks); warp w owns codebooks w, w + NT/32, ... of the
-// group and lane l column 32 * blockIdx.x + l, so every (codebook, bucket, column)
-// accumulator in shared memory has a single owner thread (no races, no barriers); the
-// chunk's partial sums are then added to the output with atomicAdd. Codes >= NK add
-// nothing, as in the reference.
-extern "C" __global__ void __launch_bounds__(NT)
-lookup_backward_kernel(const u8* __restrict__ codes, const float* __restrict__ g,
-                       float* __restrict__ out, int N, int C, int M, int rows_per_chunk, int CB)
-{
-    extern __shared__ __align__(16) float acc_s[];      // [CB][NK][32]
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int m = blockIdx.x * 32 + lane;
-    const int c0 = blockIdx.z * CB;
-    const int ncb = C - c0 < CB ? C - c0 : CB;
-    for (int cl = warp; cl < ncb; cl += NT / 32)
-#if NK <= 16
-#pragma unroll
-#else
-#pragma unroll 16
-#endif
-        for (int k = 0; k < NK; ++k) acc_s[(cl * NK + k) * 32 + lane] = 0.f;
-    const long long r0 = (long long)blockIdx.y * rows_per_chunk;
-    const long long r1 = r0 + rows_per_chunk < (long long)N ? r0 + rows_per_chunk : (long long)N;
-#if NK <= 16
-#pragma unroll 4
-    for (long long n = r0; n < r1; ++n) {
-        const float gv = m < M ? g[n * M + m] : 0.f;
-        const u8* cr = codes + n * C + c0;
-        for (int cl = warp; cl < ncb; cl += NT / 32) {
-            const u32 k = cr[cl];
-            if (k < NK) acc_s[(cl * NK + k) * 32 + lane] += gv;
-        }
-    }
-#else
-    // K floats per (codebook, column) leave room for few warps per multiprocessor, so
-    // each warp issues the loads of RQ rows before their read-modify-writes
-#define RQ 16
-    for (long long n0 = r0; n0 < r1; n0 += RQ) {
-        float gv[RQ];
-#pragma unroll
-        for (int q = 0; q < RQ; ++q) gv[q] = (m < M && n0 + q < r1) ? g[(n0 + q) * M + m] : 0.f;
-        for (int cl = warp; cl < ncb; cl += NT / 32) {
-            u32 kq[RQ];
-#pragma unroll
-            for (int q = 0; q < RQ; ++q)
-                kq[q] = n0 + q < r1 ? (u32)codes[(n0 + q) * C + c0 + cl] : (u32)NK;
-#pragma unroll
-            for (int q = 0; q < RQ; ++q)
-                if (kq[q] < NK) acc_s[(cl * NK + kq[q]) * 32 + lane] += gv[q];
-        }
-    }
-#endif
-    if (m < M)
-        for (int cl = warp; cl < ncb; cl += NT / 32)
-#if NK <= 16
-#pragma unroll
-#else
-#pragma unroll 16
-#endif
-            for (int k = 0; k < NK; ++k) {
-                const float v = acc_s[(cl * NK + k) * 32 + lane];
-                if (v != 0.f) atomicAdd(out + ((long long)(c0 + cl) * NK + k) * M + m, v);
-            }
-}
-"""
-
-_LOOKUP_GLOBAL = r"""
-// Add the 4 LUT entries at p (columns m..m+3 of one LUT row; the first n exist) to acc:
-// integers for the 8-bit LUT, float32 otherwise. `vec`: one aligned 4-entry load.
-__device__ __forceinline__ void add4(u32* acc, const u8* __restrict__ p, int n, int vec) {
-    if (vec) {
-        const u32 w = __ldg((const unsigned int*)p);
-        acc[0] += w & 0xFFu; acc[1] += (w >> 8) & 0xFFu; acc[2] += (w >> 16) & 0xFFu;
-        acc[3] += w >> 24;
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) if (e < n) acc[e] += __ldg(p + e);
-    }
-}
-__device__ __forceinline__ void add4(float* acc, const float* __restrict__ p, int n, int vec) {
-    float v[4];
-    if (vec) {
-        const float4 w = __ldg((const float4*)p);
-        v[0] = w.x; v[1] = w.y; v[2] = w.z; v[3] = w.w;
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) v[e] = e < n ? __ldg(p + e) : 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[e] = __fadd_rn(acc[e], v[e]);
-}
-__device__ __forceinline__ void add4(float* acc, const u16* __restrict__ p, int n, int vec) {
-    float v[4];
-    if (vec) {
-        const uint2 w = __ldg((const uint2*)p);
-        v[0] = h2f((u16)(w.x & 0xFFFFu)); v[1] = h2f((u16)(w.x >> 16));
-        v[2] = h2f((u16)(w.y & 0xFFFFu)); v[3] = h2f((u16)(w.y >> 16));
-    } else {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) v[e] = e < n ? h2f(__ldg(p + e)) : 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[e] = __fadd_rn(acc[e], v[e]);
-}
-// Output value of column m: two roundings for the 8-bit LUT, as the reference
-// (float(isum) * scale + bias); the float sum as it is.
-__device__ __forceinline__ float finish(u32 isum, const float* scale, const float* bias, int m) {
-    return __fadd_rn(__fmul_rn(__uint2float_rn(isum), scale[m]), bias[m]);
-}
-__device__ __forceinline__ float finish(float sum, const float*, const float*, int) { return sum; }
-
-#if LUT_Q                        // 8-bit LUT, exact u32 sums (C * 255 < 2^32)
-typedef u8 ENTRY_T;
-typedef u32 ACC_T;
-#else                            // float LUT, float32 sums over codebooks in order from 0
-typedef LUT_T ENTRY_T;
-typedef float ACC_T;
-#endif
-
-// Fallback for LUTs whose narrowest column tile does not fit in shared memory (many
-// codebooks x buckets): the LUT is read through L1/L2. Thread mapping: thread -> (row, 4
-// adjacent columns), column groups fastest, grid-stride over all (row, group) pairs, so
-// the threads of a row read adjacent entries of one LUT row per codebook and the row's
-// codes are broadcast loads. `vec`: M % 4 == 0 and the LUT is aligned for one 4-entry
-// load. scale and bias are read only for the 8-bit LUT.
-extern "C" __global__ void __launch_bounds__(NT)
-lookup_global_kernel(const u8* __restrict__ codes, const ENTRY_T* __restrict__ lut,
-                     const float* __restrict__ scale, const float* __restrict__ bias,
-                     OUT_T* __restrict__ Y, int N, int M, int C, int vec)
-{
-    const int ng = (M + 3) >> 2;
-    const long long total = (long long)N * ng;
-    for (long long p = (long long)blockIdx.x * NT + threadIdx.x; p < total;
-         p += (long long)gridDim.x * NT) {
-        const long long n = p / ng;
-        const int m = (int)(p - n * ng) * 4;
-        const int nv = M - m < 4 ? M - m : 4;
-        const u8* cr = codes + n * C;
-        ACC_T acc[4] = {0, 0, 0, 0};
-        for (int c = 0; c < C; ++c)
-            add4(acc, lut + ((long long)c * NK + BUCKET((u32)__ldg(cr + c), 0)) * M + m, nv, vec);
-        OUT_T* y = Y + n * M + m;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) if (e < nv) put(y + e, finish(acc[e], scale, bias, m + e));
-    }
-}
-"""
-
-_SPIN = r"""
-// Thread mapping: one thread; busy-waits `cycles` clock ticks (keeps the device busy
-// while the host queues the calls a benchmark times).
-extern "C" __global__ void spin_kernel(long long cycles) {
-    const long long t0 = clock64();
-    while (clock64() - t0 < cycles) { }
-}
-"""
-
-_FAMILIES = {
-    "encode_tree_tile": _ENCODE_TREE, "encode_tree_direct": _ENCODE_TREE,
-    "encode_pq_kernel": _ENCODE_PQ,
-    "lookup_q_kernel": _LOOKUP_Q_CORE + _LOOKUP_Q,
-    "encode_lookup_q_kernel": _LOOKUP_Q_CORE + _ENCODE_LOOKUP_Q,
-    "encode_lookup_mma_kernel": cuda_mma.SOURCE,
-    "lookup_kernel": _LOOKUP_F,
-    "lookup_backward_kernel": _LOOKUP_BACKWARD,
-    "lookup_global_kernel": _LOOKUP_GLOBAL,
-    "spin_kernel": _SPIN,
-}
 
 _CTYPES = {np.dtype(np.float32): ("float", 4), np.dtype(np.float16): ("u16", 2)}
 
 
 def source(name, **defs):
-    """Full CUDA source of kernel ``name`` for the substitutions ``defs``.
+    """Full CUDA source of kernel ``name`` for the substitutions ``defs``: a header of
+    ``#define`` lines, ``cuda/prelude.cuh``, then the family's files (:data:`_FAMILIES`),
+    with ``PRAGMA_UNROLL_C`` replaced by the codebook loop's unroll pragma.
 
     ``defs`` keys: ``IN`` / ``OUT`` / ``LUT`` (numpy dtypes float32/float16), ``NT``,
-    ``MT``, ``RPT``, ``NCB``, ``ACC_MODE``, ``NSTAGE``, ``MPW``, ``USE_CP_ASYNC``,
-    ``UNROLL_C`` (0 = full), ``TREE_DEPTH`` (default 4), ``NK`` (buckets, default 16).
+    ``MT``, ``RPT``, ``NCB``, ``NSTAGE``, ``GROUPS``, ``USE_CP_ASYNC``, ``UNROLL_C``
+    (0 = full), ``TREE_DEPTH`` (default 4), ``NK`` (buckets, default 16), ``LUT_Q``.
+    Raises KeyError for an unknown kernel name.
     """
     defs = dict(defs)
     lines = []
@@ -1034,9 +123,10 @@ def source(name, **defs):
     defs.setdefault("USE_CP_ASYNC", 1)
     for k, v in defs.items():
         lines.append(f"#define {k} {int(v)}")
-    body = _FAMILIES[name].replace("PRAGMA_UNROLL_C",
-                                   "#pragma unroll" if not unroll else f"#pragma unroll {int(unroll)}")
-    return "\n".join(lines) + "\n" + _PRELUDE + body
+    body = "".join(load_source(f) for f in _FAMILIES[name])
+    body = body.replace(_UNROLL_PLACEHOLDER,
+                        "#pragma unroll" if not unroll else f"#pragma unroll {int(unroll)}")
+    return "\n".join(lines) + "\n" + load_source(_PRELUDE_FILE) + body
 
 
 # --------------------------------------------------------------------------- compile cache
@@ -1242,15 +332,15 @@ def _pow2_at_least(x):
     return p
 
 
-def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET, acc_mode=1, K=16):
+def _q_config(C, M, dev, mt=None, rpt=None, nt=NT, budget=_LUT_TILE_BUDGET, K=16):
     """(MT, RPT, RB, smem) for the 8-bit lookup kernel, or None when it does not fit.
 
     MT (column tile): the widest power of two from 16 to 512 columns whose LUT (C x K x MT
     bytes) fits ``budget`` bytes and that M needs; RPT rows per thread (1 past 256
     codebooks, where 32-bit totals take the registers); RB rows per batch.
     """
-    if rpt is None:      # scheme 2 keeps 64-bit sums: half the rows per thread
-        rpt = 1 if C > 256 else (2 if acc_mode == 2 else 4)
+    if rpt is None:      # past 256 codebooks the 32-bit totals take the registers
+        rpt = 1 if C > 256 else 4
     if mt is None:
         mt = 16
         top = min(512, max(16, _pow2_at_least(M)), nt * 16)
@@ -1405,8 +495,7 @@ def _lookup_global(codes, lut, scale, bias, Y, dev_id, dev, K):
     return Y
 
 
-def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=None,
-             rpt=None):
+def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, mt=None, rpt=None):
     """8-bit LUT sums, exact in integers, then ``isum * scale + bias``.
 
     The LUT's column tile (C x K x MT bytes) is kept in shared memory; when even the
@@ -1420,8 +509,8 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
     lut_q : (C, K, M) uint8, any K in 1..256
     scale, bias : (M,) float32
     out_dtype : float32 or float16
-    acc_mode, mt, rpt : kernel variant (accumulation scheme 0/1/2, column tile, rows per
-        thread); defaults are the measured best
+    mt, rpt : kernel variant (column tile, rows per thread); defaults are the measured
+        best
 
     Returns
     -------
@@ -1446,13 +535,13 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, acc_mode=1, mt=
         dev = device_info(dev_id)
         cfg = None
         for r in ([rpt] if rpt else [None, 2, 1]):      # fewer rows: smaller code buffers
-            cfg = cfg or _q_config(C, M, dev, mt, r, acc_mode=acc_mode, K=K)
+            cfg = cfg or _q_config(C, M, dev, mt, r, K=K)
         if cfg is None or (M + cfg[0] - 1) // cfg[0] > 65535:
             return _lookup_global(codes, lut_q, scale, bias, Y, dev_id, dev, K)
         MT, RPT, RB, smem = cfg
         codes_vec = int(C % 4 == 0 and _aligned(codes))
         kern = _kernel("lookup_q_kernel", dev_id, OUT=out_dt, NCB=C, MT=MT, RPT=RPT, NK=K,
-                       ACC_MODE=acc_mode, USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C))
+                       USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C))
         gy = (M + MT - 1) // MT
         nbatch = (N + RB - 1) // RB
         per_sm = _blocks_per_sm(kern, NT, smem, dev)
@@ -1606,8 +695,8 @@ def _fused_config(C, M, D, in_size, dev, mt=None, rpt=None, nstage=None, groups=
 
 
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32, *,
-                    mode="auto", engine="auto", acc_mode=1, mt=None, rpt=None, nstage=None,
-                    mpw=None, groups=None, check_finite=True):
+                    mode="auto", mt=None, rpt=None, nstage=None, groups=None,
+                    check_finite=True):
     """MADDNESS apply: ``lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)``.
 
     Parameters
@@ -1622,14 +711,9 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
         "split". The fused kernels exist for depth 4 (K = 16) only: for other depths
         every mode, "fused" included, runs the encode and lookup kernels (as "fused" also
         does at K = 16 when the fused tiles do not fit)
-    engine : fused kernel: "simt" (LUT in shared memory, byte sums on the integer pipe),
-        "mma" (the lookup as a one-hot x LUT product on the integer tensor cores, LUT in
-        registers; C <= 16, compute capability >= 8.0, else simt) or "auto" (simt: mma
-        was measured slower, see benchmarks/NOTES_gpu.md)
-    acc_mode, mt, rpt : simt variant (see :func:`lookup_q`); nstage: A tile buffers
-        (mma: the most it may keep, default as many as fit, up to 6); mpw: mma m-tiles
-        (16 rows) per warp and batch; groups: simt kernel with this many independent
-        warp groups per block sharing the LUT (1, 2 or 4). None: 4 for float16 input,
+    mt, rpt : kernel variant (see :func:`lookup_q`); nstage: A tile buffers; groups:
+        the fused kernel with this many independent warp groups per block sharing the
+        LUT tile (1, 2 or 4). None: 4 for float16 input,
         2 for float32 (H100, 65536 x 512 x 512, C = 16: fp16 0.0583 ms with 4 groups,
         0.0593 with 2, 0.0625 with 1; fp32 0.1048 ms with 2, 0.1061 with 1), 1 where a
         grouped plan does not fit
@@ -1643,7 +727,6 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     dev_id = _require_cupy(A=A, dims=dims, thresholds=thresholds, lut_q=lut_q, scale=scale,
                            bias=bias)
     validate.check_choice(mode, "mode", ("auto", "fused", "split"))
-    validate.check_choice(engine, "engine", ("auto", "mma", "simt"))
     validate.check_choice(groups, "groups", (None, 1, 2, 4))
     out_dt = _out_dtype(out_dtype)
     dev_id, A, dims, thresholds, depth = _tree_args(A, dims, thresholds)
@@ -1658,14 +741,6 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     with cp.cuda.Device(dev_id):
         dev = device_info(dev_id)
         if mode != "split" and depth == 4 and C > 0 and N > 0 and M > 0:
-            mcfg = None
-            if engine == "mma":
-                mcfg = cuda_mma.config(C, M, D, A.itemsize, dev, nstage, mpw)
-                if mcfg is not None and (M + mcfg[1] - 1) // mcfg[1] > 65535:
-                    mcfg = None
-            if mcfg is not None:
-                return _encode_lookup_mma(A, dims, thresholds, lut_q, scale, bias, out_dt,
-                                          mcfg, dev, dev_id, check_finite)
             if groups is None:      # one group waits on its loads while another sums
                 groups = 4 if A.itemsize == 2 else 2
                 cfg = _fused_config(C, M, D, A.itemsize, dev, mt, rpt, nstage, groups)
@@ -1683,14 +758,13 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
                 cfg = None
         if cfg is None:
             codes = encode_tree(A, dims, thresholds, check_finite=check_finite)
-            return lookup_q(codes, lut_q, scale, bias, out_dt, acc_mode=acc_mode, mt=mt,
-                            rpt=rpt)
+            return lookup_q(codes, lut_q, scale, bias, out_dt, mt=mt, rpt=rpt)
         nt, MT, RPT, RB, NS, smem = cfg
         Y = cp.empty((N, M), dtype=out_dt)
         flag = cp.zeros(1, dtype=np.int32)
         a_vec = int(_aligned(A) and (D * A.itemsize) % 16 == 0)
         kern = _kernel("encode_lookup_q_kernel", dev_id, IN=A.dtype, OUT=out_dt, NT=nt, NCB=C,
-                       MT=MT, RPT=RPT, NSTAGE=NS, ACC_MODE=acc_mode,
+                       MT=MT, RPT=RPT, NSTAGE=NS,
                        USE_CP_ASYNC=dev["cc"] >= 80, UNROLL_C=_unroll_c(C),
                        **({"GROUPS": groups} if groups > 1 else {}))
         gy = (M + MT - 1) // MT
@@ -1703,30 +777,6 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
                 smem, dev)
         if check_finite:
             _raise_if_flagged(flag, A)
-    return Y
-
-
-def _encode_lookup_mma(A, dims, thresholds, lut_q, scale, bias, out_dt, cfg, dev, dev_id,
-                       check_finite):
-    """Launch ``encode_lookup_mma_kernel`` with the plan ``cfg`` (see :func:`cuda_mma.config`)."""
-    cp = backend.cupy()
-    N, D = A.shape
-    C, _, M = lut_q.shape
-    nt, MT, MPW, RB, NS, smem = cfg
-    Y = cp.empty((N, M), dtype=out_dt)
-    flag = cp.zeros(1, dtype=np.int32)
-    a_vec = int(_aligned(A) and (D * A.itemsize) % 16 == 0)
-    lut_vec = int(M % 4 == 0 and lut_q.data.ptr % 4 == 0)
-    y_vec = int(_aligned(Y) and (M * out_dt.itemsize) % 16 == 0)
-    kern = _kernel("encode_lookup_mma_kernel", dev_id, IN=A.dtype, OUT=out_dt, NT=nt, NCB=C,
-                   MT=MT, MPW=MPW, NSTAGE=NS, USE_CP_ASYNC=1)
-    gy = (M + MT - 1) // MT
-    gx = max(1, min((N + RB - 1) // RB, -(-dev["sms"] * _blocks_per_sm(kern, nt, smem, dev) // gy)))
-    _launch(kern, (gx, gy), nt, (A, dims, thresholds, lut_q, scale, bias, Y, flag, np.int32(N),
-                                 np.int32(D), np.int32(M), np.int32(a_vec), np.int32(lut_vec),
-                                 np.int32(y_vec)), smem, dev)
-    if check_finite:
-        _raise_if_flagged(flag, A)
     return Y
 
 
