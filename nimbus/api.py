@@ -12,8 +12,6 @@ from .metrics import nmse
 from .strategies import REGISTRY, make
 from .table import Table
 
-METHODS = ("exact", "pq", "maddness", "joint", "dm")
-
 
 def _strategy(method, ncodebooks, params):
     if not isinstance(method, str) or method not in REGISTRY:

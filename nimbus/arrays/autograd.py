@@ -27,9 +27,9 @@ Custom ops plug in through :class:`Function` (forward and backward on raw arrays
 Ops: ``+ - * / -x x**p @``, :func:`relu`, :func:`exp`, :func:`log`, :func:`tanh`,
 :func:`sigmoid`, :func:`sum`, :func:`mean`, :func:`max`, :func:`reshape`,
 :func:`transpose` / :func:`permute`, indexing ``t[idx]``, :func:`take_rows`,
-:func:`concatenate`, :func:`pad`, :func:`conv2d`, :func:`max_pool2d`,
-:func:`avg_pool2d`, :func:`batch_norm`, :func:`log_softmax`, :func:`softmax`,
-:func:`softmax_cross_entropy`, :func:`dropout`.
+:func:`concatenate`, :func:`pad`, :func:`im2col` / :func:`col2im` (raw arrays,
+for the Conv2d layer's own Function), :func:`batch_norm`, :func:`log_softmax`,
+:func:`softmax`, :func:`softmax_cross_entropy`.
 """
 from __future__ import annotations
 
@@ -47,8 +47,8 @@ __all__ = [
     "add", "sub", "mul", "div", "neg", "pow", "matmul",
     "relu", "exp", "log", "tanh", "sigmoid",
     "sum", "mean", "max", "reshape", "transpose", "permute", "getitem", "take_rows",
-    "concatenate", "pad", "im2col", "col2im", "conv2d", "max_pool2d", "avg_pool2d",
-    "batch_norm", "log_softmax", "softmax", "softmax_cross_entropy", "dropout",
+    "concatenate", "pad", "im2col", "col2im",
+    "batch_norm", "log_softmax", "softmax", "softmax_cross_entropy",
 ]
 
 DEFAULT_DTYPE = np.float32
@@ -760,13 +760,6 @@ def _gemm_tn(a, b):
     return (b.T @ a).T
 
 
-def _gemm_nt(a, b):
-    """``a @ b.T`` for a (P, K), b (Q, K) with a long K: (P, Q); see :func:`_gemm_tn`."""
-    if a.shape[0] >= b.shape[0]:
-        return a @ b.T
-    return (b @ a.T).T
-
-
 def matmul(a, b):
     """``a @ b`` for 2-D and batched (3-D or more, broadcast batch axes) operands.
 
@@ -999,14 +992,13 @@ def _offset_slices(i, j, ho, wo, sh, sw):
     return slice(i, i + sh * (ho - 1) + 1, sh), slice(j, j + sw * (wo - 1) + 1, sw)
 
 
-def im2col(x, kernel_size, stride=1, padding=0, pad_value=0.0):
+def im2col(x, kernel_size, stride=1, padding=0):
     """Sliding windows of an NCHW array, for convolution as one matrix product.
 
     Parameters
     ----------
     x : array (N, C, H, W)
     kernel_size, stride, padding : int or (h, w) pair
-    pad_value : value of the padded border (0 for convolution, -inf for max pooling)
 
     Returns
     -------
@@ -1022,7 +1014,7 @@ def im2col(x, kernel_size, stride=1, padding=0, pad_value=0.0):
     n, c, h, w = x.shape
     ho, wo = _out_size(h, kh, sh, ph, "im2col"), _out_size(w, kw, sw, pw, "im2col")
     if ph or pw:
-        xpad = xp.full((n, c, h + 2 * ph, w + 2 * pw), pad_value, dtype=x.dtype)
+        xpad = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
         xpad[:, :, ph:ph + h, pw:pw + w] = x
     else:
         xpad = x
@@ -1059,108 +1051,6 @@ def col2im(cols, x_shape, stride=1, padding=0):
             rows, colz = _offset_slices(i, j, ho, wo, sh, sw)
             img[:, :, rows, colz] += cols[:, i, j]
     return img[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3)
-
-
-def conv2d(x, weight, bias=None, stride=1, padding=0):
-    """2-D cross-correlation (PyTorch's Conv2d) via im2col and one matrix product.
-
-    Shapes: x (N, C, H, W), weight (O, C, KH, KW), bias (O,) or None ->
-    (N, O, Ho, Wo) float like x, with Ho = (H + 2*ph - KH) // sh + 1 (likewise Wo).
-    """
-    if not isinstance(x, Tensor) and not isinstance(weight, Tensor):
-        raise TypeError("conv2d needs a Tensor input or weight")
-    xp = _xp_of(x, weight, bias)
-    dx, dw = _raw(x), _raw(weight)
-    if dx.ndim != 4 or dw.ndim != 4:
-        raise ValueError(f"conv2d needs x (N, C, H, W) and weight (O, C, KH, KW), got shapes "
-                         f"{tuple(dx.shape)} and {tuple(dw.shape)}")
-    if dx.shape[1] != dw.shape[1]:
-        raise ValueError(f"conv2d: x has {dx.shape[1]} channels but weight expects {dw.shape[1]} "
-                         f"(x {tuple(dx.shape)}, weight {tuple(dw.shape)})")
-    o, c, kh, kw = dw.shape
-    db = _raw(bias)
-    if bias is not None and tuple(db.shape) != (o,):
-        raise ValueError(f"conv2d: bias must have shape ({o},), got {tuple(db.shape)}")
-    n = dx.shape[0]
-    cols = im2col(dx, (kh, kw), stride, padding)             # (C, KH, KW, N, Ho, Wo)
-    ho, wo = cols.shape[-2:]
-    cols2 = cols.reshape(c * kh * kw, n * ho * wo)           # a view: no copy
-    w2 = dw.reshape(o, c * kh * kw)
-    out2 = w2 @ cols2                                        # (O, N*Ho*Wo): one GEMM
-    if bias is not None:
-        out2 += db[:, None]
-    out = xp.ascontiguousarray(out2.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))
-    x_shape = dx.shape
-
-    def backward(g):
-        g2 = xp.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)
-        gx = gw = gb = None
-        if _needs(weight):
-            gw = _gemm_nt(g2, cols2).reshape(dw.shape)          # (O, C*KH*KW)
-        if _needs(x):
-            gx = col2im((w2.T @ g2).reshape(cols.shape), x_shape, stride, padding)
-        if bias is not None and _needs(bias):
-            gb = g2.sum(axis=1)
-        return gx, gw, gb
-
-    parents = tuple(t if isinstance(t, Tensor) else None for t in (x, weight, bias))
-    return _result(out, parents, backward, "conv2d")
-
-
-def _pool_windows(a, kernel_size, stride, padding, pad_value, name):
-    """Windows (C, KH*KW, N, Ho, Wo) of ``a`` (N, C, H, W), their 6-D shape, stride, padding."""
-    if not isinstance(a, Tensor):
-        raise TypeError(f"{name} expects a Tensor, got {type(a).__name__}")
-    if a.ndim != 4:
-        raise ValueError(f"{name} needs an (N, C, H, W) input, got shape {a.shape}")
-    k = _pair(kernel_size, "kernel_size")
-    s = k if stride is None else _pair(stride, "stride")
-    p = _pair(padding, "padding")
-    if p[0] > k[0] // 2 or p[1] > k[1] // 2:
-        raise ValueError(f"{name}: padding {p} must be at most half the kernel {k}")
-    win = im2col(a.data, k, s, p, pad_value=pad_value)       # (C, KH, KW, N, Ho, Wo)
-    c, kh, kw, n, ho, wo = win.shape
-    return win.reshape(c, kh * kw, n, ho, wo), win.shape, s, p
-
-
-def max_pool2d(a, kernel_size=2, stride=None, padding=0):
-    """Max over KH x KW windows (stride defaults to the kernel size; padding is -inf).
-
-    Shapes: (N, C, H, W) -> (N, C, Ho, Wo), floor mode. The gradient goes to the
-    first maximum of each window.
-    """
-    xp = a.xp
-    win, win_shape, s, p = _pool_windows(a, kernel_size, stride, padding, -np.inf, "max_pool2d")
-    winner = xp.argmax(win, axis=1)                          # (C, N, Ho, Wo)
-    out = xp.take_along_axis(win, winner[:, None], axis=1)[:, 0]
-    kk = win.shape[1]
-    shape = a.shape
-
-    def backward(g):
-        gt = g.transpose(1, 0, 2, 3)                         # (C, N, Ho, Wo)
-        onehot = xp.arange(kk)[:, None, None, None] == winner[:, None]
-        return (col2im((onehot * gt[:, None]).reshape(win_shape), shape, s, p),)
-
-    return _result(xp.ascontiguousarray(out.transpose(1, 0, 2, 3)), (a,), backward, "max_pool2d")
-
-
-def avg_pool2d(a, kernel_size=2, stride=None, padding=0):
-    """Mean over KH x KW windows (stride defaults to the kernel size; zero padding counts).
-
-    Shapes: (N, C, H, W) -> (N, C, Ho, Wo), floor mode.
-    """
-    xp = a.xp
-    win, win_shape, s, p = _pool_windows(a, kernel_size, stride, padding, 0.0, "avg_pool2d")
-    kk = win.shape[1]
-    shape = a.shape
-
-    def backward(g):
-        gt = g.transpose(1, 0, 2, 3) / kk                    # (C, N, Ho, Wo)
-        spread = xp.broadcast_to(gt[:, None], win.shape)
-        return (col2im(spread.reshape(win_shape), shape, s, p),)
-
-    out = win.mean(axis=1).transpose(1, 0, 2, 3)
-    return _result(xp.ascontiguousarray(out), (a,), backward, "avg_pool2d")
 
 
 # ------------------------------------------------------------------ normalization
@@ -1312,22 +1202,3 @@ def softmax_cross_entropy(logits, labels, reduction="mean"):
 
     return _result(out, (logits,), backward, "softmax_cross_entropy")
 
-
-def dropout(a, p=0.5, training=True, rng=None):
-    """Inverted dropout: zero each entry with probability ``p``, scale the rest by 1/(1-p).
-
-    ``rng``: a NumPy or CuPy ``Generator`` of ``a``'s library, an int seed, or None.
-    Identity when not ``training`` or ``p == 0``.
-    """
-    _tensor_arg(a, "dropout")
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if not training or p == 0:
-        return a
-    xp = a.xp
-    if rng is None or isinstance(rng, numbers.Integral):
-        rng = xp.random.default_rng(rng)
-    keep = rng.random(a.shape, dtype=np.float32) >= p
-    scale = keep * (1.0 / (1.0 - p))
-    scale = scale.astype(a.dtype)
-    return _result(a.data * scale, (a,), lambda g: (g * scale,), "dropout")

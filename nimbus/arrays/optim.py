@@ -3,12 +3,12 @@
 Updates happen in place on ``param.data`` with ``xp`` operations (NumPy or CuPy),
 so parameters stay where they live and no host transfer happens. Hyperparameters
 are Python floats (weak scalars: float32 parameters stay float32). ``lr`` is a
-plain attribute that a schedule may set between steps::
+plain attribute that a schedule may set between steps (the training loop of
+``nimbus.nn.train`` anneals it on a cosine this way)::
 
     opt = Adam(params, lr=1e-3)
-    sched = cosine_schedule(1e-3, total_steps)
     for t in range(total_steps):
-        opt.lr = sched(t)
+        opt.lr = 0.5e-3 * (1 + math.cos(math.pi * t / total_steps))
         opt.zero_grad(); loss(...).backward(); opt.step()
 
 Parameters whose ``grad`` is None are skipped by ``step()`` (their state does not
@@ -21,7 +21,7 @@ import math
 from . import backend, validate
 from .autograd import Tensor
 
-__all__ = ["Optimizer", "SGD", "Adam", "cosine_schedule", "step_schedule"]
+__all__ = ["Optimizer", "SGD", "Adam"]
 
 
 class Optimizer:
@@ -151,33 +151,3 @@ class Adam(Optimizer):
             denom += eps
             p.data -= step_size * (m / denom)
 
-
-def cosine_schedule(base_lr, total_steps, min_lr=0.0, warmup_steps=0):
-    """``lr(step)``: linear warm-up over ``warmup_steps``, then cosine from ``base_lr`` to ``min_lr``.
-
-    Steps past ``total_steps`` keep ``min_lr``.
-    """
-    base_lr = validate.check_float(base_lr, "base_lr", 0.0)
-    min_lr = validate.check_float(min_lr, "min_lr", 0.0)
-    total = validate.check_int(total_steps, "total_steps", 1)
-    warm = validate.check_int(warmup_steps, "warmup_steps", 0, total - 1)
-
-    def lr(step):
-        if step < warm:
-            return base_lr * (step + 1) / warm
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * frac))
-
-    return lr
-
-
-def step_schedule(base_lr, step_size, gamma=0.1):
-    """``lr(step) = base_lr * gamma ** (step // step_size)``."""
-    base_lr = validate.check_float(base_lr, "base_lr", 0.0)
-    size = validate.check_int(step_size, "step_size", 1)
-    gamma = validate.check_float(gamma, "gamma", 0.0)
-
-    def lr(step):
-        return base_lr * gamma ** (step // size)
-
-    return lr

@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from ..arrays import backend, validate
+from ..arrays import validate
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -111,20 +111,3 @@ def load_fashion_mnist(n_train=None, n_test=None, flatten=True):
         out += [np.ascontiguousarray(X), y.astype(np.int64)]
     return tuple(out)
 
-
-def batches(n, batch_size, rng=None, xp=np):
-    """Index arrays covering range(n) in batches (shuffled when ``rng`` is given).
-
-    Yields
-    ------
-    idx : (<= batch_size,) int64 indices in the library ``xp``
-    """
-    batch_size = validate.check_int(batch_size, "batch_size", lo=1)
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    for s in range(0, n, batch_size):
-        yield xp.asarray(order[s:s + batch_size])
-
-
-def to_library(like, *arrays):
-    """Each array moved to the library of ``like`` (None stays None)."""
-    return tuple(None if a is None else backend.like(a, like) for a in arrays)

@@ -100,9 +100,10 @@ def test_adam_minimizes_a_quadratic(xp, rng):
     x = _param(xp, np.zeros(5), dtype=np.float32)
     A_t, b_t = xp.asarray(A, dtype=np.float32), xp.asarray(b, dtype=np.float32)
     opt = optim.Adam([x], lr=0.05)
-    sched = optim.cosine_schedule(0.05, 1500, min_lr=1e-4)
     for t in range(1500):
-        opt.lr = sched(t)
+        # anneal on a cosine from 0.05 to 1e-4 (as nn.train's loop does): constant steps
+        # of Adam keep hovering about lr away from the minimum
+        opt.lr = 1e-4 + 0.5 * (0.05 - 1e-4) * (1 + math.cos(math.pi * t / 1500))
         opt.zero_grad()
         r = A_t @ x.reshape(5, 1) - b_t.reshape(8, 1)
         (r * r).sum().backward()
@@ -152,16 +153,6 @@ def test_training_loop_with_autograd(xp, rng):
         opt.step()
         losses.append(float(_h(loss)))
     assert losses[-1] < 0.2 * losses[0]
-
-
-def test_schedules():
-    cos = optim.cosine_schedule(1.0, 10, min_lr=0.1, warmup_steps=2)
-    assert cos(0) == pytest.approx(0.5) and cos(1) == pytest.approx(1.0)
-    assert cos(2) == pytest.approx(1.0)
-    assert cos(6) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
-    assert cos(10) == pytest.approx(0.1) and cos(50) == pytest.approx(0.1)
-    st = optim.step_schedule(0.1, 3, gamma=0.5)
-    assert [st(t) for t in (0, 2, 3, 6, 7)] == pytest.approx([0.1, 0.1, 0.05, 0.025, 0.025])
 
 
 def test_optimizer_errors(xp):
