@@ -140,12 +140,9 @@ def fit_strategy(D, C, train, verbose=True):
 
 def variant_fits(kw, C, M, D, isz):
     """Whether a fused variant runs as asked (not falling back to another plan)."""
-    from nimbus.arrays.kernels import cuda, cuda_mma
+    from nimbus.arrays.kernels import cuda
     cp = backend.cupy()
     dev = cuda.device_info(cp.cuda.Device().id)
-    if kw.get("engine") == "mma":
-        cfg = cuda_mma.config(C, M, D, isz, dev, kw.get("nstage"), kw.get("mpw"))
-        return cfg is not None and cfg[4] == kw.get("nstage", cfg[4])
     cfg = cuda._fused_config(C, M, D, isz, dev, kw.get("mt"), kw.get("rpt"), kw.get("nstage"),
                              kw.get("groups", 1))
     return cfg is not None
@@ -157,7 +154,7 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write all figures to this file")
     ap.add_argument("--trials", type=int, default=11)
     ap.add_argument("--variants", action="store_true",
-                    help="also time the simt fused engine on every shape (the headline always "
+                    help="also time the fused kernel with one warp group on every shape (the headline always "
                          "times its variants)")
     args = ap.parse_args(argv)
 
@@ -227,12 +224,10 @@ def main(argv=None):
                     sl = As[0][:4096]
                     want = backend.to_host(ref.encode_lookup_q(sl, dims, thr, lq, sc, bi, dt))
 
-                    def check(mode, acc):
-                        got = cuda.encode_lookup_q(sl, dims, thr, lq, sc, bi, dt, mode=mode,
-                                                   acc_mode=acc)
+                    def check(mode):
+                        got = cuda.encode_lookup_q(sl, dims, thr, lq, sc, bi, dt, mode=mode)
                         if not np.array_equal(backend.to_host(got), want):
-                            raise AssertionError(f"{mode} acc_mode={acc} differs from the "
-                                                 "reference")
+                            raise AssertionError(f"{mode} differs from the reference")
                     r["nmse"] = rel_err(op(As[0][:8192]), exact) ** 2
                     codes = [cuda.encode_tree(a, dims, thr, check_finite=False) for a in As]
                     r["encode_ms"] = timer(lambda i: cuda.encode_tree(As[i], dims, thr,
@@ -246,29 +241,24 @@ def main(argv=None):
                         if not np.array_equal(backend.to_host(got), want):
                             raise AssertionError(f"fused {tag2} differs from the reference")
 
-                    check("split", 1)
+                    check("split")
                     r["lookup_ms"] = timer(
-                        lambda i: cuda.lookup_q(codes[i], lq, sc, bi, dt, acc_mode=1), nbuf)
-                    check("fused", 1)                       # the default engine
+                        lambda i: cuda.lookup_q(codes[i], lq, sc, bi, dt), nbuf)
+                    check("fused")
                     r["fused_ms"] = timer(lambda i: fused(i), nbuf)
                     variants = {}
                     if (N, D, M, C) == HEADLINE:
                         variants = {}
                         for mt, rpt, ns in ((512, None, 2), (512, None, 3), (256, 1, 4)):
-                            for acc in ((1, 2) if ns == 2 else (1,)):
-                                variants[f"simt_mt{mt}_rpt{rpt or 'd'}_ns{ns}_acc{acc}"] = dict(
-                                    engine="simt", mt=mt, rpt=rpt, nstage=ns, acc_mode=acc,
-                                    groups=1)
+                            variants[f"simt_mt{mt}_rpt{rpt or 'd'}_ns{ns}"] = dict(
+                                mt=mt, rpt=rpt, nstage=ns, groups=1)
                         for mt, rpt, ns, g in ((512, None, 2, 2), (512, None, 3, 2),
                                                (512, None, 2, 4), (512, 1, 3, 2),
                                                (256, 1, 4, 2)):
                             variants[f"simt_g{g}_mt{mt}_rpt{rpt or 'd'}_ns{ns}"] = dict(
-                                engine="simt", mt=mt, rpt=rpt, nstage=ns, groups=g)
-                        for ns, mpw in ((3, 2), (6, 1)):
-                            variants[f"mma_ns{ns}_mpw{mpw}"] = dict(engine="mma", nstage=ns,
-                                                                    mpw=mpw)
+                                mt=mt, rpt=rpt, nstage=ns, groups=g)
                     elif args.variants:
-                        variants = {"simt": dict(engine="simt")}
+                        variants = {"simt": dict(groups=1)}
                     for tag2, kw in variants.items():
                         try:
                             if not variant_fits(kw, C, M, D, As[0].itemsize):
@@ -283,7 +273,7 @@ def main(argv=None):
                                                        mode="split", check_finite=False), nbuf)
                     r["total_ms"] = min(r["fused_ms"], r["split_ms"])
                     r["best_path"] = "fused" if r["fused_ms"] <= r["split_ms"] else "split"
-                    r["fused_engine"] = "simt"     # what engine="auto" runs (see encode_lookup_q)
+                    r["fused_engine"] = "simt"     # the only fused kernel of the library
                     r["op_call_ms"] = wall_ms(cp, lambda i: op(As[i]), nbuf)
                     r["op_call_unchecked_ms"] = wall_ms(
                         cp, lambda i: op(As[i], check_finite=False), nbuf)

@@ -117,22 +117,15 @@ def test_fused_pipeline_depths(rng, nstage):
 
 
 @gpu
-@pytest.mark.parametrize("acc_mode", [0, 1, 2])
 @pytest.mark.parametrize("mode", ["fused", "split"])
-def test_accumulation_schemes_are_exact(rng, acc_mode, mode):
+def test_integer_sums_are_exact(rng, mode):
+    # the 16-bit lane sums of the lookup core, with a column of 255s in every codebook
     cp = _cp()
     N, D, C, M = 301, 64, 32, 48
     A, dims, thr, q, _, _ = _tree_problem(rng, cp, N, D, C, M, np.float16)
     ones, zeros = cp.ones(M, dtype=np.float32), cp.zeros(M, dtype=np.float32)
-    got = _cuda().encode_lookup_q(A, dims, thr, q, ones, zeros, np.float32, mode=mode,
-                                  acc_mode=acc_mode)
+    got = _cuda().encode_lookup_q(A, dims, thr, q, ones, zeros, np.float32, mode=mode)
     np.testing.assert_array_equal(_h(got), _exact_isum(A, dims, thr, q).astype(np.float32))
-
-
-MMA_SHAPES = [  # (N, D, C, M): odd/even codebooks, M below one slice, ragged, two tiles
-    (1, 1, 1, 1), (257, 37, 5, 7), (1000, 64, 16, 33), (517, 129, 16, 512),
-    (3001, 64, 16, 512), (333, 40, 3, 100), (700, 24, 15, 700), (90, 16, 2, 1100),
-]
 
 
 def _compiled(name, **defs):
@@ -140,36 +133,6 @@ def _compiled(name, **defs):
     want = {k: (str(np.dtype(v)) if k in ("IN", "OUT") else v) for k, v in defs.items()}
     return any(k[0] == name and all(dict(k[2]).get(d) == v for d, v in want.items())
                for k in _cuda().cache_info())
-
-
-@gpu
-@pytest.mark.parametrize("N,D,C,M", MMA_SHAPES)
-@pytest.mark.parametrize("in_dtype,out_dtype", [(np.float32, np.float32),
-                                                (np.float16, np.float16),
-                                                (np.float16, np.float32)])
-def test_mma_engine_matches_reference(rng, N, D, C, M, in_dtype, out_dtype):
-    cp = _cp()
-    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M, in_dtype)
-    cuda = _cuda()
-    got = cuda.encode_lookup_q(A, dims, thr, q, scale, bias, out_dtype, mode="fused",
-                               engine="mma")
-    assert got.dtype == out_dtype and got.shape == (N, M)
-    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias,
-                                                                 out_dtype)))
-    assert _compiled("encode_lookup_mma_kernel", NCB=C, IN=in_dtype, OUT=out_dtype)
-    ones, zeros = cp.ones(M, dtype=np.float32), cp.zeros(M, dtype=np.float32)
-    isum = cuda.encode_lookup_q(A, dims, thr, q, ones, zeros, mode="fused", engine="mma")
-    np.testing.assert_array_equal(_h(isum), _exact_isum(A, dims, thr, q).astype(np.float32))
-
-
-@gpu
-@pytest.mark.parametrize("nstage", [2, 3, 6])
-@pytest.mark.parametrize("mpw", [1, 2])
-@pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
-def test_mma_pipeline_variants(rng, nstage, mpw, in_dtype):
-    # many batches per block: every stage buffer and both code buffers are reused
-    _assert_fused_variant(rng, 20011, 96, 16, 512, in_dtype, engine="mma", nstage=nstage,
-                          mpw=mpw)
 
 
 def _assert_fused_variant(rng, N, D, C, M, in_dtype, **kw):
@@ -182,31 +145,11 @@ def _assert_fused_variant(rng, N, D, C, M, in_dtype, **kw):
 
 
 @gpu
-def test_engine_choice(rng):
-    cp = _cp()
-    cuda = _cuda()
-    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 300, 32, 13, 64, np.float16)
-    cuda.encode_lookup_q(A, dims, thr, q, scale, bias)          # auto: fused simt
-    assert _compiled("encode_lookup_q_kernel", NCB=13, IN=np.float16)
-    assert not _compiled("encode_lookup_mma_kernel", NCB=13, IN=np.float16)
-    got = cuda.encode_lookup_q(A, dims, thr, q, scale, bias, engine="mma", mode="fused")
-    assert _compiled("encode_lookup_mma_kernel", NCB=13, IN=np.float16)
-    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias)))
-    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 300, 32, 17, 64)   # C > 16: simt
-    got = cuda.encode_lookup_q(A, dims, thr, q, scale, bias, engine="mma", mode="fused")
-    assert not _compiled("encode_lookup_mma_kernel", NCB=17)
-    np.testing.assert_array_equal(_h(got), _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias)))
-    with pytest.raises(ValueError, match="engine"):
-        cuda.encode_lookup_q(A, dims, thr, q, scale, bias, engine="tensor")
-
-
-@gpu
 @pytest.mark.parametrize("N,D,C,M", FUSED_SHAPES + [(20011, 96, 16, 512), (131, 64, 16, 64)])
 @pytest.mark.parametrize("groups,nstage", [(2, 2), (2, 3), (4, 2)])
 @pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
 def test_simt_warp_groups_variant(rng, N, D, C, M, groups, nstage, in_dtype):
-    _assert_fused_variant(rng, N, D, C, M, in_dtype, engine="simt", groups=groups,
-                          nstage=nstage)
+    _assert_fused_variant(rng, N, D, C, M, in_dtype, groups=groups, nstage=nstage)
     cuda = _cuda()
     cfg = cuda._fused_config(C, M, D, np.dtype(in_dtype).itemsize,
                              cuda.device_info(_cp().cuda.Device().id), None, None, nstage,
@@ -225,7 +168,7 @@ def test_warp_groups_bad_arguments(rng):
 
 @gpu
 @pytest.mark.parametrize("in_dtype", [np.float32, np.float16])
-@pytest.mark.parametrize("kw", [dict(engine="mma"), dict(engine="simt", groups=2)])
+@pytest.mark.parametrize("kw", [dict(groups=1), dict(groups=2)])
 def test_fused_variants_flag_nan_in_any_batch(rng, in_dtype, kw):
     cp = _cp()
     A, dims, thr, q, scale, bias = _tree_problem(rng, cp, 5000, 64, 16, 128, in_dtype)
@@ -237,32 +180,14 @@ def test_fused_variants_flag_nan_in_any_batch(rng, in_dtype, kw):
 
 
 @gpu
-def test_mma_engine_misaligned_inputs(rng):
-    cp = _cp()
-    N, D, C, M = 400, 64, 16, 36
-    A, dims, thr, q, scale, bias = _tree_problem(rng, cp, N, D, C, M)
-    flat = cp.empty(N * D + 1, dtype=np.float32)
-    flat[1:] = A.ravel()
-    qflat = cp.empty(q.size + 1, dtype=np.uint8)
-    qflat[1:] = q.ravel()
-    want = _h(ref.encode_lookup_q(A, dims, thr, q, scale, bias))
-    for Av in (A, flat[1:].reshape(N, D), cp.asfortranarray(A)):
-        for qv in (q, qflat[1:].reshape(q.shape)):
-            got = _cuda().encode_lookup_q(Av, dims, thr, qv, scale, bias, mode="fused",
-                                          engine="mma")
-            np.testing.assert_array_equal(_h(got), want)
-
-
-@gpu
-@pytest.mark.parametrize("acc_mode", [0, 2])
-def test_lookup_q_float16_output(rng, acc_mode):
+def test_lookup_q_float16_output(rng):
     cp = _cp()
     N, C, M = 999, 16, 72
     codes = cp.asarray(rng.integers(0, 16, size=(N, C)).astype(np.uint8))
     q = cp.asarray(rng.integers(0, 256, size=(C, 16, M)).astype(np.uint8))
     scale = cp.asarray((rng.random(M) * 0.01).astype(np.float32))
     bias = cp.asarray(rng.standard_normal(M).astype(np.float32))
-    got = _cuda().lookup_q(codes, q, scale, bias, np.float16, acc_mode=acc_mode)
+    got = _cuda().lookup_q(codes, q, scale, bias, np.float16)
     want = ref.lookup_q(codes, q, scale, bias).astype(np.float16)
     assert got.dtype == np.float16
     np.testing.assert_array_equal(_h(got), _h(want))
@@ -426,7 +351,7 @@ def test_compile_cache_is_per_variant_and_reused(rng):
     ins = {dict(k[2])["IN"] for k in keys}
     assert {"float32", "float16"} <= ins
     assert all(k[1] == cp.cuda.Device().id for k in keys)
-    src = cuda.source("lookup_q_kernel", OUT=np.float16, NCB=16, MT=256, RPT=4, ACC_MODE=1)
+    src = cuda.source("lookup_q_kernel", OUT=np.float16, NCB=16, MT=256, RPT=4)
     assert "#define OUT_T u16" in src and "Thread mapping" in src
 
 

@@ -1,4 +1,6 @@
-
+// Differentiable MADDNESS kernels and the kernels for codes wider than a byte
+// (dm_cuda.py); compiled as one module per (device, DEPTH) with "#define DEPTH d" in
+// front.
 #define NL (1 << DEPTH)          // leaves per tree
 #define NN (NL - 1)              // internal nodes, heap order
 #if DEPTH > 8
@@ -7,6 +9,8 @@ typedef unsigned short code_t;   // 512 or 1024 leaves: uint16 codes
 typedef unsigned char code_t;
 #endif
 
+// Thread mapping: thread -> one (row, codebook) pair, codebook fastest, so a warp walks
+// the trees of one row and that row's values stay in L1.
 extern "C" __global__ void dm_encode(const float* __restrict__ A, const int* __restrict__ dims,
                                      const float* __restrict__ thr, code_t* __restrict__ codes,
                                      long long N, int D, int C)
@@ -24,6 +28,8 @@ extern "C" __global__ void dm_encode(const float* __restrict__ A, const int* __r
     codes[i] = (code_t)(node - NN);
 }
 
+// Thread mapping: thread -> output column m (x), blockIdx.y strides over rows: LUT rows
+// are read coalesced, a row's codes are broadcast loads; codebooks summed in order from 0.
 // Codes are taken mod NL (a mask) so that no code reads past its codebook's LUT.
 extern "C" __global__ void dm_lookup(const code_t* __restrict__ codes,
                                      const float* __restrict__ lut, float* __restrict__ Y,
@@ -39,6 +45,8 @@ extern "C" __global__ void dm_lookup(const code_t* __restrict__ codes,
     }
 }
 
+// Thread mapping: as dm_lookup, four adjacent output columns (one float4) per thread
+// (M % 4 == 0).
 extern "C" __global__ void dm_lookup4(const code_t* __restrict__ codes,
                                       const float4* __restrict__ lut, float4* __restrict__ Y,
                                       long long N, int C, int M4)
@@ -56,6 +64,7 @@ extern "C" __global__ void dm_lookup4(const code_t* __restrict__ codes,
     }
 }
 
+// Thread mapping: as dm_lookup (thread -> output column, blockIdx.y strides over rows).
 // 8-bit LUT sums, exact in int32 (C * 255 < 2^31 for any C the shapes allow), then
 // isum * scale + bias rounded as the reference does (no fused multiply-add).
 extern "C" __global__ void dm_lookup_q(const code_t* __restrict__ codes,
@@ -75,7 +84,8 @@ extern "C" __global__ void dm_lookup_q(const code_t* __restrict__ codes,
     }
 }
 
-// dm_lookup_q for M % 4 == 0: four output columns per thread (one 4-byte load per LUT row)
+// Thread mapping: dm_lookup_q for M % 4 == 0, four adjacent output columns per thread
+// (one 4-byte load per LUT row).
 extern "C" __global__ void dm_lookup_q4(const code_t* __restrict__ codes,
                                         const uchar4* __restrict__ lut_q,
                                         const float4* __restrict__ scale,
@@ -99,6 +109,8 @@ extern "C" __global__ void dm_lookup_q4(const code_t* __restrict__ codes,
     }
 }
 
+// Thread mapping: thread -> one (row, codebook) pair, writes the single 1 of its one-hot
+// block of K entries.
 extern "C" __global__ void dm_onehot(const code_t* __restrict__ codes,
                                      float* __restrict__ onehot, long long N, int C)
 {
@@ -112,6 +124,8 @@ extern "C" __global__ void dm_onehot(const code_t* __restrict__ codes,
 
 #if DEPTH <= 4
 #define NB_ROWS 8
+// Thread mapping: block = 32 codebook lanes (threadIdx.x; codebook blockIdx.y * 32 + lane)
+// x NB_ROWS row groups (threadIdx.y); a thread takes rows_per_thread rows of its codebook.
 // Trees of up to 16 leaves: a thread keeps one (row, codebook)'s nodes and leaves in
 // registers (fully unrolled).
 extern "C" __global__ void __launch_bounds__(32 * NB_ROWS)
@@ -237,6 +251,8 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Thread mapping: a warp per (row, codebook); NW warps per block on codebook blockIdx.y,
+// warp w taking rows r0 + w, r0 + w + NW, ... of the block's rows (details above).
 extern "C" __global__ void __launch_bounds__(32 * NW)
 dm_node_backward_warp(const float* __restrict__ A, const int* __restrict__ dims,
                       const float* __restrict__ thr, const float* __restrict__ inv_tau,

@@ -1,4 +1,5 @@
-
+// Fused tree encode + 8-bit lookup (op encode_lookup_q, depth 4); source:
+// cuda.source("encode_lookup_q_kernel") = prelude + lookup_q_core.cuh + this file.
 // Barrier of a thread's warp group (the whole block when GROUPS == 1).
 __device__ __forceinline__ void group_sync() {
 #if GROUPS == 1

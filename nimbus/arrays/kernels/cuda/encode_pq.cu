@@ -1,4 +1,5 @@
-
+// PQ encoder (op encode_pq, 16 centroids per subspace); source:
+// cuda.source("encode_pq_kernel").
 // Thread mapping: blockIdx.y is the codebook c, thread -> row (blocks stride over rows).
 // All threads of a block read the same centroid entries (broadcast loads); each thread
 // keeps its row's 16 squared distances in registers. Ties keep the lowest k (argmin).

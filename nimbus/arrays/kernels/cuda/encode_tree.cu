@@ -1,4 +1,5 @@
-
+// Tree encoders (op encode_tree, codes of trees of depth TREE_DEPTH <= 8); source:
+// cuda.source("encode_tree_tile" | "encode_tree_direct").
 // Thread mapping: a block stages `rows` consecutive rows of A (all D columns) in shared
 // memory, then thread t computes the (row, codebook) pairs t, t + NT, ... of the tile
 // (consecutive threads write consecutive code bytes); blocks stride over row tiles.

@@ -1,4 +1,5 @@
-
+// Float LUT lookup (op lookup, byte codes, float32 or float16 LUT); source:
+// cuda.source("lookup_kernel").
 #define VL (16 / LUT_SIZE)       // columns per thread: one 16-byte LUT load (4 fp32, 8 fp16)
 #define TPR (MT / VL)
 #define RG (NT / TPR)

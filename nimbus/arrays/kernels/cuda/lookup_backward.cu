@@ -1,4 +1,5 @@
-
+// LUT gradient scatter-add (op lookup_backward, byte codes); source:
+// cuda.source("lookup_backward_kernel").
 // Thread mapping: block (blockIdx.x: 32 columns, blockIdx.y: a chunk of rows,
 // blockIdx.z: a group of CB codebooks); warp w owns codebooks w, w + NT/32, ... of the
 // group and lane l column 32 * blockIdx.x + l, so every (codebook, bucket, column)

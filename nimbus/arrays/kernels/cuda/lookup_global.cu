@@ -1,4 +1,5 @@
-
+// Lookups reading the LUT through L1/L2, for LUTs too large for shared memory; source:
+// cuda.source("lookup_global_kernel").
 // Add the 4 LUT entries at p (columns m..m+3 of one LUT row; the first n exist) to acc:
 // integers for the 8-bit LUT, float32 otherwise. `vec`: one aligned 4-entry load.
 __device__ __forceinline__ void add4(u32* acc, const u8* __restrict__ p, int n, int vec) {

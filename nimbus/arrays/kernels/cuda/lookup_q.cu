@@ -1,4 +1,5 @@
-
+// 8-bit LUT lookup (op lookup_q, byte codes); source: cuda.source("lookup_q_kernel") =
+// prelude + lookup_q_core.cuh + this file.
 // Thread mapping: blockIdx.y picks a tile of MT columns, whose 8-bit LUT (all codebooks)
 // the block keeps in shared memory; blocks stride over batches of RB rows (blockIdx.x);
 // thread t owns 16 columns (t % TPR) of rows t / TPR + RG * i, i < RPT. The codes of the

@@ -1,4 +1,5 @@
-
+// The 8-bit LUT lookup core shared by lookup_q.cu and encode_lookup_q.cu (included by
+// concatenation, after the prelude).
 #define TPR (MT / 16)            // threads per row: each owns 16 columns of the tile
 #define RG (GT / TPR)            // rows a block (a warp group) works on at once
 #define RB (RG * RPT)            // rows per batch
@@ -66,28 +67,16 @@ __device__ __forceinline__ float u2f_exact(u32 x) {
 __device__ __forceinline__ void mad_u32(u32& acc, u32 x, u32 one) {
     asm("mad.lo.u32 %0, %1, %2, %0;" : "+r"(acc) : "r"(x), "r"(one));
 }
-__device__ __forceinline__ void mad_wide(u64& acc, u32 x, u32 one) {
-    asm("mad.wide.u32 %0, %1, %2, %0;" : "+l"(acc) : "r"(x), "r"(one));
-}
 
-// Accumulation of 4 LUT bytes (one word, columns b0..b3) of two codebooks (x0, x1).
-// ACC_MODE 0: byte_perm spreads bytes into 16-bit lanes, IADD3 adds both codebooks.
-// ACC_MODE 1: the same spread, the adds as IMAD (x * one + acc, `one` a runtime 1) so
-//             they run on the FMA pipe beside the byte_perms on the integer pipe.
-// ACC_MODE 2: even bytes masked into 16-bit lanes (LOP3 + IADD3); whole words summed in
-//             64 bits with IMAD.WIDE; odd lanes = (whole - even) >> 8 at the end.
+// Accumulation of 4 LUT bytes (one word, columns b0..b3) of two codebooks (x0, x1):
+// byte_perm spreads the bytes into 16-bit lanes (a0: columns b0, b1; a1: b2, b3) and the
+// adds are IMADs (x * one + acc, `one` a runtime 1) so that they run on the FMA pipe
+// beside the byte_perms on the integer pipe. (Two other schemes, plain IADD3 and 64-bit
+// IMAD.WIDE sums, were measured no faster: benchmarks/experiments/README.md.)
 // 16-bit lanes are exact for up to 257 codebooks; the caller flushes every 256.
-__device__ __forceinline__ void acc_word(u32& a0, u32& a1, u64& aw, u32 x0, u32 x1, u32 one) {
-#if ACC_MODE == 0
-    a0 += __byte_perm(x0, 0, 0x4140) + __byte_perm(x1, 0, 0x4140);
-    a1 += __byte_perm(x0, 0, 0x4342) + __byte_perm(x1, 0, 0x4342);
-#elif ACC_MODE == 1
+__device__ __forceinline__ void acc_word(u32& a0, u32& a1, u32 x0, u32 x1, u32 one) {
     mad_u32(a0, __byte_perm(x0, 0, 0x4140), one); mad_u32(a0, __byte_perm(x1, 0, 0x4140), one);
     mad_u32(a1, __byte_perm(x0, 0, 0x4342), one); mad_u32(a1, __byte_perm(x1, 0, 0x4342), one);
-#else
-    a0 += (x0 & 0x00FF00FFu) + (x1 & 0x00FF00FFu);
-    mad_wide(aw, x0, one); mad_wide(aw, x1, one);
-#endif
 }
 
 // Store CH adjacent outputs at p (all inside the row): the widest stores p's alignment
@@ -129,13 +118,10 @@ __device__ __forceinline__ void store_chunk(u16* p, const float* v) {
 __device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lut_t,
         const u8* codes_s, int rg, int cb, int ce, u32 one) {
     u32 a[RPT][8];
-    u64 aw[RPT][4];
 #pragma unroll
     for (int i = 0; i < RPT; ++i) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) a[i][j] = 0u;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) aw[i][j] = 0ull;
     }
     PRAGMA_UNROLL_C
     for (int c = cb; c < ce; c += 4) {
@@ -155,10 +141,10 @@ __device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lu
                         const u32 k1 = BUCKET(cw[i], 8 * k + 8);
                         w1 = *(const uint4*)(lut_t + ((c + k + 1) * NK + k1) * MT);
                     }
-                    acc_word(a[i][0], a[i][1], aw[i][0], w0.x, w1.x, one);
-                    acc_word(a[i][2], a[i][3], aw[i][1], w0.y, w1.y, one);
-                    acc_word(a[i][4], a[i][5], aw[i][2], w0.z, w1.z, one);
-                    acc_word(a[i][6], a[i][7], aw[i][3], w0.w, w1.w, one);
+                    acc_word(a[i][0], a[i][1], w0.x, w1.x, one);
+                    acc_word(a[i][2], a[i][3], w0.y, w1.y, one);
+                    acc_word(a[i][4], a[i][5], w0.z, w1.z, one);
+                    acc_word(a[i][6], a[i][7], w0.w, w1.w, one);
                 }
             }
         }
@@ -167,16 +153,9 @@ __device__ __forceinline__ void lookup_q_chunk(u32 (&tot)[RPT][16], const u8* lu
     for (int i = 0; i < RPT; ++i) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {          // word q holds slots 4q .. 4q+3
-#if ACC_MODE == 2
-            const u32 ev = a[i][2 * q];
-            const u32 od = (u32)((aw[i][q] - (u64)ev) >> 8);
-            tot[i][4 * q + 0] += ev & 0xFFFFu;  tot[i][4 * q + 2] += ev >> 16;
-            tot[i][4 * q + 1] += od & 0xFFFFu;  tot[i][4 * q + 3] += od >> 16;
-#else
             const u32 lo = a[i][2 * q], hi = a[i][2 * q + 1];
             tot[i][4 * q + 0] += lo & 0xFFFFu;  tot[i][4 * q + 1] += lo >> 16;
             tot[i][4 * q + 2] += hi & 0xFFFFu;  tot[i][4 * q + 3] += hi >> 16;
-#endif
         }
     }
 }

@@ -1,4 +1,5 @@
-
+// Prelude of every kernel source of cuda.py (prepended by cuda.source()): types, half
+// conversions, NaN/Inf bits, async copies, row and tree staging, the tree encode.
 #ifndef TREE_DEPTH
 #define TREE_DEPTH 4             // tree depth d: 2^d leaves, 2^d - 1 heap-ordered nodes
 #endif

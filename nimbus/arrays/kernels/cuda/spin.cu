@@ -1,4 +1,4 @@
-
+// Benchmark helper; source: cuda.source("spin_kernel").
 // Thread mapping: one thread; busy-waits `cycles` clock ticks (keeps the device busy
 // while the host queues the calls a benchmark times).
 extern "C" __global__ void spin_kernel(long long cycles) {

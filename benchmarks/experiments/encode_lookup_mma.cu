@@ -1,38 +1,6 @@
-"""The fused MADDNESS apply on the integer tensor cores (source and launch plan).
-
-:mod:`.cuda` compiles and launches it (``encode_lookup_q(..., engine="mma")``); this
-module holds only the CUDA source of ``encode_lookup_mma_kernel`` and the function that
-plans its tiles, so it imports no array library.
-
-The lookup ``Y[n, m] = sum_c LUT[c, code[n, c], m]`` is the product of the one-hot code
-matrix (N x 16C, one 1 per codebook) with the 8-bit LUT (16C x M), done with
-``mma.sync.m16n8k32.u8.u8.s32`` (exact int32 sums). Each warp keeps the LUT of its 32
-output columns in registers for the whole kernel (4 bytes x 2 x 4 n-tiles per k-step of
-two codebooks: 64 registers at C = 16), so the LUT takes no shared memory and all of it
-goes to a deep pipeline of A tiles. The one-hot fragments are built in registers from
-the codes (three integer ops per register).
-
-Fragment layouts (PTX ISA, mma.m16n8k32 with .u8), lane = 4 * g + t:
-A (16 x 32, row): reg q holds rows g + 8 * (q & 1), columns 4t..4t+3 (+16 if q >= 2);
-B (32 x 8, col): reg h holds rows 4t..4t+3 (+16 if h == 1) of column g;
-C (16 x 8): c0, c1 = row g, columns 2t, 2t+1; c2, c3 = row g + 8.
-K = 32 is two codebooks (rows 0..15: codebook 2ks, 16..31: codebook 2ks+1).
-Column mapping inside a warp's 32 columns: n-tile j, fragment column n holds output
-column 4 * G(n) + j, where G(n) = n for float16 output (a lane's 8 outputs of a row are
-adjacent: one 16-byte store) and G(n) = n / 2 + 4 * (n % 2) for float32 output (each
-16-byte store instruction of a quad fills two whole 32-byte sectors). Either way the 4
-n-tiles of lane (g, t) read 4 adjacent LUT columns 4G(g)..4G(g)+3, one 32-bit load per
-LUT row, turned into B registers by a 4 x 4 byte transpose (8 byte_perm).
-
-Measured (H100, 65536 x 512 x 512, C = 16, 2026-11-24): bit-exact, but slower than the
-simt kernel (float16 I/O 0.0735 against 0.062 ms, float32 0.119 against 0.106 ms), so
-``engine="auto"`` does not pick it: the one-hot product does 16 C multiply-adds per
-output (8.6e9 at the headline), which the legacy ``mma.sync`` path cannot hide under the
-memory traffic (see benchmarks/NOTES_gpu.md).
-"""
-from __future__ import annotations
-
-SOURCE = r"""
+// Experiment (not used by the library): the fused MADDNESS apply with the lookup as a
+// one-hot x LUT product on the integer tensor cores. Compiled by mma_fused.py after the
+// library's nimbus/arrays/kernels/cuda/prelude.cuh.
 #define NWARP (NT / 32)
 #define NCS (MT / 32)            // column slices of 32 columns (one warp each per row group)
 #define WPS (NWARP / NCS)        // row groups: warps per column slice
@@ -281,45 +249,3 @@ encode_lookup_mma_kernel(const IN_T* __restrict__ A, const int* __restrict__ dim
     if (bad) atomicOr(flag, 1);
 #undef TILE
 }
-"""
-
-
-def _pow2_at_least(x):
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
-def config(C, M, D, in_size, dev, nstage=None, mpw=None, stage_target=32 * 1024):
-    """Launch plan of ``encode_lookup_mma_kernel``, or None when it does not apply.
-
-    Returns (NT, MT, MPW, RB, NSTAGE, smem). MT: the smallest power of two from 32 to 512
-    columns covering M (wider M: column tiles of 512, each re-encoding its rows); one warp
-    per 32 columns and row group; row groups (up to 512 threads) and m-tiles per warp
-    chosen so that a batch's A tile is about ``stage_target`` bytes; NSTAGE A tiles (up to
-    ``nstage``, default as many as fit, at most 6) in the shared memory a block may use
-    when ``512 // NT`` blocks share a multiprocessor.
-    """
-    if C < 1 or C > 16 or dev["cc"] < 80 or M < 1 or D < 1:
-        return None
-    mt = min(512, max(32, _pow2_at_least(M)))
-    ncs = mt // 32
-    row_bytes = D * in_size
-    wps = 16 // ncs
-    while wps > 1 and 16 * wps * row_bytes > stage_target:
-        wps //= 2
-    nt = 32 * ncs * wps
-    if mpw is None:
-        mpw = 2 if 32 * wps * row_bytes <= stage_target else 1
-    rb = 16 * wps * mpw
-    cp_ = (C + 3) // 4 * 4
-    head = (8 * mt + C * 120 + 15) // 16 * 16 + (2 * rb * cp_ + 15) // 16 * 16
-    tile = (rb * row_bytes + 15) // 16 * 16
-    blocks = max(1, 512 // nt)
-    budget = min(dev["smem_optin"], dev["smem_sm"] // blocks - 1024)
-    fit = (budget - head) // tile if budget > head else 0
-    ns = min(fit, nstage if nstage else 6)
-    if ns < 2 or (nstage and ns < nstage):
-        return None
-    return nt, mt, mpw, rb, ns, head + ns * tile
