@@ -128,13 +128,22 @@ def onnx_model(layers, opset=17):
 def onnx_int8(model, folder):
     """``quantize_dynamic`` (QInt8 weights, activations quantized per call) of an
     fp32 ModelProto; returns the path of the int8 model written under ``folder``."""
+    import logging
     import os
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     src, dst = os.path.join(folder, "mlp_fp32.onnx"), os.path.join(folder, "mlp_int8.onnx")
     onnx.save(model, src)
-    quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    # quantize_dynamic logs a hint about pre-processing (shape inference) to the root
+    # logger; the graph's shapes are all known, so the hint does not apply here
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
     return dst
 
 

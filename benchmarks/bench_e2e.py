@@ -187,6 +187,13 @@ def _load_models(args):
     return layers, fmodel, conv, kind
 
 
+def _weight_bytes(path):
+    """Bytes of the float model's weights and biases as float32 (BatchNorm folded)."""
+    import nimbus
+    from _baselines import fold_float_mlp
+    return int(sum(4 * (W.size + b.size) for W, b, _ in fold_float_mlp(nimbus.load(path))))
+
+
 def _rows(X, n):
     """The first n rows of X, repeated when X has fewer (C-contiguous float32 copy)."""
     import numpy as np
@@ -373,7 +380,7 @@ def run_gpu(args):
     try:
         import cupy as cp
         cp.cuda.runtime.getDeviceCount()
-        cp.zeros(1).sum().get()
+        cp.asnumpy(cp.zeros(1))                 # creates the context: fails without a device
     except Exception as exc:                    # no CuPy, no driver, no device
         print(f"GPU: skipped ({type(exc).__name__}: {exc})", flush=True)
         return None
@@ -386,11 +393,16 @@ def run_gpu(args):
     print(f"GPU: {name}; data {kind}, {Xte.shape[0]} test rows", flush=True)
     Xte_d = cp.asarray(Xte)
     methods, notes, errors = {}, {}, {}
+    from nimbus.nn import Module
     ours, label = _ours(conv, gpu=True)
     try:
         ours(Xte_d[:4])
-    except TypeError:
-        # a compiled plan built from host arrays may want the model on the GPU first
+    except Exception as exc:
+        if not isinstance(conv, Module):
+            raise
+        # a plan compiled from host arrays may want the model on the GPU first
+        print(f"ours on CuPy input failed ({type(exc).__name__}: {exc}); compiling the "
+              "model moved to the GPU instead", flush=True)
         ours, label = _ours(conv.to("cupy"), gpu=True)
     notes["ours"] = label
     methods["ours"] = lambda X: ours(X)
@@ -458,7 +470,9 @@ def run_gpu(args):
 
 # ====================================================================== report
 def _fmt_ms(v):
-    return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+    if v is None:
+        return "-"
+    return f"{v:.4f}" if v < 0.1 else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
 def _fmt_ratio(a, b):
@@ -517,7 +531,34 @@ def machine_info():
     except OSError:
         pass
     return {"cpu_model": cpu, "cores": _cores(), "platform": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "packages": _versions(),
+            "nimbus_commit": _git_commit()}
+
+
+def _versions():
+    """Installed versions of the packages in play (None when absent), without importing them."""
+    from importlib import metadata
+    out = {}
+    for name in ("cumulonimbus", "numpy", "numba", "onnx", "onnxruntime", "threadpoolctl",
+                 "cupy-cuda12x", "cupy-cuda13x", "cupy", "torch"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git_commit():
+    """HEAD of the repository this script lives in, "+dirty" if the tree has changes."""
+    try:
+        root = os.path.join(HERE, "..")
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        return (head + ("+dirty" if dirty.strip() else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _cores():
@@ -597,6 +638,7 @@ def main(argv=None):
     result = {"date": started, "command": command, "machine": machine,
               "models": {"float": os.path.abspath(args.float),
                          "float_bytes": os.path.getsize(args.float),
+                         "float32_weight_bytes": _weight_bytes(args.float),
                          "converted": os.path.abspath(args.converted),
                          "converted_bytes": os.path.getsize(args.converted)},
               "cpu": None, "gpu": None}
