@@ -20,7 +20,8 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
 
 
 def digits_task():
-    """The sklearn-digits matrix-product task of ANCHORS.md.
+    """The sklearn-digits matrix-product task of the published MADDNESS/PQ comparison
+    (figures in benchmarks/RESULTS.md, "MADDNESS and PQ against the published figures").
 
     Returns
     -------
