@@ -22,8 +22,9 @@ GPU (``--gpu``, needs CuPy and a CUDA device), batches 1, 16, 256, 4096, 65536:
   calls, one sync at the end, divided by the calls); medians after warm-up.
 
 Each cell: median of per-call times after 3 warm-up calls, with enough calls for at least
-``--min-time`` seconds (0.2 by default). Ratios are baseline ms / ours ms (> 1: ours is
-faster). Also printed: each model's test accuracy and the fraction of test rows whose
+``--min-time`` seconds (0.2 by default); on the CPU the methods' calls take turns in 5
+rounds, so a change in the machine's load falls on all of them alike. Ratios are
+baseline ms / ours ms (> 1: ours is faster). Also printed: each model's test accuracy and the fraction of test rows whose
 argmax equals the float model's. A baseline that cannot run (no onnxruntime, no torch,
 no GPU) is skipped with one printed line.
 
@@ -206,21 +207,41 @@ def _calls_for(est_s, min_time, lo=10, hi=200000):
     return int(min(max(math.ceil(min_time / max(est_s, 1e-7)), lo), hi))
 
 
-def time_cpu(fn, X, min_time):
-    """(median ms per call, calls): per-call perf_counter after 3 warm-up calls."""
+def time_cpu(methods, X, min_time, rounds=5):
+    """Per-call CPU times of every method on X, interleaved.
+
+    methods : {name: fn}; each fn(X) is called 3 times to warm up, then its calls (enough
+    for ``min_time`` seconds, at least 10) are split into ``rounds`` rounds that take turns
+    with the other methods', so that a change in the machine's load (other processes on
+    shared cores) falls on every method alike instead of on whichever ran then.
+
+    Returns {name: (median ms, 25th percentile ms, 75th percentile ms, calls)}.
+    """
     import numpy as np
-    for _ in range(3):
-        fn(X)
-    t0 = time.perf_counter()
-    fn(X)
-    n = _calls_for(time.perf_counter() - t0, min_time)
-    times = np.empty(n)
     pc = time.perf_counter
-    for i in range(n):
+    per_round, times = {}, {}
+    for name, fn in methods.items():
+        for _ in range(3):
+            fn(X)
         t0 = pc()
         fn(X)
-        times[i] = pc() - t0
-    return float(np.median(times)) * 1e3, n
+        n = _calls_for(pc() - t0, min_time)
+        per_round[name] = math.ceil(n / rounds)
+        times[name] = []
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            buf = np.empty(per_round[name])
+            for i in range(buf.size):
+                t0 = pc()
+                fn(X)
+                buf[i] = pc() - t0
+            times[name].append(buf)
+    out = {}
+    for name, parts in times.items():
+        t = np.concatenate(parts) * 1e3
+        q25, q50, q75 = np.percentile(t, [25, 50, 75])
+        out[name] = (float(q50), float(q25), float(q75), int(t.size))
+    return out
 
 
 def time_gpu(fn, X, min_time, events):
@@ -339,9 +360,9 @@ def cpu_worker(args):
     for b in args.cpu_batches:
         X = _rows(Xte, b)
         row = {"threads": threads, "batch": b, "repeated_rows": b > Xte.shape[0]}
-        for name, fn in methods.items():
-            ms, n = time_cpu(fn, X, args.min_time)
-            row[name + "_ms"], row[name + "_calls"] = ms, n
+        for name, (ms, q25, q75, n) in time_cpu(methods, X, args.min_time).items():
+            row.update({name + "_ms": ms, name + "_q25_ms": q25, name + "_q75_ms": q75,
+                        name + "_calls": n})
         rows.append(row)
         print(f"[threads={threads}] batch {b}: " + ", ".join(
             f"{k} {row[k + '_ms']:.4g} ms" for k in methods), flush=True)
