@@ -24,8 +24,8 @@ GPU (``--gpu``, needs CuPy and a CUDA device), batches 1, 16, 256, 4096, 65536:
 Each cell: median of per-call times after 3 warm-up calls, with enough calls for at least
 ``--min-time`` seconds (0.2 by default); on the CPU the methods' calls take turns in 5
 rounds, so a change in the machine's load falls on all of them alike. Ratios are
-baseline ms / ours ms (> 1: ours is faster). Also printed: each model's test accuracy and the fraction of test rows whose
-argmax equals the float model's. A baseline that cannot run (no onnxruntime, no torch,
+baseline ms / ours ms (> 1: ours is faster). Also printed: each model's test accuracy
+and the fraction of test rows whose argmax equals the float model's. A baseline that cannot run (no onnxruntime, no torch,
 no GPU) is skipped with one printed line.
 
 Models: ``--float FLOAT.npz --converted CONV.npz`` (``nimbus.save``'d; the converted one
