@@ -25,8 +25,8 @@ Each cell: median of per-call times after 3 warm-up calls, with enough calls for
 ``--min-time`` seconds (0.2 by default); on the CPU the methods' calls take turns in 5
 rounds, so a change in the machine's load falls on all of them alike. Ratios are
 baseline ms / ours ms (> 1: ours is faster). Also printed: each model's test accuracy
-and the fraction of test rows whose argmax equals the float model's. A baseline that cannot run (no onnxruntime, no torch,
-no GPU) is skipped with one printed line.
+and the fraction of test rows whose argmax equals the float model's. A baseline that
+cannot run (no onnxruntime, no torch, no GPU) is skipped with one printed line.
 
 Models: ``--float FLOAT.npz --converted CONV.npz`` (``nimbus.save``'d; the converted one
 may also be a saved compiled model), or ``--make DIR [--quick] [--seed S]`` to train the
