@@ -326,15 +326,23 @@ def cpu_worker(args):
 
     methods, notes = {}, {}
     methods["numpy"] = numpy_mlp(layers)
+    proto = None
     try:
         import onnxruntime  # noqa: F401
         proto = onnx_model(layers)
         methods["ort_fp32"] = ort_runner(proto, threads)
-        tmp = tempfile.mkdtemp(prefix="bench_e2e_")
-        methods["ort_int8"] = ort_runner(onnx_int8(proto, tmp), threads)
-    except ImportError as exc:
-        notes["ort"] = f"skipped ONNX Runtime: {exc} (pip install onnx onnxruntime)"
-        print(notes["ort"], flush=True)
+    except Exception as exc:                # not installed, or an ONNX/ORT failure
+        hint = " (pip install onnx onnxruntime)" if isinstance(exc, ImportError) else ""
+        notes["ort_fp32"] = f"skipped ONNX Runtime fp32: {type(exc).__name__}: {exc}{hint}"
+        print(notes["ort_fp32"], flush=True)
+    if proto is not None:
+        try:
+            # the session holds the model in memory: the folder can go at once
+            with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
+                methods["ort_int8"] = ort_runner(onnx_int8(proto, tmp), threads)
+        except Exception as exc:
+            notes["ort_int8"] = f"skipped ONNX Runtime int8: {type(exc).__name__}: {exc}"
+            print(notes["ort_int8"], flush=True)
     ours, label = _ours(conv)
     methods["ours"] = lambda X: ours(X)
     notes["ours"] = label
@@ -650,6 +658,13 @@ def main(argv=None):
     if args.make:
         args.float, args.converted = make_models(args.make, args.quick, args.seed,
                                                  args.library_defaults)
+    for path in (args.float, args.converted):
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: no such model file: {path}")
+    try:
+        _load_models(args)                  # a wrong file fails here, not in every worker
+    except (ValueError, TypeError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}")
     # the workers get the model paths, never --make: they must not train again
     wargv = ["--float", args.float, "--converted", args.converted, "--seed", str(args.seed),
              "--data", args.data, "--cpu-batches", ",".join(map(str, args.cpu_batches)),
