@@ -1,0 +1,672 @@
+"""CPU inference kernel for a converted network: a chain of 8-bit LUT layers in one call.
+
+A converted network is a chain of layers l = 0..L-1, each a tree encoder and an 8-bit LUT:
+
+* ``dims_l``       (C, K-1) int32, input column tested at each node, heap order (node 0 the
+  root; the children of node i are 2i+1, taken when ``x <= t``, and 2i+2, when ``x > t``)
+* ``thresholds_l`` (C, K-1) float32 (-inf allowed: a folded ReLU)
+* ``lut_l``        (C, K, M) uint8, K = 2**depth, depth 1..10
+* ``scale_l``, ``bias_l`` (M,) float32
+
+and computes, exactly as ``reference.encode_tree`` followed by ``reference.lookup_q``::
+
+    code[n, c] = leaf reached walking tree c on row n          (0..K-1)
+    isum[n, m] = sum_c lut[c, code[n, c], m]                    (exact integer)
+    y[n, m]    = float32(isum[n, m]) * scale[m] + bias[m]       (float32 mul, then add)
+
+``y`` is the next layer's input. :class:`ChainCPU` packs the layers once into a few flat
+arrays; each call runs ONE compiled Numba function over the whole chain: rows in blocks
+of ``BLOCK`` rows, and every layer of a block runs while its activations are in L1/L2
+(encode the block, add the LUT rows of its codes, write the float block the next layer
+encodes). Inside a block the loops are codebook-outer, so one codebook's K x M bytes of
+LUT stay in L1 while the block's rows read them.
+
+The sums are exact in uint16 for up to 257 codebooks (257 * 255 = 65535); a layer with
+more codebooks adds each run of 257 codebooks into an int32 row (``_U16_CODEBOOKS``).
+The float step is a float32 multiply then a float32 add: Numba compiles without
+fast-math, so LLVM does not contract it into an FMA, and the outputs are bitwise those
+of the reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import numba
+from numba import njit, prange
+
+BLOCK = 32              # rows per block: 32 rows x 256 float32 = 32 KB of activations
+MAX_DEPTH = 10
+_U16_CODEBOOKS = 257    # most codebooks whose byte sums cannot overflow a uint16
+
+# columns of the per-layer metadata table (int64)
+_C, _NN, _DEPTH, _M, _DIN, _DOFF, _LOFF, _SOFF = range(8)
+_NMETA = 8
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@njit(inline="always")
+def _walk(src, r0, nb, dims, thr, base, nn, depth, codes, c):
+    # rows r0..r0+nb of src through tree c (nodes at dims/thr[base:base + nn]);
+    # branch-free descent: node = 2 node + 1 + (x > t)
+    for r in range(nb):
+        node = 0
+        for _ in range(depth):
+            j = base + node
+            node = 2 * node + 1 + (src[r0 + r, dims[j]] > thr[j])
+        codes[r, c] = node - nn
+
+
+@njit(inline="always")
+def _encode(src, r0, nb, meta, l, dims, thr, codes):
+    C = meta[l, _C]
+    nn = meta[l, _NN]
+    depth = meta[l, _DEPTH]
+    doff = meta[l, _DOFF]
+    for c in range(C):
+        # a literal depth lets LLVM unroll the descent of the usual depths
+        if depth == 4:
+            _walk(src, r0, nb, dims, thr, doff + c * nn, nn, 4, codes, c)
+        elif depth == 5:
+            _walk(src, r0, nb, dims, thr, doff + c * nn, nn, 5, codes, c)
+        elif depth == 6:
+            _walk(src, r0, nb, dims, thr, doff + c * nn, nn, 6, codes, c)
+        else:
+            _walk(src, r0, nb, dims, thr, doff + c * nn, nn, depth, codes, c)
+
+
+@njit(inline="always")
+def _accumulate(nb, meta, l, lut, codes, acc16, acc32):
+    """Exact LUT sums of the block's codes: acc16[:nb, :M] (uint16) when C <= 257, else
+    acc32[:nb, :M] (int32). Returns True when the sums are in acc32."""
+    C = meta[l, _C]
+    K = meta[l, _NN] + 1
+    M = meta[l, _M]
+    loff = meta[l, _LOFF]
+    wide = C > _U16_CODEBOOKS
+    if wide:
+        for r in range(nb):
+            for m in range(M):
+                acc32[r, m] = 0
+    for c0 in range(0, C, _U16_CODEBOOKS):
+        c1 = min(C, c0 + _U16_CODEBOOKS)
+        for r in range(nb):
+            for m in range(M):
+                acc16[r, m] = 0
+        for c in range(c0, c1):
+            cbase = loff + c * K * M
+            for r in range(nb):
+                # a 1-D slice per LUT row: with flat indices (row + m) LLVM kept the
+                # negative-index wraparound and did not vectorise (20x slower)
+                row = cbase + codes[r, c] * M
+                lrow = lut[row:row + M]
+                arow = acc16[r]
+                for m in range(M):
+                    arow[m] += lrow[m]
+        if wide:
+            for r in range(nb):
+                for m in range(M):
+                    acc32[r, m] += acc16[r, m]
+    return wide
+
+
+@njit(inline="always")
+def _dequant(nb, meta, l, sb, acc16, acc32, wide, dst, d0):
+    # dst[d0 + r, m] = float32(isum) * scale[m] + bias[m]
+    M = meta[l, _M]
+    soff = meta[l, _SOFF]
+    if wide:
+        for r in range(nb):
+            for m in range(M):
+                dst[d0 + r, m] = np.float32(acc32[r, m]) * sb[soff + m] + sb[soff + M + m]
+    else:
+        for r in range(nb):
+            for m in range(M):
+                dst[d0 + r, m] = np.float32(acc16[r, m]) * sb[soff + m] + sb[soff + M + m]
+
+
+@njit(inline="always")
+def _run_block(X, out, n0, nb, meta, dims, thr, lut, sb, buf0, buf1, codes, acc16, acc32):
+    # every layer of rows n0..n0+nb; activations ping-pong between buf0 and buf1
+    L = meta.shape[0]
+    _encode(X, n0, nb, meta, 0, dims, thr, codes)
+    wide = _accumulate(nb, meta, 0, lut, codes, acc16, acc32)
+    if L == 1:
+        _dequant(nb, meta, 0, sb, acc16, acc32, wide, out, n0)
+        return
+    _dequant(nb, meta, 0, sb, acc16, acc32, wide, buf0, 0)
+    for l in range(1, L):
+        src = buf0 if l % 2 == 1 else buf1
+        dst = buf1 if l % 2 == 1 else buf0
+        _encode(src, 0, nb, meta, l, dims, thr, codes)
+        wide = _accumulate(nb, meta, l, lut, codes, acc16, acc32)
+        if l == L - 1:
+            _dequant(nb, meta, l, sb, acc16, acc32, wide, out, n0)
+        else:
+            _dequant(nb, meta, l, sb, acc16, acc32, wide, dst, 0)
+
+
+@njit(inline="always")
+def _scratch(meta):
+    maxc = 1
+    maxm = 1
+    for l in range(meta.shape[0]):
+        maxc = max(maxc, meta[l, _C])
+        maxm = max(maxm, meta[l, _M])
+    buf0 = np.empty((BLOCK, maxm), dtype=np.float32)
+    buf1 = np.empty((BLOCK, maxm), dtype=np.float32)
+    codes = np.empty((BLOCK, maxc), dtype=np.int32)
+    acc16 = np.empty((BLOCK, maxm), dtype=np.uint16)
+    acc32 = np.empty((BLOCK, maxm), dtype=np.int32)
+    return buf0, buf1, codes, acc16, acc32
+
+
+@njit(cache=True, nogil=True)
+def _chain_serial(X, out, meta, dims, thr, lut, sb):
+    # one thread, no parallel region to start: small batches pay only the call
+    N = X.shape[0]
+    buf0, buf1, codes, acc16, acc32 = _scratch(meta)
+    for n0 in range(0, N, BLOCK):
+        nb = min(BLOCK, N - n0)
+        _run_block(X, out, n0, nb, meta, dims, thr, lut, sb, buf0, buf1, codes, acc16, acc32)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks):
+    # ntasks tasks, each with its own scratch, take the blocks t, t + ntasks, ...
+    N = X.shape[0]
+    nblocks = (N + BLOCK - 1) // BLOCK
+    for t in prange(ntasks):
+        buf0, buf1, codes, acc16, acc32 = _scratch(meta)
+        for b in range(t, nblocks, ntasks):
+            n0 = b * BLOCK
+            nb = min(BLOCK, N - n0)
+            _run_block(X, out, n0, nb, meta, dims, thr, lut, sb, buf0, buf1, codes,
+                       acc16, acc32)
+
+
+# ----------------------------------------------------------------------------- SIMD path
+#
+# For K in {16, 32, 64} on CPUs with AVX-512 VBMI and VNNI, a byte permute does 64 LUT
+# lookups at once and vpdpbusd adds each four of them into int32 sums:
+#
+# * four codebooks form a group g; the LUT is re-laid per output column m as one table
+#   of 4K bytes, ``lutP[m, g, j*K + k] = lut[4g + j, k, m]`` (codebooks past C: zeros);
+# * the codes of 16 rows in group g make one 64-byte index vector,
+#   ``idx[g, rg, 4r + j] = j*K + code[16 rg + r, 4g + j]``;
+# * vpermb (K = 16: the 64-byte table in one register), vpermi2b (K = 32: 128 bytes in
+#   two) or two vpermi2b and a select on the index's top bit (K = 64) give the 64 bytes
+#   ``lut[4g + j, code, m]`` at positions 4r + j, and ``vpdpbusd(acc, bytes, 1)`` adds
+#   the four of row r into int32 lane r: exact sums, no widening steps, no overflow.
+#
+# The m-outer, g-inner loop keeps R accumulators (R row groups of 16 rows) in registers
+# over all groups, then writes float32(acc) * scale[m] + bias[m] (the same two roundings
+# as the reference) into row m of a transposed activation block (D, BLOCK_SIMD): the
+# layout the next layer's encoder reads with contiguous loads over rows.
+
+BLOCK_SIMD = 64          # rows per block on the SIMD path: 4 groups of 16 rows
+_SIMD_K = (16, 32, 64)
+
+
+def simd_supported():
+    """True when this CPU has the AVX-512 BW, VBMI and VNNI instructions the SIMD path uses."""
+    try:
+        import llvmlite.binding as llb
+        feats = set(llb.get_host_cpu_features().flatten().split(","))
+    except Exception:     # noqa: BLE001 - no feature list: take the plain loops
+        return False
+    return {"+avx512f", "+avx512bw", "+avx512vbmi", "+avx512vnni"} <= feats
+
+
+def _make_lut_intrinsic(K, R):
+    """A Numba intrinsic ``f(lutP, loff, idx, G, M, sb, soff, dst)`` running one layer's
+    lookup for R groups of 16 rows (see the comment above); K and R are fixed at build."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    i8x64 = ir.VectorType(ir.IntType(8), 64)
+    i32x16 = ir.VectorType(ir.IntType(32), 16)
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+    nbytes = 4 * K                      # one group's table for one column
+
+    @intrinsic
+    def lut_rows(typingctx, lutP, loff, idx, G, M, sb, soff, dst):
+        sig = types.void(lutP, types.intp, idx, types.intp, types.intp, sb, types.intp, dst)
+
+        def codegen(context, builder, signature, args):
+            a_lut, a_loff, a_idx, a_G, a_M, a_sb, a_soff, a_dst = args
+            t_lut, _, t_idx, _, _, t_sb, _, t_dst = signature.args
+            lp = context.make_array(t_lut)(context, builder, a_lut).data
+            ip = context.make_array(t_idx)(context, builder, a_idx).data
+            sp = context.make_array(t_sb)(context, builder, a_sb).data
+            dp = context.make_array(t_dst)(context, builder, a_dst).data
+            mod = builder.module
+            if K == 16:
+                perm = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(i8x64, [i8x64, i8x64]), "llvm.x86.avx512.permvar.qi.512")
+            else:
+                perm = cgutils.get_or_insert_function(
+                    mod, ir.FunctionType(i8x64, [i8x64, i8x64, i8x64]),
+                    "llvm.x86.avx512.vpermi2var.qi.512")
+            dpbusd = cgutils.get_or_insert_function(
+                mod, ir.FunctionType(i32x16, [i32x16, i32x16, i32x16]),
+                "llvm.x86.avx512.vpdpbusd.512")
+            intp = a_G.type
+            ones = ir.Constant(i32x16, [ir.Constant(ir.IntType(32), 0x01010101)] * 16)
+            zero = ir.Constant(i32x16, [ir.Constant(ir.IntType(32), 0)] * 16)
+            top = ir.Constant(i8x64, [ir.Constant(ir.IntType(8), 0x80)] * 64)
+            accs = [cgutils.alloca_once(builder, i32x16) for _ in range(R)]
+
+            def vload(base, off, vt, align):
+                return builder.load(builder.bitcast(builder.gep(base, [off]), vt.as_pointer()),
+                                    align=align)
+
+            with cgutils.for_range(builder, a_M) as ml:
+                m = ml.index
+                for a in accs:
+                    builder.store(zero, a)
+                row0 = builder.add(a_loff, builder.mul(builder.mul(m, a_G),
+                                                       ir.Constant(intp, nbytes)))
+                with cgutils.for_range(builder, a_G) as gl:
+                    g = gl.index
+                    tb = builder.add(row0, builder.mul(g, ir.Constant(intp, nbytes)))
+                    tabs = [vload(lp, builder.add(tb, ir.Constant(intp, 64 * i)), i8x64, 1)
+                            for i in range(nbytes // 64)]
+                    ib = builder.mul(g, ir.Constant(intp, 64 * R))
+                    for rg in range(R):
+                        iv = vload(ip, builder.add(ib, ir.Constant(intp, 64 * rg)), i8x64, 1)
+                        if K == 16:
+                            p = builder.call(perm, [tabs[0], iv])
+                        elif K == 32:
+                            p = builder.call(perm, [tabs[0], iv, tabs[1]])
+                        else:
+                            lo = builder.call(perm, [tabs[0], iv, tabs[1]])
+                            hi = builder.call(perm, [tabs[2], iv, tabs[3]])
+                            is_hi = builder.icmp_unsigned("!=", builder.and_(iv, top),
+                                                          ir.Constant(i8x64, None))
+                            p = builder.select(is_hi, hi, lo)
+                        acc = builder.load(accs[rg])
+                        builder.store(builder.call(dpbusd, [acc, builder.bitcast(p, i32x16),
+                                                            ones]), accs[rg])
+                scale = builder.load(builder.gep(sp, [builder.add(a_soff, m)]))
+                bias = builder.load(builder.gep(sp, [builder.add(builder.add(a_soff, a_M), m)]))
+                undef = ir.Constant(f32x16, ir.Undefined)
+                svec = undef
+                bvec = undef
+                for i in range(16):
+                    svec = builder.insert_element(svec, scale, ir.Constant(ir.IntType(32), i))
+                    bvec = builder.insert_element(bvec, bias, ir.Constant(ir.IntType(32), i))
+                drow = builder.mul(m, ir.Constant(intp, BLOCK_SIMD))
+                for rg in range(R):
+                    f = builder.sitofp(builder.load(accs[rg]), f32x16)
+                    y = builder.fadd(builder.fmul(f, svec), bvec)
+                    ptr = builder.gep(dp, [builder.add(drow, ir.Constant(intp, 16 * rg))])
+                    builder.store(y, builder.bitcast(ptr, f32x16.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return lut_rows
+
+
+_SIMD = simd_supported()
+if _SIMD:
+    _lut16_r1, _lut16_r4 = _make_lut_intrinsic(16, 1), _make_lut_intrinsic(16, 4)
+    _lut32_r1, _lut32_r4 = _make_lut_intrinsic(32, 1), _make_lut_intrinsic(32, 4)
+    _lut64_r1, _lut64_r4 = _make_lut_intrinsic(64, 1), _make_lut_intrinsic(64, 4)
+
+    @njit(inline="always")
+    def _simd_lookup(K, R, lutP, loff, idx, G, M, sb, soff, dst):
+        if R == 1:
+            if K == 16:
+                _lut16_r1(lutP, loff, idx, G, M, sb, soff, dst)
+            elif K == 32:
+                _lut32_r1(lutP, loff, idx, G, M, sb, soff, dst)
+            else:
+                _lut64_r1(lutP, loff, idx, G, M, sb, soff, dst)
+        else:
+            if K == 16:
+                _lut16_r4(lutP, loff, idx, G, M, sb, soff, dst)
+            elif K == 32:
+                _lut32_r4(lutP, loff, idx, G, M, sb, soff, dst)
+            else:
+                _lut64_r4(lutP, loff, idx, G, M, sb, soff, dst)
+else:                                                    # pragma: no cover - other CPUs
+    @njit(inline="always")
+    def _simd_lookup(K, R, lutP, loff, idx, G, M, sb, soff, dst):
+        raise RuntimeError("the SIMD lookup needs AVX-512 VBMI and VNNI")
+
+
+@njit(inline="always")
+def _simd_walk(srcT, nr, dims, thr, base, nn, depth, mask, idx, ioff, jK):
+    # node tests of all rows as a bit mask per row (contiguous loads over rows: these
+    # loops vectorise), then the descent reads its bits from the mask
+    for r in range(nr):
+        mask[r] = 0
+    for j in range(nn):
+        xr = srcT[dims[base + j]]
+        t = thr[base + j]
+        bit = np.uint64(1) << np.uint64(j)
+        for r in range(nr):
+            if xr[r] > t:
+                mask[r] |= bit
+    for r in range(nr):
+        mk = mask[r]
+        node = np.uint64(0)
+        for _ in range(depth):
+            node = np.uint64(2) * node + np.uint64(1) + ((mk >> node) & np.uint64(1))
+        idx[ioff + 4 * r] = np.uint8(jK + np.int64(node) - nn)
+
+
+@njit(inline="always")
+def _simd_encode(srcT, nr, meta, l, dims, thr, mask, idx):
+    C = meta[l, _C]
+    nn = meta[l, _NN]
+    depth = meta[l, _DEPTH]
+    doff = meta[l, _DOFF]
+    K = nn + 1
+    G = (C + 3) // 4
+    for c in range(C):
+        g = c // 4
+        j = c - 4 * g
+        ioff = g * 4 * nr + j
+        if depth == 4:
+            _simd_walk(srcT, nr, dims, thr, doff + c * nn, nn, 4, mask, idx, ioff, j * K)
+        elif depth == 5:
+            _simd_walk(srcT, nr, dims, thr, doff + c * nn, nn, 5, mask, idx, ioff, j * K)
+        else:
+            _simd_walk(srcT, nr, dims, thr, doff + c * nn, nn, 6, mask, idx, ioff, j * K)
+    for c in range(C, 4 * G):          # missing codebooks of the last group: a zero table
+        g = c // 4
+        j = c - 4 * g
+        for r in range(nr):
+            idx[g * 4 * nr + 4 * r + j] = np.uint8(j * K)
+
+
+@njit(inline="always")
+def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask, idx):
+    L = meta.shape[0]
+    R = 1 if nb <= 16 else 4
+    nr = 16 * R
+    D0 = X.shape[1]
+    # the block, transposed: rows of bufA are input columns, contiguous over rows
+    for r in range(nb):
+        for d in range(D0):
+            bufA[d, r] = X[n0 + r, d]
+    src = bufA
+    dst = bufB
+    for l in range(L):
+        _simd_encode(src, nr, meta, l, dims, thr, mask, idx)
+        C = meta[l, _C]
+        _simd_lookup(meta[l, _NN] + 1, R, lutP, meta[l, _LOFF], idx, (C + 3) // 4,
+                     meta[l, _M], sb, meta[l, _SOFF], dst)
+        src, dst = dst, src
+    M = meta[L - 1, _M]
+    for r in range(nb):
+        for m in range(M):
+            out[n0 + r, m] = src[m, r]
+
+
+@njit(inline="always")
+def _simd_scratch(meta, d0):
+    maxd = d0
+    maxc = 4
+    for l in range(meta.shape[0]):
+        maxd = max(maxd, meta[l, _M])
+        maxc = max(maxc, meta[l, _C] + 3)
+    bufA = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
+    bufB = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
+    mask = np.empty(BLOCK_SIMD, dtype=np.uint64)
+    idx = np.empty(maxc * BLOCK_SIMD, dtype=np.uint8)
+    return bufA, bufB, mask, idx
+
+
+@njit(cache=True, nogil=True)
+def _simd_serial(X, out, meta, dims, thr, lutP, sb):
+    N = X.shape[0]
+    bufA, bufB, mask, idx = _simd_scratch(meta, X.shape[1])
+    for n0 in range(0, N, BLOCK_SIMD):
+        nb = min(BLOCK_SIMD, N - n0)
+        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask, idx)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _simd_parallel(X, out, meta, dims, thr, lutP, sb, ntasks):
+    N = X.shape[0]
+    nblocks = (N + BLOCK_SIMD - 1) // BLOCK_SIMD
+    for t in prange(ntasks):
+        bufA, bufB, mask, idx = _simd_scratch(meta, X.shape[1])
+        for b in range(t, nblocks, ntasks):
+            n0 = b * BLOCK_SIMD
+            _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, thr, lutP, sb,
+                        bufA, bufB, mask, idx)
+
+
+def _pack_simd(layers, meta):
+    """lutP (flat uint8, per layer (M, G, 4K): see the comment above) and meta with the
+    offsets into it."""
+    meta = meta.copy()
+    parts = []
+    off = 0
+    for l, layer in enumerate(layers):
+        lut = layer["lut"]
+        C, K, M = lut.shape
+        G = (C + 3) // 4
+        pad = np.zeros((4 * G, K, M), dtype=np.uint8)
+        pad[:C] = lut
+        parts.append(np.ascontiguousarray(pad.reshape(G, 4, K, M).transpose(3, 0, 1, 2)).ravel())
+        meta[l, _LOFF] = off
+        off += parts[-1].size
+    return meta, np.concatenate(parts)
+
+
+# ----------------------------------------------------------------------------- front end
+
+def _depth_of(nnodes, what):
+    K = nnodes + 1
+    depth = K.bit_length() - 1
+    if nnodes < 1 or (1 << depth) != K or depth > MAX_DEPTH:
+        raise ValueError(f"{what}: a tree of depth d in 1..{MAX_DEPTH} has 2**d - 1 nodes; "
+                         f"got {nnodes} nodes")
+    return depth
+
+
+def _array(layer, key, l, dtype, ndim):
+    if not isinstance(layer, dict):
+        raise TypeError(f"layer {l} must be a dict with keys dims, thresholds, lut, scale, "
+                        f"bias; got {type(layer).__name__}")
+    if key not in layer:
+        raise ValueError(f"layer {l} has no {key!r}")
+    a = layer[key]
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"layer {l} {key} must be a NumPy array; got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"layer {l} {key} must be {np.dtype(dtype).name}; got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"layer {l} {key} must be {ndim}-D; got shape {a.shape}")
+    return a
+
+
+def _check_layer(layer, l, d_in):
+    """Checks one layer against its input width; returns (C, K, M)."""
+    dims = _array(layer, "dims", l, np.int32, 2)
+    thr = _array(layer, "thresholds", l, np.float32, 2)
+    lut = _array(layer, "lut", l, np.uint8, 3)
+    scale = _array(layer, "scale", l, np.float32, 1)
+    bias = _array(layer, "bias", l, np.float32, 1)
+    C, nn = dims.shape
+    if C < 1:
+        raise ValueError(f"layer {l} has no codebooks: dims shape {dims.shape}")
+    _depth_of(nn, f"layer {l} dims {dims.shape}")
+    if thr.shape != dims.shape:
+        raise ValueError(f"layer {l} thresholds shape {thr.shape} != dims shape {dims.shape}")
+    if np.isnan(thr).any() or np.isposinf(thr).any():
+        raise ValueError(f"layer {l} thresholds hold NaN or +inf")
+    if lut.shape[:2] != (C, nn + 1) or lut.shape[2] < 1:
+        raise ValueError(f"layer {l} lut shape {lut.shape}; expected ({C}, {nn + 1}, M >= 1)")
+    M = lut.shape[2]
+    if scale.shape != (M,) or bias.shape != (M,):
+        raise ValueError(f"layer {l} scale {scale.shape} and bias {bias.shape} must be ({M},)")
+    if d_in is not None and (dims.min() < 0 or dims.max() >= d_in):
+        raise ValueError(f"layer {l} dims must be columns in 0..{d_in - 1} (its input width); "
+                         f"got {dims.min()}..{dims.max()}")
+    if dims.min() < 0:
+        raise ValueError(f"layer {l} dims must be >= 0; got {dims.min()}")
+    return C, nn + 1, M
+
+
+def _pack(layers, d0=None):
+    """(meta, dims, thr, lut, sb, d_in) flat contiguous copies of the layers' arrays."""
+    if isinstance(layers, dict) or not hasattr(layers, "__len__") or len(layers) == 0:
+        raise ValueError("layers must be a non-empty list of layer dicts")
+    meta = np.zeros((len(layers), _NMETA), dtype=np.int64)
+    d_in = d0
+    offs = [0, 0, 0]
+    for l, layer in enumerate(layers):
+        C, K, M = _check_layer(layer, l, d_in)
+        if l == 0:
+            d0 = int(layer["dims"].max()) + 1 if d_in is None else d_in
+        meta[l] = (C, K - 1, K.bit_length() - 1, M, d0 if l == 0 else d_in,
+                   offs[0], offs[1], offs[2])
+        offs[0] += C * (K - 1)
+        offs[1] += C * K * M
+        offs[2] += 2 * M
+        d_in = M
+    dims = np.concatenate([np.ascontiguousarray(x["dims"]).ravel() for x in layers])
+    thr = np.concatenate([np.ascontiguousarray(x["thresholds"]).ravel() for x in layers])
+    lut = np.concatenate([np.ascontiguousarray(x["lut"]).ravel() for x in layers])
+    sb = np.concatenate([np.concatenate([x["scale"], x["bias"]]) for x in layers])
+    return meta, dims, thr, lut, sb.astype(np.float32), d0
+
+
+def _check_X(X, d0):
+    if not isinstance(X, np.ndarray):
+        raise TypeError(f"X must be a NumPy array; got {type(X).__name__}")
+    if X.dtype != np.float32:
+        raise TypeError(f"X must be float32; got {X.dtype}")
+    if X.ndim != 2 or X.shape[0] < 1:
+        raise ValueError(f"X must be (N >= 1, D) ; got shape {X.shape}")
+    if d0 is not None and X.shape[1] != d0:
+        raise ValueError(f"X has {X.shape[1]} columns; the chain's first layer reads {d0}")
+    if not X.flags.c_contiguous:
+        raise ValueError("X must be C-contiguous")
+
+
+def _threads():
+    return numba.get_num_threads()
+
+
+def _run(X, out, meta, dims, thr, lut, sb):
+    nthr = _threads()
+    N = X.shape[0]
+    if nthr <= 1 or N <= BLOCK:
+        _chain_serial(X, out, meta, dims, thr, lut, sb)
+    else:
+        ntasks = min(nthr, (N + BLOCK - 1) // BLOCK)
+        _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks)
+    return out
+
+
+def _run_simd(X, out, meta, dims, thr, lutP, sb):
+    nthr = _threads()
+    N = X.shape[0]
+    if nthr <= 1 or N <= BLOCK_SIMD:
+        _simd_serial(X, out, meta, dims, thr, lutP, sb)
+    else:
+        ntasks = min(nthr, (N + BLOCK_SIMD - 1) // BLOCK_SIMD)
+        _simd_parallel(X, out, meta, dims, thr, lutP, sb, ntasks)
+    return out
+
+
+class ChainCPU:
+    """A chain of 8-bit LUT layers, packed once, run by one Numba call per batch.
+
+    Parameters
+    ----------
+    layers : list of dicts, one per layer, with NumPy arrays
+        ``dims`` (C, K-1) int32, ``thresholds`` (C, K-1) float32, ``lut`` (C, K, M) uint8,
+        ``scale`` (M,) float32, ``bias`` (M,) float32; K = 2**depth, depth 1..10. Layer
+        l > 0 reads the M columns of layer l-1 (its dims must lie in 0..M_{l-1}-1).
+    d_in : int, optional
+        Columns of the chain's input; by default 1 + the largest column layer 0 tests.
+
+    Calling ``chain(X, out=None)`` with X (N, d_in) float32 C-contiguous (finite: the
+    caller checks) returns (N, M_last) float32, bitwise the reference applied layer by
+    layer. ``out`` (N, M_last) float32 C-contiguous may be given; otherwise one output
+    array is cached per N and reused (the result is overwritten by the next call of the
+    same N: copy it to keep it).
+    """
+
+    def __init__(self, layers, d_in=None, simd=None):
+        if d_in is not None:
+            if isinstance(d_in, bool) or not isinstance(d_in, (int, np.integer)) or d_in < 1:
+                raise ValueError(f"d_in must be a positive int; got {d_in!r}")
+            d_in = int(d_in)
+        if simd not in (None, True, False):
+            raise ValueError(f"simd must be None (pick), True or False; got {simd!r}")
+        self.meta, self.dims, self.thr, self.lut, self.sb, self.d_in = _pack(layers, d_in)
+        self.m_out = int(self.meta[-1, _M])
+        fits = all(int(k) + 1 in _SIMD_K for k in self.meta[:, _NN])
+        if simd and not (_SIMD and fits):
+            raise ValueError("simd=True needs a CPU with AVX-512 VBMI and VNNI "
+                             f"(this one: {_SIMD}) and every layer's K in {_SIMD_K} "
+                             f"(got {[int(k) + 1 for k in self.meta[:, _NN]]})")
+        self.simd = bool(_SIMD and fits) if simd is None else simd
+        if self.simd:
+            # the SIMD path reads only the re-laid LUT
+            self.meta, self.lut = _pack_simd(layers, self.meta)
+        self._out = {}
+
+    @property
+    def n_layers(self):
+        return int(self.meta.shape[0])
+
+    def __call__(self, X, out=None):
+        _check_X(X, self.d_in)
+        N = X.shape[0]
+        if out is None:
+            out = self._out.get(N)
+            if out is None:
+                out = self._out[N] = np.empty((N, self.m_out), dtype=np.float32)
+        elif not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                  and out.shape == (N, self.m_out) and out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous float32 array of shape "
+                             f"({N}, {self.m_out})")
+        if self.simd:
+            return _run_simd(X, out, self.meta, self.dims, self.thr, self.lut, self.sb)
+        return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb)
+
+
+def encode_lookup_q_cpu(A, dims, thresholds, lut, scale, bias, out=None):
+    """One layer: ``lookup_q(encode_tree(A, dims, thresholds), lut, scale, bias)``.
+
+    Parameters
+    ----------
+    A : (N, D) float32 C-contiguous, finite (not checked here)
+    dims : (C, K-1) int32, columns in 0..D-1
+    thresholds : (C, K-1) float32
+    lut : (C, K, M) uint8
+    scale, bias : (M,) float32
+    out : (N, M) float32 C-contiguous, optional
+
+    Returns
+    -------
+    Y : (N, M) float32
+    """
+    layer = {"dims": dims, "thresholds": thresholds, "lut": lut, "scale": scale, "bias": bias}
+    if not isinstance(A, np.ndarray):
+        raise TypeError(f"A must be a NumPy array; got {type(A).__name__}")
+    if A.ndim != 2:
+        raise ValueError(f"A must be 2-D; got shape {A.shape}")
+    C, K, M = _check_layer(layer, 0, A.shape[1])
+    _check_X(A, None)
+    meta = np.array([[C, K - 1, K.bit_length() - 1, M, A.shape[1], 0, 0, 0]], dtype=np.int64)
+    sb = np.concatenate([scale, bias])
+    if out is None:
+        out = np.empty((A.shape[0], M), dtype=np.float32)
+    elif not (isinstance(out, np.ndarray) and out.dtype == np.float32
+              and out.shape == (A.shape[0], M) and out.flags.c_contiguous):
+        raise ValueError(f"out must be a C-contiguous float32 array of shape ({A.shape[0]}, {M})")
+    return _run(A, out, meta, np.ascontiguousarray(dims).ravel(),
+                np.ascontiguousarray(thresholds).ravel(), np.ascontiguousarray(lut).ravel(), sb)
