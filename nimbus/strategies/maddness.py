@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..arrays import backend, validate
-from ._lut import bucket_means, ridge_auto, ridge_on_codes
-from ._trees import learn_trees, refine_trees
+from ..arrays.validate import code_dtype
+from ._lut import MAX_DENSE_UNKNOWNS, bucket_means, ridge_auto, ridge_on_codes
+from ._trees import learn_tree, top_directions
 from ._clip import winsorize
 from .base import TreeStrategy, subspace_starts
 from .._progress import progress_bar
@@ -19,10 +20,79 @@ def _reconstruction_sse(A, codes, P):
     return float((R ** 2).sum())
 
 
-# Largest C*K for the joint ridge step: its Gram matrix is (C*K)^2 float64 and its solve
-# O((C*K)^3); beyond this (deep trees over many codebooks) the prototypes stay the plain
-# bucket means of each codebook's own columns, the paper's prototypes before its ridge step
-MAX_RIDGE_UNKNOWNS = 4096
+def learn_trees(X, starts, split="level", max_candidates=16, progress=None, depth=4):
+    """One tree per subspace, each minimising the SSE of its own subspace's columns.
+
+    Parameters
+    ----------
+    X : (N, D) float32
+    starts : (C + 1,) int, subspace column boundaries
+    progress : callable() called after each tree, optional
+    depth : int in 1..10, levels of every tree
+
+    Returns
+    -------
+    dims : (C, 2**depth - 1) int32, thresholds : (C, 2**depth - 1) float32 (both in
+    X's library), codes : (N, C) uint8 training codes (uint16 beyond depth 8)
+    """
+    xp = backend.namespace(X)
+    C = len(starts) - 1
+    dims = np.zeros((C, 2 ** depth - 1), dtype=np.int32)
+    thr = np.zeros((C, 2 ** depth - 1), dtype=np.float32)
+    codes = xp.empty((X.shape[0], C), dtype=code_dtype(2 ** depth))
+    for c in range(C):
+        dims[c], thr[c], codes[:, c] = learn_tree(
+            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth)
+        if progress is not None:
+            progress()
+    return xp.asarray(dims), xp.asarray(thr), codes
+
+
+def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=32,
+                 progress=None, depth=4):
+    """One pass of block coordinate descent over the trees.
+
+    With every other codebook's prototypes fixed, codebook c's tree is relearned
+    to minimise the SSE of what the others leave unexplained, ``R_c = X - sum_{c'
+    != c} P_c'[codes_c']`` over all D columns, and its prototypes become the
+    bucket means of ``R_c``. When D is large the SSE is measured on R_c's own
+    subspace columns plus its projection on the top ``rank`` principal
+    directions of the full residual (one eigendecomposition per pass, so the
+    cost stays linear in C).
+
+    Parameters
+    ----------
+    X : (N, D) float32
+    starts : (C + 1,) int
+    codes : (N, C) uint8 current codes
+    prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit),
+        K = 2**depth
+    depth : int in 1..10, levels of every tree
+
+    Returns
+    -------
+    dims : (C, K - 1) int32, thresholds : (C, K - 1) float32, codes : (N, C) uint8
+    """
+    xp = backend.namespace(X)
+    C = len(starts) - 1
+    codes = codes.copy()
+    P = prototypes.astype(np.float32).copy()
+    dims = np.zeros((C, 2 ** depth - 1), dtype=np.int32)
+    thr = np.zeros((C, 2 ** depth - 1), dtype=np.float32)
+    lookup = lambda c: P[c][codes[:, c].astype(np.int64)]  # noqa: E731
+    R = X - sum(lookup(c) for c in range(C))          # the residual of all codebooks
+    V = top_directions(R, rank) if X.shape[1] > 2 * rank else None
+    for c in range(C):
+        s, e = int(starts[c]), int(starts[c + 1])
+        Rc = R + lookup(c)                             # what codebook c should explain
+        T = Rc if V is None else xp.concatenate([Rc @ V, Rc[:, s:e]], axis=1)
+        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates, depth)
+        codes[:, c] = leaves
+        P[c] = bucket_means(leaves[:, None], Rc, 2 ** depth)[0]
+        R = Rc - lookup(c)
+        if progress is not None:
+            progress()
+    return xp.asarray(dims), xp.asarray(thr), codes
 
 
 class Maddness(TreeStrategy):
@@ -129,7 +199,9 @@ class Maddness(TreeStrategy):
         starts = xp.asarray(self.starts_)
         own = (cols[None, :] >= starts[:-1, None]) & (cols[None, :] < starts[1:, None])
         prior = prior * own[:, None, :]
-        if codes.shape[1] * K > MAX_RIDGE_UNKNOWNS:
+        if codes.shape[1] * K > MAX_DENSE_UNKNOWNS:
+            # the step would be the blockwise solve; the paper's prototypes before its
+            # ridge step are kept instead
             return prior.astype(np.float32)
         if self.ridge == "auto":
             P, self.ridge_chosen_ = ridge_auto(codes, A, prior, rng, nbuckets=K)

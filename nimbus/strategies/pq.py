@@ -7,7 +7,8 @@ from ..arrays import kernels, validate
 from .._progress import progress_bar
 from ._kmeans import kmeans
 from ._clip import winsorize
-from .base import NBUCKETS, Strategy, subspace_starts
+from ._lut import NBUCKETS
+from .base import Strategy, subspace_starts
 
 
 class PQ(Strategy):

@@ -10,7 +10,7 @@ import pytest
 import nimbus
 from nimbus.arrays import backend
 from nimbus.strategies import DM, Joint, Maddness
-from nimbus.strategies import joint as joint_mod
+from nimbus.strategies import _lut
 
 
 def _h(x):
@@ -95,8 +95,8 @@ def test_joint_blockwise_refit(xp, rng, monkeypatch):
     A = xp.asarray(_lowrank(rng, 2000, 24))
     B = xp.asarray(rng.standard_normal((24, 6)).astype(np.float32))
     dense = Joint(4, depth=5, refine=2, tol=0.0, split="level").fit(A, B)
-    monkeypatch.setattr(joint_mod, "MAX_DENSE_UNKNOWNS", 16)
-    monkeypatch.setattr(joint_mod, "GS_SWEEPS", 60)
+    monkeypatch.setattr(_lut, "MAX_DENSE_UNKNOWNS", 16)
+    monkeypatch.setattr(_lut, "GS_SWEEPS", 60)
     block = Joint(4, depth=5, refine=2, tol=0.0, split="level").fit(A, B)
     assert block.lut_.shape == (4, 32, 6) and block.dims_.shape == (4, 31)
     assert (np.diff(block.train_loss_) <= 1e-9).all(), block.train_loss_
@@ -108,11 +108,10 @@ def test_joint_blockwise_refit(xp, rng, monkeypatch):
     codes = dense.encode(A)
     Y = (A @ B).astype(np.float32)
     no_prior = lambda c, leaves: xp.zeros((32, 6))  # noqa: E731
-    want = joint_mod._CodeRidge(codes, Y, 5.0, no_prior, 32)         # MAX_DENSE_UNKNOWNS = 16
+    want = _lut.CodeRidge(codes, Y, 5.0, no_prior, 32)         # MAX_DENSE_UNKNOWNS = 16
     assert not want.dense
     got = want.solve()
-    monkeypatch.setattr(joint_mod, "MAX_DENSE_UNKNOWNS", 4096)
-    dense_ridge = joint_mod._CodeRidge(codes, Y, 5.0, no_prior, 32)
+    dense_ridge = _lut.CodeRidge(codes, Y, 5.0, no_prior, 32, dense=True)
     assert dense_ridge.dense
     ref = _h(dense_ridge.solve())
     np.testing.assert_allclose(_h(got), ref, rtol=1e-3, atol=1e-3 * float(np.abs(ref).max()))

@@ -8,7 +8,7 @@ from nimbus.arrays import backend, kernels
 from nimbus.strategies import Joint
 from nimbus.strategies._lut import quantize_lut, ridge_on_codes
 from nimbus.strategies._lut import quantize_lut_per_column
-from nimbus.strategies.joint import bin_columns, learn_product_tree
+from nimbus.strategies._trees import bin_columns, learn_tree
 
 
 def _lowrank(rng, n, D, r=4, noise=0.1):
@@ -80,11 +80,11 @@ def test_tree_matches_exhaustive_reference(rng, split):
     # few distinct integer values (ties everywhere), so binning is exact
     X = rng.integers(0, 7, size=(160, 3)).astype(np.float32)
     T = rng.standard_normal((160, 2)) + X[:, :1] * np.array([1.0, -0.5])
-    dims, thr, leaves = learn_product_tree(bin_columns(X), T, split, min_leaf=3)
+    dims, thr, leaves = learn_tree(X, range(3), T, split, None, search="binned", min_leaf=3)
     ref = _reference_tree(X.astype(np.float64), T, split, 3)
     np.testing.assert_array_equal(leaves, ref)
     # the encoder sends the training rows where learning did (x == t goes left)
-    codes = kernels.encode_tree(X, dims[None].astype(np.int32), thr[None])
+    codes = kernels.encode_tree(X, dims[None], thr[None])
     np.testing.assert_array_equal(codes[:, 0], leaves)
     if split == "level":
         for lo, hi in ((1, 3), (3, 7), (7, 15)):
