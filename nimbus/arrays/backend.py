@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = [
     "namespace", "is_cupy", "has_cuda", "cupy", "to_host", "to_device",
-    "like", "library_name", "same_library",
+    "like", "library_name",
 ]
 
 _cupy = None          # the cupy module once imported, False if unavailable
@@ -57,10 +57,6 @@ def namespace(*arrays):
 def library_name(x) -> str:
     """``"cupy"`` for CuPy arrays, else ``"numpy"``."""
     return "cupy" if is_cupy(x) else "numpy"
-
-
-def same_library(a, b) -> bool:
-    return library_name(a) == library_name(b)
 
 
 def has_cuda() -> bool:

@@ -6,7 +6,9 @@ Coercion rules (documented in the README and in every public docstring):
   contiguous float32; non-contiguous arrays become contiguous copies;
 * bool, complex, strings and objects raise ``TypeError``;
 * NaN/Inf, wrong number of dimensions, empty arrays raise ``ValueError``;
-* codes must be ``uint8`` with values below the number of buckets.
+* codes must be ``uint8`` (``uint16`` beyond 256 buckets) with values below the number
+  of buckets; trees of depth d in 1..10 have dims/thresholds of width 2**d - 1 and
+  LUTs (C, K, M) have 1 <= K <= 1024 (:func:`tree_depth`, :func:`lut_buckets`).
 
 Nothing here uses ``assert``: these are user-facing checks.
 """
@@ -21,9 +23,113 @@ from . import backend
 __all__ = [
     "as_matrix", "as_codes", "as_labels", "check_inner", "check_int",
     "check_float", "check_choice", "random_state", "finite_or_raise",
+    "MAX_DEPTH", "BYTE_DEPTH", "code_dtype", "tree_depth", "depth_of_nodes", "check_tree",
+    "lut_buckets", "check_nbuckets",
 ]
 
 _REAL_KINDS = "iuf"
+
+
+# ------------------------------------------------------------------ tree and LUT shapes
+# Shared by the kernels (reference, Numba, CUDA), the dispatch and the strategies; here
+# rather than in kernels/reference.py so that production code never imports the oracle.
+# the default depth-4 tree
+NLEAVES = 16
+NNODES = 15
+DEPTH = 4
+MAX_DEPTH = 10         # codes are uint8 up to depth 8 (256 leaves), uint16 beyond (1024)
+BYTE_DEPTH = 8         # the deepest trees whose codes fit a byte (the Numba/CUDA kernels)
+
+
+def code_dtype(nbuckets):
+    """The dtype of codes with ``nbuckets`` leaves: uint8 up to 256, uint16 up to 1024."""
+    return np.uint8 if int(nbuckets) <= 256 else np.uint16
+
+
+def tree_depth(dims, max_depth=MAX_DEPTH):
+    """The depth d of the trees described by ``dims``, checked.
+
+    Parameters
+    ----------
+    dims : (C, 2**d - 1) array (any library, any dtype), one row of node columns per tree
+    max_depth : int, the deepest trees accepted (the byte-code kernels pass BYTE_DEPTH)
+
+    Returns
+    -------
+    d : int, 1 <= d <= max_depth (10 by default)
+
+    Raises ValueError, naming the shape, if ``dims`` is not 2-D or its width is not
+    ``2**d - 1`` for a d in 1..max_depth (1, 3, 7, 15, ..., 1023 nodes).
+    """
+    shape = tuple(int(x) for x in getattr(dims, "shape", ()))
+    if len(shape) != 2:
+        raise ValueError(f"dims must be 2-D (C, 2**depth - 1); got shape {shape}")
+    return depth_of_nodes(shape[1], f"dims of shape {shape}", max_depth)
+
+
+def depth_of_nodes(nnodes, what="a tree", max_depth=MAX_DEPTH):
+    """The depth d with ``2**d - 1 == nnodes``, checked to be in 1..max_depth.
+
+    Parameters
+    ----------
+    nnodes : int, internal nodes per tree
+    what : str, names the operand in the error message
+    max_depth : int, the deepest trees accepted (default MAX_DEPTH = 10)
+
+    Returns
+    -------
+    d : int, 1 <= d <= max_depth
+    """
+    nnodes = int(nnodes)
+    d = (nnodes + 1).bit_length() - 1
+    if nnodes < 1 or (1 << d) - 1 != nnodes or d > max_depth:
+        raise ValueError(f"{what}: {nnodes} nodes per tree; a tree of depth d in "
+                         f"1..{max_depth} has 2**d - 1 nodes (1, 3, 7, ..., "
+                         f"{(1 << max_depth) - 1})")
+    return d
+
+
+def check_tree(dims, thresholds, max_depth=MAX_DEPTH):
+    """:func:`tree_depth` of ``dims``, after checking that ``thresholds`` has its shape.
+
+    Parameters
+    ----------
+    dims : (C, 2**d - 1); thresholds : (C, 2**d - 1); max_depth : as :func:`tree_depth`
+
+    Returns
+    -------
+    d : int, 1 <= d <= max_depth
+    """
+    d = tree_depth(dims, max_depth)
+    if tuple(thresholds.shape) != tuple(dims.shape):
+        raise ValueError(f"thresholds has shape {tuple(thresholds.shape)}; it must match "
+                         f"dims' shape {tuple(dims.shape)}")
+    return d
+
+
+def lut_buckets(lut, max_depth=MAX_DEPTH):
+    """K = ``lut.shape[1]`` of a (C, K, M) LUT, checked to be in 1..2**max_depth
+    (1024 by default; the byte-code kernels pass BYTE_DEPTH: 256).
+
+    Returns
+    -------
+    K : int
+    """
+    top = 1 << max_depth
+    if lut.ndim != 3 or not 1 <= lut.shape[1] <= top:
+        raise ValueError(f"a LUT must have shape (C, K, M) with 1 <= K <= {top}; "
+                         f"got {tuple(lut.shape)}")
+    return int(lut.shape[1])
+
+
+def check_nbuckets(nbuckets, max_depth=MAX_DEPTH):
+    """``nbuckets`` as an int, checked to be in 1..2**max_depth (1024 by default; the
+    byte-code kernels pass BYTE_DEPTH: 256)."""
+    top = 1 << max_depth
+    if isinstance(nbuckets, bool) or not isinstance(nbuckets, (int, np.integer)) \
+            or not 1 <= int(nbuckets) <= top:
+        raise ValueError(f"nbuckets must be an int in 1..{top}; got {nbuckets!r}")
+    return int(nbuckets)
 
 
 def _as_array(x, name):
@@ -113,7 +219,6 @@ def as_codes(codes, ncodebooks, nbuckets=16, name="codes"):
     ndarray, shape (N, ncodebooks), uint8 or uint16, C-contiguous, same library as ``codes``
     """
     arr = _as_array(codes, name)
-    from .kernels.reference import code_dtype      # here: reference imports this module
     want = code_dtype(nbuckets)
     if arr.dtype != want:
         raise TypeError(f"{name} must have dtype {np.dtype(want).name} ({nbuckets} buckets), "

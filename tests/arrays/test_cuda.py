@@ -132,7 +132,7 @@ def _compiled(name, **defs):
     """Whether kernel ``name`` was compiled for substitutions including ``defs``."""
     want = {k: (str(np.dtype(v)) if k in ("IN", "OUT") else v) for k, v in defs.items()}
     return any(k[0] == name and all(dict(k[2]).get(d) == v for d, v in want.items())
-               for k in _cuda().cache_info())
+               for k in list(_cuda()._kernel_cache))
 
 
 def _assert_fused_variant(rng, N, D, C, M, in_dtype, **kw):
@@ -342,12 +342,12 @@ def test_compile_cache_is_per_variant_and_reused(rng):
     cuda = _cuda()
     A, dims, thr, _, _, _ = _tree_problem(rng, cp, 64, 16, 2, 1)
     cuda.encode_tree(A, dims, thr)
-    before = len(cuda.cache_info())
+    before = len(list(cuda._kernel_cache))
     cuda.encode_tree(A, dims, thr)
     cuda.encode_tree(A[:10], dims, thr)             # other sizes: same compiled kernel
-    assert len(cuda.cache_info()) == before
+    assert len(list(cuda._kernel_cache)) == before
     cuda.encode_tree(A.astype(np.float16), dims, thr)
-    keys = [k for k in cuda.cache_info() if k[0] == "encode_tree_tile"]
+    keys = [k for k in list(cuda._kernel_cache) if k[0] == "encode_tree_tile"]
     ins = {dict(k[2])["IN"] for k in keys}
     assert {"float32", "float16"} <= ins
     assert all(k[1] == cp.cuda.Device().id for k in keys)
@@ -451,7 +451,7 @@ def test_encode_tree_any_depth(rng, depth, N, D, C, in_dtype):
     assert int(_h(got).max()) < 2 ** depth
     if depth == 4 or C > 100:
         return
-    keys = _cuda().cache_info()
+    keys = list(_cuda()._kernel_cache)
     assert depth in {dict(k[2]).get("TREE_DEPTH") for k in keys if k[0] == "encode_tree_tile"}
 
 
@@ -516,7 +516,7 @@ def test_lookups_fall_back_to_global_reads(rng):
     q, scale, bias = _lut_q(rng, cp, C, K, 12)
     cuda.lookup_q(codes, q, scale, bias)
     cuda.lookup(codes, q.astype(np.float32))
-    kinds = {dict(k[2]).get("LUT_Q") for k in cuda.cache_info()
+    kinds = {dict(k[2]).get("LUT_Q") for k in list(cuda._kernel_cache)
              if k[0] == "lookup_global_kernel" and dict(k[2]).get("NK") == K}
     assert kinds == {0, 1}                       # the 8-bit and the float LUT variant
     # misaligned and odd-width LUTs take the scalar paths

@@ -2,34 +2,123 @@
 
 This module is the only place that picks an implementation by array library:
 
-* NumPy arrays go to :mod:`.cpu` (Numba);
-* CuPy arrays go to :mod:`.cuda` (RawKernels), falling back to the plain-array
-  :mod:`.reference` for any op that module does not provide;
-* :mod:`.reference` is also the test oracle.
+* NumPy arrays go to :mod:`.cpu` (Numba; the DM backward's node pass in :mod:`.dm_cpu`);
+* CuPy arrays go to :mod:`.cuda` (RawKernels, CUDA C in the ``cuda/`` folder), or to
+  :mod:`.dm_cuda` for codes wider than a byte and the DM ops, falling back to the
+  plain-array :mod:`.reference` for any op those modules do not provide;
+* :mod:`.reference` and :mod:`.dm_reference` are the test oracles. Only this package
+  imports them (the fallback); production checks and shape rules live in
+  :mod:`nimbus.arrays.validate`.
 
-Ops (shapes and semantics in :mod:`.reference`):
-``encode_tree``, ``encode_pq``, ``lookup``, ``lookup_q``, ``lookup_backward``.
+The op table
+------------
+:data:`OP_TABLE` names, for every op, its four implementations and the tests that hold
+them to the oracle::
+
+    OP_TABLE[op] = KernelOp(reference="reference.encode_tree",   # the oracle (plain xp)
+                            cpu="cpu.encode_tree",               # Numba
+                            cuda="cuda.encode_tree",             # CuPy RawKernels, byte codes
+                            cuda_wide="dm_cuda.encode",          # CuPy, codes beyond a byte
+                            tests=("tests/arrays/test_kernels.py::test_...", ...))
+
+Each implementation is ``"module.function"`` relative to this package (None: there is
+none, and the dispatch composes the op from others or runs the reference); each test is
+``file::function`` relative to the repository root. tests/arrays/test_op_table.py checks
+that every name resolves and every test exists, so an op added here without its
+kernels and tests fails the suite. To add a kernel: the oracle in :mod:`.reference`, the
+Numba version in :mod:`.cpu`, the CUDA version in :mod:`.cuda` (its C in ``cuda/*.cu``),
+a test comparing them, then its entry here (and in :data:`OPS` if it dispatches by array
+library through :func:`implementation`).
+
+Ops (shapes and semantics in :mod:`.reference` and :mod:`.dm_reference`):
+``encode_tree``, ``encode_pq``, ``lookup``, ``lookup_q``, ``lookup_backward``,
+``encode_lookup_q``, ``dm_forward``, ``dm_backward``.
 
 Trees have any depth d in 1..10, read from the width of ``dims``: (C, K-1) with
-K = 2**d leaves (:func:`.reference.tree_depth`; another width raises ValueError);
-LUTs are (C, K, M) with K read from ``lut.shape[1]``. Codes are uint8 up to depth 8
-(K <= 256) and uint16 beyond (:func:`.reference.code_dtype`). The Numba kernels take
-both. On CuPy, ops on wider codes (trees of depth 9-10, LUTs of K > 256; see
-:func:`_wide`) go to the depth-templated kernels of :mod:`.dm_cuda` (encode, float and
-8-bit lookups, LUT scatter-add, for K a power of two; the reference otherwise): the
-byte-tuned kernels of :mod:`.cuda` take byte codes only.
+K = 2**d leaves (:func:`nimbus.arrays.validate.tree_depth`; another width raises
+ValueError); LUTs are (C, K, M) with K read from ``lut.shape[1]``. Codes are uint8 up to
+depth 8 (K <= 256) and uint16 beyond (:func:`nimbus.arrays.validate.code_dtype`). The
+Numba kernels take both. On CuPy, ops on wider codes (trees of depth 9-10, LUTs of K >
+256; see :func:`_wide`) go to the depth-templated kernels of :mod:`.dm_cuda` (the
+``cuda_wide`` column: encode, float and 8-bit lookups, LUT scatter-add, for K a power of
+two; the reference otherwise): the byte-tuned kernels of :mod:`.cuda` take byte codes
+only.
 """
 from __future__ import annotations
 
 import importlib
 import threading
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from .. import backend, validate
 from . import reference
 
+
+class KernelOp(NamedTuple):
+    """One row of :data:`OP_TABLE`: ``"module.function"`` names relative to this package
+    (None where there is no such implementation) and ``file::test`` names."""
+    reference: str
+    cpu: Optional[str]
+    cuda: Optional[str]
+    cuda_wide: Optional[str]
+    tests: Tuple[str, ...]
+
+
+_TK = "tests/arrays/test_kernels.py::"
+_TC = "tests/arrays/test_cuda.py::"
+_TW = "tests/arrays/test_wide_codes.py::"
+OP_TABLE = {
+    "encode_tree": KernelOp(
+        "reference.encode_tree", "cpu.encode_tree", "cuda.encode_tree", "dm_cuda.encode",
+        (_TK + "test_encode_tree_matches_reference",
+         _TK + "test_encode_tree_any_depth_matches_reference",
+         _TW + "test_op_table_sends_wide_gpu_ops_to_dm_cuda")),
+    "encode_pq": KernelOp(
+        "reference.encode_pq", "cpu.encode_pq", "cuda.encode_pq", None,
+        (_TK + "test_encode_pq_matches_reference",)),
+    "lookup": KernelOp(
+        "reference.lookup", "cpu.lookup", "cuda.lookup", "dm_cuda.lookup",
+        (_TK + "test_lookup_matches_reference", _TK + "test_lookups_with_any_K_match_reference",
+         _TW + "test_lookups_with_wide_codes_match_row_sums")),
+    "lookup_q": KernelOp(
+        "reference.lookup_q", "cpu.lookup_q", "cuda.lookup_q", "dm_cuda.lookup_q",
+        (_TK + "test_lookup_q_exact_integer_sums", _TK + "test_lookups_with_any_K_match_reference",
+         _TW + "test_op_table_sends_wide_gpu_ops_to_dm_cuda")),
+    "lookup_backward": KernelOp(
+        "reference.lookup_backward", "cpu.lookup_backward", "cuda.lookup_backward",
+        "dm_cuda.lut_grad",
+        (_TK + "test_lookup_backward_is_scatter_add", _TC + "test_lookup_backward_drops_codes_past_k",
+         _TW + "test_op_table_sends_wide_gpu_ops_to_dm_cuda")),
+    "encode_lookup_q": KernelOp(
+        "reference.encode_lookup_q", "cpu.encode_lookup_q", "cuda.encode_lookup_q", None,
+        (_TC + "test_encode_lookup_q_matches_reference", _TC + "test_fused_and_split_dtypes",
+         _TK + "test_encode_lookup_q_any_depth_matches_reference")),
+    # the DM ops: on NumPy the forward is cpu.encode_tree + cpu.lookup (composed below),
+    # the backward's node pass is dm_cpu's; on CuPy dm_cuda runs both at every depth
+    "dm_forward": KernelOp(
+        "dm_reference.dm_forward", None, "dm_cuda.dm_forward", "dm_cuda.dm_forward",
+        (_TC + "test_dm_kernels_any_depth",
+         "tests/nn/test_dm.py::test_forward_equals_hard_maddness_exactly")),
+    "dm_backward": KernelOp(
+        "dm_reference.dm_backward", "dm_cpu.node_backward", "dm_cuda.dm_backward",
+        "dm_cuda.dm_backward",
+        (_TC + "test_dm_kernels_any_depth",
+         "tests/nn/test_dm.py::test_backward_matches_slow_reference",
+         "tests/nn/test_dm.py::test_any_depth_backward_matches_slow_reference")),
+}
+
+# ops that :func:`implementation` dispatches by array library (cpu / cuda / reference)
 OPS = ("encode_tree", "encode_pq", "lookup", "lookup_q", "lookup_backward", "encode_lookup_q")
+
+
+def resolve(name):
+    """The function named ``"module.function"`` (relative to this package) in
+    :data:`OP_TABLE`; imports the module (ImportError if it cannot be, e.g. no Numba)."""
+    module, _, func = name.rpartition(".")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), func)
+
 
 _modules = {}
 
@@ -50,16 +139,17 @@ def _wide(dims=None, codes=None, nbuckets=None):
     """True for trees, codes or LUTs beyond a byte (depth > 8, uint16 codes, K > 256): the
     kernels of :mod:`.cuda` write and read uint8 codes, so on CuPy these go elsewhere
     (:func:`_wide_gpu`)."""
-    if dims is not None and int(dims.shape[1]) > (1 << reference.BYTE_DEPTH) - 1:
+    if dims is not None and int(dims.shape[1]) > (1 << validate.BYTE_DEPTH) - 1:
         return True
     if codes is not None and codes.dtype == np.uint16:
         return True
-    return nbuckets is not None and int(nbuckets) > 1 << reference.BYTE_DEPTH
+    return nbuckets is not None and int(nbuckets) > 1 << validate.BYTE_DEPTH
 
 
-# ops on wide codes that dm_cuda serves on CuPy (its kernels are templated on the depth)
-_WIDE_GPU = {"encode_tree": "encode", "lookup": "lookup", "lookup_q": "lookup_q",
-             "lookup_backward": "lut_grad"}
+# ops on wide codes that dm_cuda serves on CuPy (its kernels are templated on the depth):
+# the cuda_wide column of the table for the ops dispatched by array library
+_WIDE_GPU = {op: OP_TABLE[op].cuda_wide.partition(".")[2] for op in OPS
+             if OP_TABLE[op].cuda_wide}
 
 
 def _wide_gpu(op, K):
@@ -183,7 +273,7 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
     """(N, C) uint8 or uint16, (N, M) float32 -> (C, K, M) float32 scatter-add of grad
     rows, K = ``nbuckets`` in 1..1024 (codes >= K add nothing)."""
     if _wide(codes=codes, nbuckets=nbuckets) and backend.is_cupy(codes):
-        reference.check_nbuckets(nbuckets)
+        validate.check_nbuckets(nbuckets)
         return _wide_gpu("lookup_backward", nbuckets)(codes, grad_Y, nbuckets)
     return implementation("lookup_backward", codes)(codes, grad_Y, nbuckets)
 
@@ -192,7 +282,6 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
 # Appended ops (the ops above are unchanged). NumPy: the Numba encode/lookup/
 # lookup_backward kernels above plus the fused Numba node backward of dm_cpu; CuPy: the
 # RawKernels of dm_cuda, or the plain-xp oracle dm_reference when they are absent.
-DM_OPS = ("dm_forward", "dm_backward")
 _dm_gpu_module = None       # dm_cuda once imported; False if it cannot be
 
 

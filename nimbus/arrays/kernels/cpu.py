@@ -21,7 +21,7 @@ import numpy as np
 import numba
 from numba import njit, prange
 
-from .reference import check_nbuckets, check_tree, code_dtype, lut_buckets
+from ..validate import check_nbuckets, check_tree, code_dtype, lut_buckets
 
 _ROWS_PER_BLOCK = 64   # rows per parallel task: amortises allocations, keeps rows in L2
 FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})

@@ -145,11 +145,6 @@ def _kernel(name, device_id, **defs):
     return k
 
 
-def cache_info():
-    """Compiled kernels so far: a list of (name, device id, substitutions) keys."""
-    return list(_kernel_cache)
-
-
 _props = {}
 
 
@@ -271,7 +266,7 @@ def _tree_args(A, dims, thresholds):
     """(device id, A, dims, thresholds, depth) with the arrays contiguous, exact dtypes."""
     dev = _require_cupy(A=A, dims=dims, thresholds=thresholds)
     A = _rows(A)
-    depth = reference.check_tree(dims, thresholds, reference.BYTE_DEPTH)   # ValueError
+    depth = validate.check_tree(dims, thresholds, validate.BYTE_DEPTH)   # ValueError
     if dims.dtype.kind not in "iu":
         raise TypeError(f"dims must hold integer column indices, got dtype {dims.dtype}")
     if thresholds.dtype.kind != "f":
@@ -521,7 +516,7 @@ def lookup_q(codes, lut_q, scale, bias, out_dtype=np.float32, *, mt=None, rpt=No
     out_dt = _out_dtype(out_dtype)
     if lut_q.ndim != 3:
         raise ValueError(f"lut_q must have shape (C, K, M), got {tuple(lut_q.shape)}")
-    C, K = lut_q.shape[0], reference.lut_buckets(lut_q, reference.BYTE_DEPTH)
+    C, K = lut_q.shape[0], validate.lut_buckets(lut_q, validate.BYTE_DEPTH)
     codes = _codes(codes, C)
     lut_q, scale, bias = _lut_q_args(lut_q, scale, bias, C)
     N, M = codes.shape[0], lut_q.shape[2]
@@ -576,7 +571,7 @@ def lookup(codes, lut, out_dtype=np.float32, *, mt=None, rpt=4):
     if lut.dtype.kind != "f":
         raise TypeError(f"lut must be floating point, got dtype {lut.dtype}")
     C, K, M = lut.shape
-    K = reference.lut_buckets(lut, reference.BYTE_DEPTH)
+    K = validate.lut_buckets(lut, validate.BYTE_DEPTH)
     codes = _codes(codes, C)
     N = codes.shape[0]
     lut_dt = np.dtype(np.float16) if lut.dtype == np.float16 else np.dtype(np.float32)
@@ -635,7 +630,7 @@ def lookup_backward(codes, grad_Y, nbuckets=16):
     if grad_Y.ndim != 2 or grad_Y.shape[0] != codes.shape[0]:
         raise ValueError(f"grad_Y must have shape (N={codes.shape[0]}, M), got "
                          f"{tuple(grad_Y.shape)}")
-    K = reference.check_nbuckets(nbuckets, reference.BYTE_DEPTH)
+    K = validate.check_nbuckets(nbuckets, validate.BYTE_DEPTH)
     g = _c(grad_Y, np.float32)
     N, C = codes.shape
     M = g.shape[1]

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu import _check_columns
-from .reference import tree_depth
+from ..validate import tree_depth
 
 _ROWS_PER_BLOCK = 16
 

@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
-from . import dm_reference, reference
+from .. import backend, validate
+from . import dm_reference
 from .cuda import _check_dims, device_info, load_source
 
 # The CUDA C++ of every kernel above is cuda/dm.cu (package data), compiled once per
@@ -106,12 +106,12 @@ def _codes(codes, K, C=None):
     if C is not None and codes.shape[1] != C:
         raise ValueError(f"codes have {codes.shape[1]} codebooks (shape {tuple(codes.shape)}) "
                          f"but the LUT has {C}")
-    return _c(codes, reference.code_dtype(K))
+    return _c(codes, validate.code_dtype(K))
 
 
 def _leaf_depth(K, what):
     """Depth d of trees with K = 2**d leaves (1 <= d <= 10), else ValueError naming ``what``."""
-    return reference.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)")
+    return validate.depth_of_nodes(int(K) - 1, f"{what} (K = {K} leaves)")
 
 
 def encode(A, dims, thresholds):
@@ -119,7 +119,7 @@ def encode(A, dims, thresholds):
     uint8 up to K = 256 and uint16 beyond; the depth d (K = 2**d, 1 <= d <= 10) is read
     off dims' shape."""
     cp = _cp()
-    depth = reference.check_tree(dims, thresholds)
+    depth = validate.check_tree(dims, thresholds)
     if A.ndim != 2:
         raise ValueError(f"A must be 2-D (N, D), got shape {tuple(A.shape)}")
     if dims.dtype.kind not in "iu" or thresholds.dtype.kind != "f":
@@ -130,7 +130,7 @@ def encode(A, dims, thresholds):
     C = dims.shape[0]
     if C:
         _check_dims(dims, D)             # a column outside A would read foreign memory
-    codes = cp.empty((N, C), dtype=reference.code_dtype(1 << depth))
+    codes = cp.empty((N, C), dtype=validate.code_dtype(1 << depth))
     total = N * C
     if total:
         threads = 256
@@ -218,7 +218,7 @@ def lut_grad(codes, grad_Y, nbuckets=16):
     gradients ``grad_Y @ LUT_flat^T`` the backward computes anyway.
     """
     cp = _cp()
-    K = reference.check_nbuckets(nbuckets)
+    K = validate.check_nbuckets(nbuckets)
     depth = _leaf_depth(K, "nbuckets")
     codes = _codes(codes, K)
     if grad_Y.ndim != 2 or grad_Y.shape[0] != codes.shape[0]:

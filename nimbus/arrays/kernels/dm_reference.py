@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
+from .. import backend, validate
 from . import reference
-from .reference import tree_depth
+from ..validate import tree_depth
 
 # the default depth-4 tree (kept for modules that import them)
 NNODES = 15
@@ -56,8 +56,8 @@ def path_matrix(depth=DEPTH, xp=np):
         right at node j, ``-1`` if it goes left there, 0 if node j is not on its path.
     """
     if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) \
-            or not 1 <= depth <= reference.MAX_DEPTH:
-        raise ValueError(f"depth must be an int in 1..{reference.MAX_DEPTH}; got {depth!r}")
+            or not 1 <= depth <= validate.MAX_DEPTH:
+        raise ValueError(f"depth must be an int in 1..{validate.MAX_DEPTH}; got {depth!r}")
     K = 1 << depth
     P = np.zeros((K, K - 1), dtype=np.float32)
     for k in range(K):
@@ -82,7 +82,7 @@ def leaf_scores(s):
         (+s_j if the path goes right at j else -s_j)``; O(K) work per tree.
     """
     xp = backend.namespace(s)
-    depth = reference.depth_of_nodes(s.shape[-1], f"s of shape {tuple(s.shape)}")
+    depth = validate.depth_of_nodes(s.shape[-1], f"s of shape {tuple(s.shape)}")
     lead = s.shape[:-1]
     b = xp.zeros(lead + (1,), dtype=s.dtype)
     for level in range(depth):
@@ -107,7 +107,7 @@ def node_sums(gb):
     """
     xp = backend.namespace(gb)
     K = gb.shape[-1]
-    depth = reference.depth_of_nodes(K - 1, f"gb of shape {tuple(gb.shape)} (K - 1)")
+    depth = validate.depth_of_nodes(K - 1, f"gb of shape {tuple(gb.shape)} (K - 1)")
     lead = gb.shape[:-1]
     sub = gb                                             # subtree sums, one level at a time
     levels = []
@@ -148,7 +148,7 @@ def check_dm(dims, thresholds, lut, inv_tau=None):
     -------
     d : int, 1..10, with K = 2**d; raises ValueError naming the shapes otherwise
     """
-    d = reference.check_tree(dims, thresholds)
+    d = validate.check_tree(dims, thresholds)
     K = 1 << d
     if lut.ndim != 3 or lut.shape[:2] != (dims.shape[0], K):
         raise ValueError(f"lut has shape {tuple(lut.shape)}; trees with dims of shape "

@@ -26,93 +26,11 @@ import numpy as np
 
 from .. import backend, validate
 
-# the default depth-4 tree (other modules import these)
-NLEAVES = 16
-NNODES = 15
-DEPTH = 4
-MAX_DEPTH = 10         # codes are uint8 up to depth 8 (256 leaves), uint16 beyond (1024)
-BYTE_DEPTH = 8         # the deepest trees whose codes fit a byte (the Numba/CUDA kernels)
-
-
-def code_dtype(nbuckets):
-    """The dtype of codes with ``nbuckets`` leaves: uint8 up to 256, uint16 up to 1024."""
-    return np.uint8 if int(nbuckets) <= 256 else np.uint16
-
-
-def tree_depth(dims, max_depth=MAX_DEPTH):
-    """The depth d of the trees described by ``dims``, checked.
-
-    Parameters
-    ----------
-    dims : (C, 2**d - 1) array (any library, any dtype), one row of node columns per tree
-    max_depth : int, the deepest trees accepted (the byte-code kernels pass BYTE_DEPTH)
-
-    Returns
-    -------
-    d : int, 1 <= d <= max_depth (10 by default)
-
-    Raises ValueError, naming the shape, if ``dims`` is not 2-D or its width is not
-    ``2**d - 1`` for a d in 1..max_depth (1, 3, 7, 15, ..., 1023 nodes).
-    """
-    shape = tuple(int(x) for x in getattr(dims, "shape", ()))
-    if len(shape) != 2:
-        raise ValueError(f"dims must be 2-D (C, 2**depth - 1); got shape {shape}")
-    return depth_of_nodes(shape[1], f"dims of shape {shape}", max_depth)
-
-
-def depth_of_nodes(nnodes, what="a tree", max_depth=MAX_DEPTH):
-    """The depth d with ``2**d - 1 == nnodes``, checked to be in 1..max_depth.
-
-    Parameters
-    ----------
-    nnodes : int, internal nodes per tree
-    what : str, names the operand in the error message
-    max_depth : int, the deepest trees accepted (default MAX_DEPTH = 10)
-
-    Returns
-    -------
-    d : int, 1 <= d <= max_depth
-    """
-    nnodes = int(nnodes)
-    d = (nnodes + 1).bit_length() - 1
-    if nnodes < 1 or (1 << d) - 1 != nnodes or d > max_depth:
-        raise ValueError(f"{what}: {nnodes} nodes per tree; a tree of depth d in "
-                         f"1..{max_depth} has 2**d - 1 nodes (1, 3, 7, ..., "
-                         f"{(1 << max_depth) - 1})")
-    return d
-
-
-def check_tree(dims, thresholds, max_depth=MAX_DEPTH):
-    """:func:`tree_depth` of ``dims``, after checking that ``thresholds`` has its shape.
-
-    Parameters
-    ----------
-    dims : (C, 2**d - 1); thresholds : (C, 2**d - 1); max_depth : as :func:`tree_depth`
-
-    Returns
-    -------
-    d : int, 1 <= d <= max_depth
-    """
-    d = tree_depth(dims, max_depth)
-    if tuple(thresholds.shape) != tuple(dims.shape):
-        raise ValueError(f"thresholds has shape {tuple(thresholds.shape)}; it must match "
-                         f"dims' shape {tuple(dims.shape)}")
-    return d
-
-
-def lut_buckets(lut, max_depth=MAX_DEPTH):
-    """K = ``lut.shape[1]`` of a (C, K, M) LUT, checked to be in 1..2**max_depth
-    (1024 by default; the byte-code kernels pass BYTE_DEPTH: 256).
-
-    Returns
-    -------
-    K : int
-    """
-    top = 1 << max_depth
-    if lut.ndim != 3 or not 1 <= lut.shape[1] <= top:
-        raise ValueError(f"a LUT must have shape (C, K, M) with 1 <= K <= {top}; "
-                         f"got {tuple(lut.shape)}")
-    return int(lut.shape[1])
+# The tree and LUT shape rules live in validate (production checks, which must not import
+# this test oracle); re-exported here, where tests and older code look for them.
+from ..validate import (BYTE_DEPTH, DEPTH, MAX_DEPTH, NLEAVES, NNODES,  # noqa: F401
+                        check_nbuckets, check_tree, code_dtype, depth_of_nodes, lut_buckets,
+                        tree_depth)
 
 
 def encode_tree(A, dims, thresholds):
@@ -246,16 +164,6 @@ def lookup_backward(codes, grad_Y, nbuckets=NLEAVES):
         onehot = (codes[:, c].astype(np.int64)[:, None] == xp.arange(nbuckets)[None, :])
         out[c] = onehot.astype(np.float32).T @ grad_Y.astype(np.float32)
     return out
-
-
-def check_nbuckets(nbuckets, max_depth=MAX_DEPTH):
-    """``nbuckets`` as an int, checked to be in 1..2**max_depth (1024 by default; the
-    byte-code kernels pass BYTE_DEPTH: 256)."""
-    top = 1 << max_depth
-    if isinstance(nbuckets, bool) or not isinstance(nbuckets, (int, np.integer)) \
-            or not 1 <= int(nbuckets) <= top:
-        raise ValueError(f"nbuckets must be an int in 1..{top}; got {nbuckets!r}")
-    return int(nbuckets)
 
 
 def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float32):
