@@ -590,6 +590,13 @@ def _git_commit():
         return None
 
 
+def _loadavg():
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
 def _cores():
     try:
         return len(os.sched_getaffinity(0))
@@ -680,8 +687,20 @@ def main(argv=None):
               "cpu": None, "gpu": None}
     out = []
     if not args.no_cpu:
+        load0 = _loadavg()
         workers = run_cpu(args, wargv)
+        load1 = _loadavg()
         result["cpu"] = workers
+        result["cpu_load_average_1min"] = [load0, load1]
+        busy = [v for v in (load0, load1) if v is not None and v > 0.5 * machine["cores"]]
+        load_note = None
+        if busy and workers:
+            # other processes on the cores: a thread that loses its core stalls a
+            # multi-threaded BLAS/ORT call for a scheduler slice (ms), which the medians show
+            load_note = (f"note: the 1-minute load average was {load0:.1f} before and "
+                       f"{load1:.1f} after the CPU runs on {machine['cores']} cores: other "
+                       "work shared the cores, the figures (above all those at more than "
+                       "1 thread) are rough")
         if workers:
             w0 = workers[0]
             out.append(f"### CPU: {machine['cpu_model']}, {machine['cores']} cores; data "
@@ -692,6 +711,8 @@ def main(argv=None):
             for note in w0["notes"].values():
                 if note.startswith("skipped"):
                     out.append(note)
+            if load_note:
+                out.append(load_note)
     if args.gpu:
         gpu = run_gpu(args)
         result["gpu"] = gpu
