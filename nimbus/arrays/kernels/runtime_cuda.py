@@ -1,0 +1,358 @@
+"""GPU inference of a converted network: a chain of LUT layers in one kernel per call.
+
+:class:`ChainCUDA` holds the arrays of every layer on the device (copied once, checked
+once) and runs the whole chain with ``cuda/runtime.cu``'s ``chain_kernel``: one launch,
+one read of X, one write of Y, activations kept in shared memory between layers. The
+launch is captured once per (batch size, input width, check_finite) into a CUDA graph
+(``cupy.cuda.Stream.begin_capture``) and replayed after. The graph's kernel reads the
+addresses of X and Y and the NaN/Inf flag from a small parameter block in device memory,
+written by one 24-byte host-to-device copy before each replay, so a replay reads the
+caller's X in place and writes a freshly allocated Y: no input copy, no output copy, and
+no result is ever overwritten by a later call.
+
+Layer semantics (bit for bit those of :func:`.reference.encode_tree` then
+:func:`.reference.lookup_q`):
+
+* ``code[n, c]`` = leaf of row n in tree c (heap order; right iff ``x > t``; -inf
+  thresholds send every row right),
+* ``isum[n, m] = sum_c lut[c, code[n, c], m]`` (exact integers),
+* ``y = float32(isum) * scale[m] + bias[m]`` (a float32 multiply, then a float32 add),
+  the next layer's input.
+
+CuPy is imported lazily (through :func:`nimbus.arrays.backend.cupy`). No cuBLAS call is
+made inside the captured graph (CuPy refuses them under capture).
+"""
+from __future__ import annotations
+
+import importlib.resources
+
+import numpy as np
+
+from .. import backend
+
+__all__ = ["ChainCUDA"]
+
+NT = 256                       # threads per block (cuda/runtime.cu's NT)
+_MAX_DEPTH = 10                # trees of depth 1..10 (K = 2 .. 1024 leaves)
+_ROWS_MAX = 32                 # default tile: RPT = 2 at 256 outputs (119 registers, 2 blocks/SM)
+_CHUNK_BYTES = 32 * 1024       # LUT bytes per staged chunk (two buffers)
+_RING = 64                     # pinned parameter slots in flight (check_finite=False calls)
+_SOURCE = None
+_modules = {}                  # (device id, RPT) -> cupy.RawModule
+
+
+def _cp():
+    cp = backend.cupy()
+    if cp is None:
+        raise RuntimeError("ChainCUDA needs CuPy and a CUDA device")
+    return cp
+
+
+def _source():
+    global _SOURCE
+    if _SOURCE is None:
+        res = importlib.resources.files(__package__).joinpath("cuda").joinpath("runtime.cu")
+        _SOURCE = res.read_text(encoding="utf-8")
+    return _SOURCE
+
+
+def _function(dev_id, rpt):
+    """``chain_kernel`` compiled for device ``dev_id`` with RPT pairs per thread (cached)."""
+    key = (int(dev_id), int(rpt))
+    mod = _modules.get(key)
+    if mod is None:
+        cp = _cp()
+        mod = cp.RawModule(code=f"#define NT {NT}\n#define RPT {int(rpt)}\n" + _source())
+        _modules[key] = mod
+    return mod.get_function("chain_kernel")
+
+
+def _host(a, name):
+    """``a`` (NumPy or CuPy) as a NumPy array, for the one-time checks."""
+    if a is None:
+        raise ValueError(f"{name} is missing")
+    return np.asarray(backend.to_host(a))
+
+
+def _check_layer(i, layer, D):
+    """One layer dict checked against its input width ``D`` (None: unknown, layer 0).
+
+    Returns (tree (C, K-1, 2) int32, lut (C, K, Mp) uint8, scale (Mp,), bias (Mp,),
+    C, depth, M, Mp).
+    """
+    if not isinstance(layer, dict):
+        raise TypeError(f"layers[{i}] must be a dict with keys dims, thresholds, lut, scale, "
+                        f"bias; got {type(layer).__name__}")
+    missing = [k for k in ("dims", "thresholds", "lut", "scale", "bias") if k not in layer]
+    if missing:
+        raise ValueError(f"layers[{i}] lacks {', '.join(missing)}")
+    dims = _host(layer["dims"], f"layers[{i}]['dims']")
+    thr = _host(layer["thresholds"], f"layers[{i}]['thresholds']")
+    lut = _host(layer["lut"], f"layers[{i}]['lut']")
+    scale = _host(layer["scale"], f"layers[{i}]['scale']")
+    bias = _host(layer["bias"], f"layers[{i}]['bias']")
+    where = f"layers[{i}]"
+    if dims.ndim != 2:
+        raise ValueError(f"{where}['dims'] must be 2-D (C, 2**depth - 1); got shape {dims.shape}")
+    C, nodes = dims.shape
+    depth = (nodes + 1).bit_length() - 1
+    if nodes < 1 or (1 << depth) - 1 != nodes or depth > _MAX_DEPTH:
+        raise ValueError(f"{where}['dims'] has {nodes} nodes per tree; a tree of depth 1..10 "
+                         f"has 2**depth - 1 (1, 3, 7, ..., 1023)")
+    if C < 1:
+        raise ValueError(f"{where} has no codebook (dims shape {dims.shape})")
+    if dims.dtype.kind not in "iu":
+        raise TypeError(f"{where}['dims'] must hold integer columns; got dtype {dims.dtype}")
+    if thr.shape != dims.shape:
+        raise ValueError(f"{where}['thresholds'] has shape {thr.shape}; it must match dims' "
+                         f"{dims.shape}")
+    if thr.dtype.kind != "f":
+        raise TypeError(f"{where}['thresholds'] must be floating point; got dtype {thr.dtype}")
+    thr = thr.astype(np.float32)
+    if np.isnan(thr).any():
+        raise ValueError(f"{where}['thresholds'] holds NaN")
+    lo, hi = int(dims.min()), int(dims.max())
+    if lo < 0 or (D is not None and hi >= D):
+        top = "the input's columns" if D is None else f"[0, {D})"
+        raise ValueError(f"{where}['dims'] must be columns in {top}; got values {lo}..{hi}")
+    K = 1 << depth
+    if lut.dtype != np.uint8:
+        raise TypeError(f"{where}['lut'] must have dtype uint8; got {lut.dtype}")
+    if lut.ndim != 3 or lut.shape[:2] != (C, K) or lut.shape[2] < 1:
+        raise ValueError(f"{where}['lut'] must have shape (C={C}, K={K}, M >= 1) to match "
+                         f"depth-{depth} trees; got {lut.shape}")
+    M = lut.shape[2]
+    for name, v in (("scale", scale), ("bias", bias)):
+        if v.shape != (M,):
+            raise ValueError(f"{where}['{name}'] must have shape ({M},); got {v.shape}")
+        if v.dtype.kind != "f":
+            raise TypeError(f"{where}['{name}'] must be floating point; got dtype {v.dtype}")
+    Mp = -(-M // 16) * 16
+    tree = np.empty((C, nodes, 2), dtype=np.int32)
+    tree[:, :, 0] = dims
+    tree[:, :, 1] = thr.view(np.int32)
+    lut_p = np.zeros((C, K, Mp), dtype=np.uint8)
+    lut_p[:, :, :M] = lut
+    sc = np.zeros(Mp, dtype=np.float32)
+    bi = np.zeros(Mp, dtype=np.float32)
+    sc[:M] = scale.astype(np.float32)
+    bi[:M] = bias.astype(np.float32)
+    return tree, lut_p, sc, bi, C, depth, M, Mp, hi
+
+
+class _Plan:
+    """What one (N, D0, check) call shape needs: the graph and its parameter block."""
+
+    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk")
+
+
+class ChainCUDA:
+    """A converted network's LUT layers, run on the GPU as one captured kernel per call.
+
+    Parameters
+    ----------
+    layers : list of dicts, one per layer, each with (NumPy or CuPy arrays)
+        ``dims`` (C, K-1) int, input column tested at each heap-ordered node (K = 2**depth,
+        depth 1..10); ``thresholds`` (C, K-1) float32 (-inf allowed, NaN not);
+        ``lut`` (C, K, M) uint8; ``scale``, ``bias`` (M,) float32.
+        Layer l + 1 reads layer l's M outputs, so its dims must lie in [0, M_l).
+    in_features : int or None, the width D0 of X. None: any X with more columns than the
+        largest column the first layer tests.
+    rows : int or None, rows per block (a power of two, 1..64; None: chosen per batch size).
+        Tiles of at least K rows stage the LUT through shared memory; smaller ones read it
+        directly. A benchmark knob.
+    chunk_bytes : int, bytes of LUT per staged chunk (multiple of 16; two are kept).
+
+    The arrays are copied to the current CuPy device once; later changes to the caller's
+    arrays do not reach the chain.
+    """
+
+    def __init__(self, layers, *, in_features=None, rows=None, chunk_bytes=_CHUNK_BYTES):
+        cp = _cp()
+        if not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError("layers must be a non-empty list of layer dicts")
+        if in_features is not None:
+            if isinstance(in_features, bool) or int(in_features) != in_features or in_features < 1:
+                raise ValueError(f"in_features must be a positive int; got {in_features!r}")
+            in_features = int(in_features)
+        if rows is not None and (isinstance(rows, bool) or rows not in (1, 2, 4, 8, 16, 32, 64)):
+            raise ValueError(f"rows must be a power of two from 1 to 64 or None; got {rows!r}")
+        if int(chunk_bytes) != chunk_bytes or chunk_bytes < 0 or chunk_bytes % 16:
+            raise ValueError(f"chunk_bytes must be a non-negative multiple of 16; got {chunk_bytes!r}")
+        self._dev = cp.cuda.Device().id
+        self.in_features = in_features
+        self._rows = rows
+        self._chunk = int(chunk_bytes)
+        D = in_features
+        self._arrays = []           # device arrays, kept alive for the descriptors
+        desc = np.zeros((len(layers), 8), dtype=np.uint64)
+        meta = []
+        for i, layer in enumerate(layers):
+            tree, lut, sc, bi, C, depth, M, Mp, hi = _check_layer(i, layer, D)
+            if i == 0:
+                self._min_width = hi + 1
+            dev = [cp.asarray(a) for a in (tree, lut, sc, bi)]
+            self._arrays.extend(dev)
+            desc[i, :4] = [a.data.ptr for a in dev]
+            ints = desc[i, 4:].view(np.int32)
+            ints[:] = [C, depth, M, Mp, -1 if D is None else D, 0, 0, 0]
+            meta.append((C, depth, M, Mp))
+            D = M
+        self._desc = cp.asarray(desc.view(np.uint8).reshape(-1))
+        self._meta = meta
+        self.out_features = meta[-1][2]
+        self._Cs = max(m[0] for m in meta)
+        # activations between layers: the widest hidden width, a whole number of 16 bytes
+        hidden = [m[2] for m in meta[:-1]]
+        self._Hs = -(-max(hidden) // 4) * 4 if hidden else 0
+        self._plans = {}
+        # pinned parameter slots {X, Y, flag}: the copy before each replay reads one; a slot
+        # is reused only after the event recorded behind its copy has passed
+        self._pinned = cp.cuda.alloc_pinned_memory(_RING * 32)
+        self._slots = np.frombuffer(self._pinned, dtype=np.uint64, count=_RING * 4).reshape(_RING, 4)
+        self._events = [None] * _RING
+        self._next = 0
+        self._flag_pinned = cp.cuda.alloc_pinned_memory(16)
+        self._flag_host = np.frombuffer(self._flag_pinned, dtype=np.int32, count=4)
+
+    # ------------------------------------------------------------------ planning
+    def _tile(self, N, dev_sms):
+        """(rows, RPT, shared bytes) for a batch of N rows."""
+        if self._rows is not None:
+            R = self._rows
+        else:   # the largest tile that still gives about two blocks per SM
+            R = 1
+            while R * 2 <= _ROWS_MAX and N // (R * 2) >= 2 * dev_sms:
+                R *= 2
+        return R, self._tile_fit(R)
+
+    def _tile_fit(self, R):
+        G = [m[3] // 16 for m in self._meta]
+        rpt = max(1, max(-(-R * g // NT) for g in G))
+        if rpt > 4:
+            raise ValueError(f"rows={R}: a layer of {max(G) * 16} (padded) outputs needs more "
+                             f"than 4 pairs per thread; use fewer rows")
+        rpt = 1 if rpt == 1 else (2 if rpt == 2 else 4)
+        # the kernel stages a layer's LUT when K <= rows and one codebook fits a chunk; with
+        # no such layer it gets chunk 0 and no buffers (the same rule, decided in the kernel)
+        staged = any((1 << d) <= R and (1 << d) * Mp <= self._chunk for _, d, _, Mp in self._meta)
+        chunk = self._chunk if staged else 0
+        part = max([R * Mp * 4 for _, _, _, Mp in self._meta if R * Mp // 16 < NT] or [0])
+        codes = (R * self._Cs + 7) // 8 * 16
+        smem = 2 * chunk + R * self._Hs * 4 + codes + part
+        return rpt, smem, chunk
+
+    def _plan(self, N, D0, check):
+        cp = _cp()
+        key = (N, D0, bool(check))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        rt = cp.cuda.runtime
+        sms = rt.deviceGetAttribute(16, self._dev)          # multiprocessors
+        optin = rt.deviceGetAttribute(97, self._dev)        # opt-in shared bytes per block
+        R, (rpt, smem, chunk) = self._tile(N, sms)
+        while smem > optin and R > 1 and self._rows is None:
+            R //= 2
+            rpt, smem, chunk = self._tile_fit(R)
+        if smem > optin:
+            raise ValueError(f"the chain needs {smem} bytes of shared memory per block at "
+                             f"{R} rows; the device allows {optin} (layers too wide)")
+        kern = _function(self._dev, rpt)
+        if smem > 48 * 1024:
+            kern.max_dynamic_shared_size_bytes = int(smem)
+        plan = _Plan()
+        plan.params = cp.zeros(4, dtype=np.uint64)          # {X, Y, flag|pad, unused}
+        plan.rows, plan.rpt, plan.smem, plan.chunk = R, rpt, smem, chunk
+        plan.grid = -(-N // R)
+        args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
+                np.int32(R), np.int32(self._Hs), np.int32(self._Cs), np.int32(chunk),
+                np.int32(bool(check)))
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                kern((plan.grid,), (NT,), args, shared_mem=int(smem))
+            finally:
+                graph = stream.end_capture()
+        stream.synchronize()
+        plan.graph = graph
+        self._plans[key] = plan
+        return plan
+
+    # ------------------------------------------------------------------ calls
+    def __call__(self, X, check_finite=True):
+        """Logits of the chain for the rows of X.
+
+        Parameters
+        ----------
+        X : (N, D0) CuPy float32 array on the chain's device (float16 is cast to float32
+            first; a non-contiguous X is copied)
+        check_finite : bool, raise ValueError "X holds NaN or Inf" after the run if X
+            holds one (the one device sync of the call: a 4-byte read of a flag that the
+            kernel sets while it reads X). False: the call only enqueues work on the
+            current stream.
+
+        Returns
+        -------
+        Y : (N, M_last) CuPy float32, a fresh array (later calls never overwrite it)
+        """
+        cp = _cp()
+        if not backend.is_cupy(X):
+            raise TypeError(f"X must be a CuPy array on the GPU; got {type(X).__name__}")
+        if X.ndim != 2:
+            raise ValueError(f"X must be 2-D (rows, features); got shape {tuple(X.shape)}")
+        if X.dtype == np.float16:
+            X = X.astype(np.float32)
+        elif X.dtype != np.float32:
+            raise TypeError(f"X must be float32 (or float16); got dtype {X.dtype}")
+        if X.device.id != self._dev:
+            raise ValueError(f"X is on device {X.device.id}; the chain lives on device {self._dev}")
+        N, D0 = X.shape
+        if self.in_features is not None and D0 != self.in_features:
+            raise ValueError(f"X has {D0} columns; the chain expects {self.in_features}")
+        if D0 < self._min_width:
+            raise ValueError(f"X has {D0} columns; the first layer tests column "
+                             f"{self._min_width - 1}")
+        if N == 0:
+            return cp.empty((0, self.out_features), dtype=np.float32)
+        if N > 2 ** 31 - 1 or N * max(D0, self.out_features) > 2 ** 62:
+            raise ValueError(f"X has {N} rows: too many for one call")
+        if not X.flags.c_contiguous:
+            X = cp.ascontiguousarray(X)
+        plan = self._plan(N, D0, check_finite)
+        Y = cp.empty((N, self.out_features), dtype=np.float32)
+        stream = cp.cuda.get_current_stream()
+        rt = cp.cuda.runtime
+        i = self._next
+        self._next = (i + 1) % _RING
+        ev = self._events[i]
+        if ev is not None and not ev.done:
+            ev.synchronize()                 # that slot's copy has not been read yet
+        slot = self._slots[i]
+        slot[0] = X.data.ptr
+        slot[1] = Y.data.ptr
+        slot[2] = 0                          # the flag
+        rt.memcpyAsync(plan.params.data.ptr, self._pinned.ptr + 32 * i, 24,
+                       rt.memcpyHostToDevice, stream.ptr)
+        plan.graph.launch(stream)
+        if check_finite:
+            rt.memcpyAsync(self._flag_pinned.ptr, plan.params.data.ptr + 16, 4,
+                           rt.memcpyDeviceToHost, stream.ptr)
+            stream.synchronize()             # every slot's copy has passed too
+            if self._flag_host[0]:
+                raise ValueError("X holds NaN or Inf")
+        else:
+            if ev is None:
+                ev = self._events[i] = cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(stream)
+        return Y
+
+    def plan_info(self, N, D0=None, check_finite=True):
+        """The launch of a batch of N rows: dict rows, rpt, shared_bytes, blocks (builds
+        the plan if needed)."""
+        D0 = self.in_features if D0 is None else D0
+        if D0 is None:
+            raise ValueError("give D0 (the chain was built without in_features)")
+        p = self._plan(int(N), int(D0), check_finite)
+        return dict(rows=p.rows, rpt=p.rpt, shared_bytes=p.smem, blocks=p.grid, chunk=p.chunk)

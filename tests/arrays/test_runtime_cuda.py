@@ -1,0 +1,256 @@
+"""ChainCUDA (nimbus.arrays.kernels.runtime_cuda): a chain of LUT layers on the GPU, bit
+for bit against the reference applied layer by layer (encode_tree then lookup_q, the
+output of one layer the input of the next).
+
+Chains are random but not arbitrary: each layer's thresholds are drawn from the values
+its input actually takes (so codes spread over the leaves and many rows tie a threshold
+exactly: ties go left), some thresholds are -inf (every row goes right), and some LUT
+columns are all 255 (the largest integer sums, past 16-bit lanes when C > 257).
+"""
+import zlib
+
+import numpy as np
+import pytest
+
+from nimbus.arrays import backend
+from nimbus.arrays.kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+
+def _cp():
+    return backend.cupy()
+
+
+def _chain_cls():
+    from nimbus.arrays.kernels.runtime_cuda import ChainCUDA
+    return ChainCUDA
+
+
+def _layer_ref(A, layer):
+    """One layer by the reference, on the host: (N, M) float32."""
+    codes = ref.encode_tree(A, layer["dims"], layer["thresholds"])
+    return ref.lookup_q(codes, layer["lut"], layer["scale"], layer["bias"])
+
+
+def chain_ref(X, layers):
+    h = X
+    for layer in layers:
+        h = _layer_ref(h, layer)
+    return h
+
+
+def make_chain(rng, X, specs, ninf=0.05):
+    """Layers for input X (host float32) from specs [(C, depth, M), ...]."""
+    layers = []
+    h = X
+    for C, depth, M in specs:
+        K = 2 ** depth
+        N, D = h.shape
+        dims = rng.integers(0, D, size=(C, K - 1)).astype(np.int32)
+        # thresholds taken from the values the input has in the tested column
+        rows = rng.integers(0, N, size=(C, K - 1))
+        thr = h[rows, dims].astype(np.float32)
+        thr[rng.random((C, K - 1)) < ninf] = -np.inf
+        lut = rng.integers(0, 256, size=(C, K, M)).astype(np.uint8)
+        lut[:, :, rng.integers(0, M)] = 255
+        # outputs of order one: isum is about C * 127.5 +- sqrt(C) * 74
+        scale = (rng.uniform(0.5, 1.5, M) / (74.0 * np.sqrt(C))).astype(np.float32)
+        bias = (-127.5 * C * scale + rng.normal(0, 0.1, M)).astype(np.float32)
+        layer = dict(dims=dims, thresholds=thr, lut=lut, scale=scale, bias=bias)
+        layers.append(layer)
+        h = _layer_ref(h, layer)
+    return layers
+
+
+def _x(rng, N, D):
+    X = rng.standard_normal((N, D)).astype(np.float32)
+    X[:, ::3] = np.round(X[:, ::3])           # many exact ties
+    return X
+
+
+CHAINS = {  # name: (D0, [(C, depth, M), ...])
+    "mlp8": (784, [(98, 4, 256), (32, 4, 256), (32, 4, 256), (32, 4, 10)]),
+    "depths": (40, [(7, 1, 33), (5, 6, 256), (3, 9, 10), (4, 4, 1)]),
+    "k64": (100, [(20, 6, 33), (9, 6, 10)]),
+    "k512": (64, [(8, 9, 256), (6, 9, 10)]),
+    "wideC": (300, [(300, 1, 33), (257, 2, 10)]),
+    "one": (17, [(3, 4, 1)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAINS))
+@pytest.mark.parametrize("N", [1, 7, 1000])
+def test_chain_matches_reference(name, N):
+    cp = _cp()
+    rng = np.random.default_rng(zlib.crc32(f"{name}/{N}".encode()))
+    D0, specs = CHAINS[name]
+    X = _x(rng, max(N, 64), D0)
+    layers = make_chain(rng, X, specs)
+    X = X[:N]
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, in_features=D0)
+    got = chain(cp.asarray(X))
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.get().view(np.uint32), want.view(np.uint32))
+    # second call: the graph replayed
+    np.testing.assert_array_equal(chain(cp.asarray(X), check_finite=False).get(), want)
+
+
+@pytest.mark.parametrize("name", ["mlp8", "depths", "k64", "wideC"])
+@pytest.mark.parametrize("rows", [1, 4, 16, 32, 64])
+def test_tiles_staged_and_direct(name, rows):
+    """Every tile size (staged LUT chunks once rows >= K, direct reads below) and a ragged
+    last tile."""
+    cp = _cp()
+    rng = np.random.default_rng(rows * 7 + len(name))
+    D0, specs = CHAINS[name]
+    X = _x(rng, 203, D0)
+    layers = make_chain(rng, X, specs)
+    want = chain_ref(X, layers)
+    got = _chain_cls()(layers, rows=rows)(cp.asarray(X))
+    np.testing.assert_array_equal(got.get(), want)
+
+
+def test_small_chunks_many_stages():
+    """Chunks of one codebook: every chunk boundary of the double buffer is crossed."""
+    cp = _cp()
+    rng = np.random.default_rng(5)
+    X = _x(rng, 100, 60)
+    layers = make_chain(rng, X, [(9, 4, 33), (5, 3, 256), (4, 4, 10)])
+    want = chain_ref(X, layers)
+    for chunk in (16 * 48, 16 * 256 * 2, 0):
+        got = _chain_cls()(layers, rows=64, chunk_bytes=chunk)(cp.asarray(X))
+        np.testing.assert_array_equal(got.get(), want)
+
+
+@pytest.mark.parametrize("name", ["mlp8", "k512"])
+def test_large_batch(name):
+    cp = _cp()
+    rng = np.random.default_rng(70000 + len(name))
+    D0, specs = CHAINS[name]
+    X = _x(rng, 70000, D0)
+    layers = make_chain(rng, X[:2000], specs)
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, in_features=D0)
+    np.testing.assert_array_equal(chain(cp.asarray(X)).get(), want)
+
+
+def test_cupy_layers_and_float16_input():
+    cp = _cp()
+    rng = np.random.default_rng(11)
+    D0, specs = CHAINS["depths"]
+    X = _x(rng, 300, D0).astype(np.float16).astype(np.float32)
+    layers = make_chain(rng, X, specs)
+    want = chain_ref(X, layers)
+    dev_layers = [{k: cp.asarray(v) for k, v in layer.items()} for layer in layers]
+    chain = _chain_cls()(dev_layers)
+    np.testing.assert_array_equal(chain(cp.asarray(X.astype(np.float16))).get(), want)
+
+
+def test_outputs_are_fresh_and_sizes_interleave():
+    """A later call (same or other batch size) never overwrites an earlier result; a
+    non-contiguous X is read correctly."""
+    cp = _cp()
+    rng = np.random.default_rng(3)
+    D0, specs = CHAINS["mlp8"]
+    X = _x(rng, 600, D0)
+    layers = make_chain(rng, X, specs)
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, in_features=D0)
+    Xd = cp.asarray(X)
+    outs = [chain(Xd[:300], check_finite=False), chain(Xd[300:], check_finite=False),
+            chain(Xd[:17]), chain(Xd[300:]), chain(Xd)]
+    cp.cuda.get_current_stream().synchronize()
+    np.testing.assert_array_equal(outs[0].get(), want[:300])
+    np.testing.assert_array_equal(outs[1].get(), want[300:])
+    np.testing.assert_array_equal(outs[2].get(), want[:17])
+    np.testing.assert_array_equal(outs[3].get(), want[300:])
+    np.testing.assert_array_equal(outs[4].get(), want)
+    assert outs[1].data.ptr != outs[3].data.ptr
+    Xs = cp.asfortranarray(Xd[:50])
+    np.testing.assert_array_equal(chain(Xs).get(), want[:50])
+    # many calls in flight without a sync cycle through the pinned parameter slots
+    many = [chain(Xd[i:i + 5], check_finite=False) for i in range(0, 500, 5)]
+    for i, y in zip(range(0, 500, 5), many):
+        np.testing.assert_array_equal(y.get(), want[i:i + 5])
+
+
+def test_nan_and_inf_raise():
+    cp = _cp()
+    rng = np.random.default_rng(4)
+    D0, specs = CHAINS["depths"]
+    X = _x(rng, 1000, D0)
+    layers = make_chain(rng, X, specs)
+    chain = _chain_cls()(layers, in_features=D0)
+    for bad, where in ((np.nan, (999, D0 - 1)), (np.inf, (0, 0)), (-np.inf, (500, 17))):
+        Xb = X.copy()
+        Xb[where] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            chain(cp.asarray(Xb))
+        y = chain(cp.asarray(Xb), check_finite=False)      # no check: no raise
+        assert y.shape == (1000, specs[-1][2])
+    # the flag is reset: a clean X passes after a bad one
+    np.testing.assert_array_equal(chain(cp.asarray(X)).get(), chain_ref(X, layers))
+
+
+def test_empty_batch():
+    cp = _cp()
+    rng = np.random.default_rng(6)
+    D0, specs = CHAINS["one"]
+    layers = make_chain(rng, _x(rng, 50, D0), specs)
+    y = _chain_cls()(layers)(cp.zeros((0, D0), dtype=np.float32))
+    assert y.shape == (0, 1) and y.dtype == np.float32
+
+
+def test_bad_inputs():
+    cp = _cp()
+    ChainCUDA = _chain_cls()
+    rng = np.random.default_rng(8)
+    D0, specs = CHAINS["depths"]
+    X = _x(rng, 64, D0)
+    layers = make_chain(rng, X, specs)
+    chain = ChainCUDA(layers, in_features=D0)
+    with pytest.raises(TypeError, match="CuPy"):
+        chain(X)
+    with pytest.raises(TypeError, match="float32"):
+        chain(cp.asarray(X.astype(np.int32)))
+    with pytest.raises(ValueError, match="2-D"):
+        chain(cp.asarray(X[0]))
+    with pytest.raises(ValueError, match="columns"):
+        chain(cp.asarray(X[:, :-1]))
+    with pytest.raises(ValueError, match="non-empty"):
+        ChainCUDA([])
+    with pytest.raises(ValueError, match="dims"):                 # column past layer 0's M
+        bad = [dict(l) for l in layers]
+        bad[1]["dims"] = bad[1]["dims"].copy()
+        bad[1]["dims"][0, 0] = specs[0][2]
+        ChainCUDA(bad)
+    with pytest.raises(ValueError, match="in_features|dims"):
+        ChainCUDA(layers, in_features=3)
+    with pytest.raises(TypeError, match="uint8"):
+        bad = [dict(l) for l in layers]
+        bad[0]["lut"] = bad[0]["lut"].astype(np.int16)
+        ChainCUDA(bad)
+    with pytest.raises(ValueError, match="lut"):
+        bad = [dict(l) for l in layers]
+        bad[0]["lut"] = bad[0]["lut"][:, :-1]
+        ChainCUDA(bad)
+    with pytest.raises(ValueError, match="scale"):
+        bad = [dict(l) for l in layers]
+        bad[0]["scale"] = bad[0]["scale"][:-1]
+        ChainCUDA(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        bad = [dict(l) for l in layers]
+        bad[0]["thresholds"] = bad[0]["thresholds"].copy()
+        bad[0]["thresholds"][0, 0] = np.nan
+        ChainCUDA(bad)
+    with pytest.raises(ValueError, match="nodes"):
+        bad = [dict(l) for l in layers]
+        bad[0]["dims"] = bad[0]["dims"][:, :2]
+        bad[0]["thresholds"] = bad[0]["thresholds"][:, :2]
+        ChainCUDA(bad)
+    with pytest.raises(ValueError, match="lacks"):
+        ChainCUDA([{"dims": layers[0]["dims"]}])
+    with pytest.raises(ValueError, match="rows"):
+        ChainCUDA(layers, rows=3)
