@@ -3,7 +3,8 @@ from . import data  # noqa: F401
 from .layers import (BatchNorm, Conv2d, Dropout, Flatten, Linear, Module, NimbusLayer,  # noqa: F401
                      ReLU, Sequential)
 from .train import accuracy, evaluate, fit  # noqa: F401
-from .convert import ConversionReport, convert  # noqa: F401
+from . import recipe  # noqa: F401
+from .convert import Conversion, ConversionReport, convert  # noqa: F401
 from .fold import fold  # noqa: F401
 from .. import io as _io
 from .layers import _load_model
@@ -11,4 +12,4 @@ from .layers import _load_model
 _io.register_loader("model", _load_model)
 
 __all__ = ["Linear", "Conv2d", "BatchNorm", "ReLU", "Flatten", "Dropout", "Sequential", "NimbusLayer",
-           "Module", "fit", "accuracy", "evaluate", "convert", "ConversionReport", "fold", "data"]
+           "Module", "fit", "accuracy", "evaluate", "convert", "Conversion", "ConversionReport", "recipe", "fold", "data"]

@@ -21,7 +21,11 @@ def _sizes(text):
 
 
 def add_parser(subparsers):
-    """Add the ``convert`` subcommand to an argparse subparsers object."""
+    """Add the ``convert`` subcommand to an argparse subparsers object.
+
+    Every default comes from the recipe (:data:`nimbus.nn.recipe.DEFAULT`; ``--quick``:
+    :data:`nimbus.nn.recipe.QUICK`): an option left out keeps the recipe's value."""
+    from .recipe import DEFAULT as D, QUICK as Q
     p = subparsers.add_parser(
         "convert", help="train an MLP and convert every layer to lookup tables",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,33 +36,36 @@ def add_parser(subparsers):
     p.add_argument("--n-train", type=int, default=None, help="training rows (default: all)")
     p.add_argument("--n-test", type=int, default=None, help="test rows (default: all)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="float training epochs (default 25; --quick: 20)")
+                   help=f"float training epochs (default {D.float_epochs}; --quick: "
+                        f"{Q.float_epochs})")
     p.add_argument("--epochs-per-layer", type=int, default=None,
-                   help="DM epochs per converted layer (default 3; --quick: 4)")
+                   help=f"DM epochs per converted layer (default {D.epochs_per_layer}; --quick: "
+                        f"{Q.epochs_per_layer})")
     p.add_argument("--finetune-epochs", type=int, default=None,
-                   help="epochs with every layer in DM (default 12; --quick: 6)")
+                   help=f"epochs with every layer in DM (default {D.finetune_epochs}; --quick: "
+                        f"{Q.finetune_epochs})")
     p.add_argument("--float-noise", type=float, default=None,
                    help="input noise of every layer while the float model trains, in "
                         "standard deviations of each input (makes it robust to quantized "
-                        "inputs; default 0.4)")
-    p.add_argument("--codebook-dim", type=int, default=8,
-                   help="input dimensions per codebook: C = ceil(D / this) (default 8)")
+                        f"inputs; default {D.float_noise:g})")
+    p.add_argument("--codebook-dim", type=int, default=None,
+                   help=f"input dimensions per codebook: C = ceil(D / this) (default "
+                        f"{D.codebook_dim})")
     p.add_argument("--depth", type=int, default=None,
-                   help="tree depth, 1..10: 2**depth LUT rows per codebook (default 9: 512, "
-                        "uint16 codes, LUTs 32x those of depth 4, same lookup cost; "
-                        "--quick: 8); from depth 9 the init uses 16384 rows and leaves of "
-                        "at least 4 rows")
+                   help=f"tree depth, 1..10: 2**depth LUT rows per codebook (default "
+                        f"{D.depth}; --quick: {Q.depth})")
     p.add_argument("--lut-form", choices=["free", "factored"], default=None,
                    help="DM LUT parameters while training: every entry (free) or "
                         "prototypes x weights (factored); default factored at depth >= 6, "
                         "free below (measured best on Fashion-MNIST)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 256 (--quick: 64)")
-    p.add_argument("--lr", type=float, default=None, help="DM step, relative (default 1e-2)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {D.batch_size} (--quick: {Q.batch_size})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"DM step, relative (default {D.lr:g})")
     p.add_argument("--noise", type=float, default=None,
                    help="training-time input noise of the DM layers, in column standard "
-                        "deviations (default 0.15, measured best on Fashion-MNIST at depth "
-                        "8; 0 turns it off)")
-    p.add_argument("--schedule", choices=["layerwise", "published"], default="layerwise")
+                        f"deviations (default {D.noise:g}; 0 turns it off)")
+    p.add_argument("--schedule", choices=["layerwise", "published"], default=None)
     p.add_argument("--no-int8", action="store_true", help="keep float LUTs")
     p.add_argument("--no-fold", action="store_true", help="do not fold BatchNorm/ReLU")
     p.add_argument("--gpu", action="store_true", help="train and convert on the GPU (CuPy)")
@@ -68,6 +75,24 @@ def add_parser(subparsers):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_convert)
     return p
+
+
+def recipe_from_args(args):
+    """The recipe of a ``convert`` command line: the default (or quick) recipe with the
+    options given."""
+    from . import recipe as R
+    base = R.QUICK if args.quick else R.DEFAULT
+    given = {"float_epochs": args.epochs, "epochs_per_layer": args.epochs_per_layer,
+             "finetune_epochs": args.finetune_epochs, "float_noise": args.float_noise,
+             "codebook_dim": args.codebook_dim, "depth": args.depth, "lut_form": args.lut_form,
+             "batch_size": args.batch_size, "lr": args.lr, "noise": args.noise,
+             "schedule": args.schedule}
+    changes = {k: v for k, v in given.items() if v is not None}
+    if args.no_int8:
+        changes["int8"] = False
+    if args.no_fold:
+        changes["fold"] = False
+    return base.replace(**changes).resolved()
 
 
 def build_mlp(sizes, seed=0):
@@ -100,21 +125,10 @@ def cmd_convert(args):
     if quick and args.n_test:
         Xte, yte = Xte[:args.n_test], yte[:args.n_test]
     hidden = args.hidden or ([64, 32] if quick else [256, 256, 256])
-    epochs = args.epochs if args.epochs is not None else (20 if quick else 25)
-    # --quick shares the Fashion-MNIST defaults below (but depth 8): on digits (4 seeds)
-    # they convert to 93.5-96.7% against 89.3-94.0% with depth 4 and no float noise
-    float_noise = args.float_noise if args.float_noise is not None else 0.4
-    epl = args.epochs_per_layer if args.epochs_per_layer is not None else (4 if quick else 3)
-    # 12 finetune epochs at depth 9: 0.69 points lost on average over seeds 1-12 on the
-    # GPU (all within 0.94), against 0.88 with 6 (RESULTS)
-    fte = args.finetune_epochs if args.finetune_epochs is not None else (6 if quick else 12)
-    bs = args.batch_size or (64 if quick else 256)
-    # depth 9 (512 leaves) lost 0.87 points on average over 14 GPU runs, depth 8 about
-    # 1.2 (RESULTS); digits has 1437 training rows, under 3 per leaf at depth 9, so --quick
-    # keeps depth 8
-    depth = args.depth if args.depth is not None else (8 if quick else 9)
-    lut_form = args.lut_form or ("factored" if depth >= 6 else "free")
-    noise = args.noise if args.noise is not None else 0.15
+    try:
+        recipe = recipe_from_args(args)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"error: {exc}")
     if args.gpu:
         if not backend.has_cuda():
             raise SystemExit("error: --gpu needs CuPy and a CUDA device")
@@ -124,25 +138,18 @@ def cmd_convert(args):
     where = "GPU" if args.gpu else "CPU"
     print(f"data: {name}, train {tuple(Xtr.shape)}, test {tuple(Xte.shape)}, on the {where}")
     print(f"model: MLP {'-'.join(map(str, sizes))} (Linear -> BatchNorm -> ReLU); trees of "
-          f"depth {depth} ({2 ** depth} LUT rows per codebook), {lut_form} DM LUTs, DM input "
-          f"noise {noise:g}")
+          f"depth {recipe.depth} ({2 ** recipe.depth} LUT rows per codebook), {recipe.lut_form} "
+          f"DM LUTs, DM input noise {recipe.noise:g}")
     try:
         t0 = time.perf_counter()
-        fit(model, Xtr, ytr, epochs=epochs, batch_size=bs, lr=1e-3, random_state=args.seed,
-            verbose=not args.quiet, input_noise=float_noise)
+        fit(model, Xtr, ytr, epochs=recipe.float_epochs, batch_size=recipe.batch_size,
+            lr=recipe.float_lr, random_state=args.seed, verbose=not args.quiet,
+            input_noise=recipe.float_noise)
         train_s = time.perf_counter() - t0
-        print(f"float training: {epochs} epochs, input noise {float_noise:g}, in {train_s:.1f} s")
-        kw = {} if args.lr is None else {"lr": args.lr}
-        if depth >= 9:
-            # 512-1024 leaves per tree: the init needs more rows, and leaves of a few rows
-            # (the default min_leaf is N/500) -- the settings of the depth-9 runs in RESULTS
-            kw.update(init_rows=16384, init_params={"refine": 0, "min_leaf": 4})
-        report = convert(model, Xtr, ytr, codebook_dim=args.codebook_dim, depth=depth,
-                         lut_form=lut_form,
-                         epochs_per_layer=epl,
-                         finetune_epochs=fte, batch_size=bs, int8=not args.no_int8,
-                         fold=not args.no_fold, schedule=args.schedule, noise=noise, validation=(Xte, yte),
-                         random_state=args.seed, verbose=not args.quiet, **kw)
+        print(f"float training: {recipe.float_epochs} epochs, input noise "
+              f"{recipe.float_noise:g}, in {train_s:.1f} s")
+        report = convert(model, Xtr, ytr, recipe=recipe, validation=(Xte, yte),
+                         random_state=args.seed, verbose=not args.quiet)
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"error: {exc}")
     print(report.to_markdown() if args.markdown else report)

@@ -1,28 +1,8 @@
 """The conversion pipeline: a trained network -> lookup tables, layer by layer.
 
-Stages (docs/ARCHITECTURE.md, "The path of data"):
-
-1. ``pretrain``: (optional) train the float model with exact layers;
-2. ``layer l`` for every Linear/Conv2d layer l = 1..L in order: the modules before
-   l run ONCE, in evaluation mode and fast hard mode, over the training set (and
-   the validation set), and their output is cached; in fact only the modules
-   between layer l-1 and layer l run, on the previous cache, so a stage costs the
-   same however many layers are already converted. Layer l is initialised from
-   its cached inputs (joint bucketing or MADDNESS trees, C = ceil(D /
-   codebook_dim)) and trained as DM; the modules after it run exact with frozen
-   weights, passing gradients (the affine parameters of the BatchNorm right
-   after l keep training when ``train_bn``);
-3. ``finetune``: every converted layer in DM, briefly, at a smaller step;
-4. ``int8``: LUTs quantized to 8 bits (per-codebook offset, shared scale, exact
-   integer sums);
-5. ``folded``: BatchNorm after a layer folded into its LUT columns, ReLU before a
-   layer into its thresholds (see :mod:`nimbus.nn.fold`).
-
-``schedule="published"`` runs the schedule of Stella Nera instead, for
-comparison: no caching, and every converted layer stays trainable in DM at every
-later stage (stage l trains layers 1..l), so the cost grows with depth squared.
-
-Everything runs where X lives (NumPy or CuPy): the model is moved there first.
+:func:`convert` runs the named stages of :class:`Conversion` (pretrain, layers, finetune,
+int8, fold) as the recipe (:mod:`nimbus.nn.recipe`) configures them; each stage is a method
+a user can also call alone. See docs/ARCHITECTURE.md.
 """
 from __future__ import annotations
 
@@ -33,11 +13,10 @@ import numpy as np
 from ..arrays import backend, validate
 from ..arrays.autograd import Tensor, no_grad
 from ..table import Table
-from ..strategies.base import check_depth
 from .layers import BatchNorm, NimbusLayer, Sequential
 from .train import _check_label_range, check_xy, noisy_forward, soft_targets, train_loop
 
-__all__ = ["convert", "ConversionReport"]
+__all__ = ["convert", "Conversion", "ConversionReport"]
 
 
 class ConversionReport:
@@ -185,7 +164,7 @@ def _all_tensors(m):
     ts = []
     if isinstance(m, NimbusLayer):
         ts = [m.weight, m.bias]
-        if m.strategy is not None and m.strategy.name == "dm":
+        if m.strategy is not None:
             ts += m.strategy.parameters()
     elif isinstance(m, BatchNorm):
         ts = [m.gamma, m.beta]
@@ -193,7 +172,7 @@ def _all_tensors(m):
 
 
 def _layer_tensors(layer):
-    ts = list(layer.strategy.parameters()) if layer.mode == "dm" else [layer.weight]
+    ts = [layer.weight] if layer.strategy is None else list(layer.strategy.parameters())
     return ts + ([layer.bias] if layer.bias is not None else [])
 
 
@@ -220,60 +199,26 @@ def _describe(layer):
 
 
 # ------------------------------------------------------------------ convert
-def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="free", init="auto",
-            init_rows=8192,
-            init_params=None, epochs_per_layer=2, finetune_epochs=1, batch_size=256, lr=1e-2,
-            finetune_lr=None, tau=0.3, temperature=1.0, train_bn=True, distill=0.5,
-            distill_temperature=1.0, noise=0.3, column_orders=None, int8=True, fold=True,
-            pretrain_epochs=0, pretrain_lr=1e-3, pretrain_noise=0.0, schedule="layerwise",
-            validation=None,
-            random_state=None, verbose=False):
+def convert(model, X, y, *, recipe=None, column_orders=None, validation=None, random_state=None,
+            verbose=False, **overrides):
     """Convert every Linear/Conv2d layer of a trained model to lookup tables.
+
+    The pipeline of :class:`Conversion`'s named stages: ``pretrain`` (when
+    ``pretrain_epochs``), ``layers`` (layer-wise training of the trainable strategy),
+    ``finetune`` (when ``finetune_epochs``), ``int8`` and ``fold`` (when ``fold``).
 
     Parameters
     ----------
     model : Sequential whose Linear/Conv2d layers are direct children (trained,
         unless ``pretrain_epochs`` > 0). Modified in place.
     X : (N, ...) array of real numbers (NumPy or CuPy); y : (N,) int labels
-    codebook_dim : int, input dimensions per codebook: C = ceil(D / codebook_dim)
-    ncodebooks : int, optional, the same C for every layer instead
-    depth : int in 1..10, depth of every layer's trees: K = 2**depth LUT rows per
-        codebook (4: the MADDNESS 16; deeper trees partition each codebook's inputs
-        more finely for LUTs 2**(depth-4) times as large, at the same lookup cost)
-    lut_form : "free" or "factored": how DM parametrises each LUT while it trains
-        (see :class:`nimbus.strategies.DM`); the converted model is the same kind
-    init : "auto" (joint bucketing if available, else MADDNESS), "joint", "maddness"
-    init_rows : int, rows of the cached inputs the initial trees are fitted on
-    init_params : dict, extra hyperparameters of the initial tree learner
-        (default ``{"refine": 0}``: refinement passes are slow on wide layers and
-        DM training does their work)
-    epochs_per_layer : int, DM epochs for each layer (stage 2)
-    finetune_epochs : int, epochs with every layer in DM (stage 3); 0 skips it
-    batch_size : int; lr : float, Adam step (DM parameters scale it by their magnitudes)
-    finetune_lr : float, default lr / 5
-    tau, temperature : DM surrogate widths (see :class:`nimbus.strategies.DM`)
-    train_bn : bool, the affine parameters of the BatchNorm right after each trained
-        layer train too (the other BatchNorms stay frozen)
-    distill : float in [0, 1], weight of the float model's own predictions in the
-        training targets (knowledge distillation): targets are ``distill *
-        softmax(float logits / distill_temperature) + (1 - distill) * onehot(y)``;
-        0 trains on labels only
-    distill_temperature : float > 0, softens the float model's probabilities
-    noise : float >= 0, training-time input noise of every DM layer, in units of each
-        input column's standard deviation (see :class:`nimbus.strategies.DM`)
+    recipe : :class:`nimbus.nn.recipe.Recipe`, default :data:`nimbus.nn.recipe.DEFAULT`
+        (the recipe the README measures and the CLI uses)
+    **overrides : any recipe field, e.g. ``depth=6, codebook_dim=4, finetune_epochs=0,
+        int8=False, fold=False`` (see :class:`~nimbus.nn.recipe.Recipe` for all of them)
     column_orders : optional dict {converted-layer number (1-based): permutation of
         that layer's input columns}: which columns each codebook sees (e.g.
         :func:`nimbus.strategies.dm.patch_order` for image patches)
-    int8 : bool, quantize LUTs to 8 bits (stage 4); else keep float LUTs
-    fold : bool, fold BatchNorm and ReLU (stage 5); the model's modules are replaced
-        by the folded chain
-    pretrain_epochs : int, exact training first (stage 1); pretrain_lr its step
-    pretrain_noise : float >= 0, input noise of every layer during pretraining, in
-        standard deviations of each input feature (see :func:`nimbus.nn.fit`'s
-        ``input_noise``): a float model that tolerates perturbed inputs loses less
-        when its layers' inputs are quantized
-    schedule : "layerwise" (ours: cached prefix, one DM layer per stage) or
-        "published" (every converted layer keeps training in DM at later stages)
     validation : optional (X_val, y_val) for the reported accuracies
     random_state : None, int or RandomState
     verbose : progress bars and a line per stage
@@ -285,162 +230,222 @@ def convert(model, X, y, *, codebook_dim=8, ncodebooks=None, depth=4, lut_form="
     Raises
     ------
     ValueError if the model has no Linear/Conv2d layer, is not a Sequential of
-    modules, or X/y are malformed (shapes, labels out of range).
+    modules, or X/y are malformed (shapes, labels out of range); TypeError for an
+    unknown recipe field.
     """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"convert needs a nimbus.nn.Sequential model, got {type(model).__name__}")
-    X, y = check_xy(model, X, y)
-    positions = [i for i, m in enumerate(model.layers) if isinstance(m, NimbusLayer)]
-    if not positions:
-        raise ValueError("the model has no Linear or Conv2d layer to convert")
-    for m in model.layers:
-        if isinstance(m, Sequential):
-            raise ValueError("convert needs a flat Sequential (nested Sequentials are not "
-                             "supported: list their modules in one Sequential)")
-    validate.check_choice(schedule, "schedule", ("layerwise", "published"))
-    for name, v in (("epochs_per_layer", epochs_per_layer), ("finetune_epochs", finetune_epochs),
-                    ("pretrain_epochs", pretrain_epochs)):
-        validate.check_int(v, name, lo=0)
-    batch_size = validate.check_int(batch_size, "batch_size", lo=1)
-    lr = validate.check_float(lr, "lr", 0.0, lo_open=True)
-    finetune_lr = lr / 5 if finetune_lr is None else validate.check_float(
-        finetune_lr, "finetune_lr", 0.0, lo_open=True)
-    init_rows = validate.check_int(init_rows, "init_rows", lo=16)
-    distill = validate.check_float(distill, "distill", 0.0, 1.0)
-    distill_temperature = validate.check_float(distill_temperature, "distill_temperature", 0.0,
-                                               lo_open=True)
-    noise = validate.check_float(noise, "noise", 0.0)
-    pretrain_noise = validate.check_float(pretrain_noise, "pretrain_noise", 0.0)
-    depth = check_depth(depth)
-    validate.check_choice(lut_form, "lut_form", ("free", "factored"))
-    column_orders = dict(column_orders or {})
-    for k in column_orders:
-        if not (isinstance(k, int) and 1 <= k <= len(positions)):
-            raise ValueError(f"column_orders keys are converted-layer numbers 1..{len(positions)}"
-                             f", got {k!r}")
-    if ncodebooks is not None and codebook_dim != 8:
-        raise ValueError("give ncodebooks or codebook_dim, not both")
-    rng = validate.random_state(random_state)
-    if validation is not None:
-        Xv, yv = check_xy(model, *validation)
-        Xv, yv = backend.like(Xv, X), backend.like(yv, X)
-        evaluated_on = "validation"
-    else:
-        Xv, yv = X, y
-        evaluated_on = "train"
-    model.to(X)
-    model.eval()
-    with no_grad():
-        _check_label_range(model(X[:2]).shape[1], y)
-    if init_params is None:
-        # refinement passes cost more than they give once DM trains the layer
-        init_params = {"refine": 0}
-    dm_params = {"tau": tau, "temperature": temperature, "init": init,
-                 "init_params": init_params, "noise": noise, "depth": depth,
-                 "lut_form": lut_form}
-    settings = {"codebook_dim": codebook_dim, "ncodebooks": ncodebooks, "depth": depth,
-                "lut_form": lut_form,
-                "init": init,
-                "epochs_per_layer": epochs_per_layer, "finetune_epochs": finetune_epochs,
-                "batch_size": batch_size, "lr": lr, "finetune_lr": finetune_lr, "tau": tau,
-                "temperature": temperature, "train_bn": train_bn, "distill": distill,
-                "distill_temperature": distill_temperature, "noise": noise,
-                "int8": int8, "fold": fold, "pretrain_noise": pretrain_noise,
-                "schedule": schedule}
-    report = ConversionReport(evaluated_on, settings)
-    say = _say(verbose)
-    t_start = time.perf_counter()
-    mods = model.layers
+    conv = Conversion(model, X, y, recipe=recipe, column_orders=column_orders,
+                      validation=validation, random_state=random_state, verbose=verbose,
+                      **overrides)
+    return conv.run()
 
-    def log(row):
-        acc = row["accuracy"]
-        layer = "" if row["layer"] is None else f" {row['layer']} ({row['name']})"
-        say(f"{row['stage']}{layer}: {evaluated_on} accuracy {100 * acc:.2f}%, "
-            f"{row['seconds']:.1f} s")
 
-    # 1. pretrain ------------------------------------------------------------
-    if pretrain_epochs:
+class Conversion:
+    """One conversion, stage by stage: each stage is a method a user may call alone
+    (in this order), each adds rows to :attr:`report`.
+
+    ``Conversion(model, X, y, ...)`` takes the arguments of :func:`convert` and checks
+    them; :meth:`run` runs the stages the recipe asks for:
+
+    1. :meth:`pretrain`: (optional) train the float model with exact layers;
+    2. :meth:`layers`: for every Linear/Conv2d layer l = 1..L in order, the modules
+       before l run ONCE, in evaluation mode and fast hard mode, over the training set
+       (and the validation set), and their output is cached; only the modules between
+       layer l-1 and layer l run, on the previous cache, so a stage costs the same
+       however many layers are already converted. Layer l switches to the recipe's
+       trainable strategy (DM, initialised from joint bucketing or MADDNESS trees on
+       its cached inputs, C = ceil(D / codebook_dim)) and trains; the modules after it
+       run exact with frozen weights, passing gradients (the affine parameters of the
+       BatchNorm right after l train too when ``train_bn``). ``schedule="published"``
+       runs Stella Nera's schedule instead: no cache, every converted layer keeps
+       training at every later stage (cost quadratic in depth);
+    3. :meth:`finetune`: every converted layer trainable, briefly, at a smaller step;
+    4. :meth:`int8`: every layer hardened, LUTs quantized to 8 bits (exact integer sums);
+    5. :meth:`fold`: BatchNorm after a layer folded into its LUT columns, ReLU before a
+       layer into its thresholds (see :mod:`nimbus.nn.fold`).
+
+    Everything runs where X lives (NumPy or CuPy): the model is moved there first.
+    """
+
+    def __init__(self, model, X, y, *, recipe=None, column_orders=None, validation=None,
+                 random_state=None, verbose=False, **overrides):
+        from . import recipe as _recipe
+        if not isinstance(model, Sequential):
+            raise TypeError(f"convert needs a nimbus.nn.Sequential model, got "
+                            f"{type(model).__name__}")
+        r = _recipe.DEFAULT if recipe is None else recipe
+        if not isinstance(r, _recipe.Recipe):
+            raise TypeError(f"recipe must be a nimbus.nn.recipe.Recipe, got {type(r).__name__}")
+        self.recipe = r = r.replace(**overrides).resolved()
+        X, y = check_xy(model, X, y)
+        self.positions = [i for i, m in enumerate(model.layers) if isinstance(m, NimbusLayer)]
+        if not self.positions:
+            raise ValueError("the model has no Linear or Conv2d layer to convert")
+        for m in model.layers:
+            if isinstance(m, Sequential):
+                raise ValueError("convert needs a flat Sequential (nested Sequentials are not "
+                                 "supported: list their modules in one Sequential)")
+        from ..strategies import REGISTRY
+        if r.method not in REGISTRY or not REGISTRY[r.method].trainable:
+            raise ValueError(f"recipe method {r.method!r} is not a registered trainable strategy; "
+                             f"trainable: {sorted(k for k, c in REGISTRY.items() if c.trainable)}")
+        self.method_params = r.method_params(REGISTRY[r.method])
+        self.column_orders = dict(column_orders or {})
+        for k in self.column_orders:
+            if not (isinstance(k, int) and 1 <= k <= len(self.positions)):
+                raise ValueError(f"column_orders keys are converted-layer numbers "
+                                 f"1..{len(self.positions)}, got {k!r}")
+        if r.ncodebooks is not None and r.codebook_dim != 8:
+            raise ValueError("give ncodebooks or codebook_dim, not both")
+        self.rng = validate.random_state(random_state)
+        if validation is not None:
+            Xv, yv = check_xy(model, *validation)
+            Xv, yv = backend.like(Xv, X), backend.like(yv, X)
+            evaluated_on = "validation"
+        else:
+            Xv, yv = X, y
+            evaluated_on = "train"
+        model.to(X)
+        model.eval()
+        with no_grad():
+            _check_label_range(model(X[:2]).shape[1], y)
+        self.model, self.X, self.y, self.Xv, self.yv = model, X, y, Xv, yv
+        self.verbose = verbose
+        self.report = ConversionReport(evaluated_on, r.as_dict())
+        self._say = _say(verbose)
+        self._t_start = time.perf_counter()
+        self._targets = None
+
+    # ----------------------------------------------------------- plumbing
+    @property
+    def mods(self):
+        return self.model.layers
+
+    def _log(self, stage, t0, modules=None, X=None, layer=None, name=None, loss=None):
+        acc = _accuracy_of(self.mods if modules is None else modules,
+                           self.Xv if X is None else X, self.yv)
+        now = time.perf_counter()
+        row = self.report.add(stage, acc, now - t0, now - self._t_start, layer=layer, name=name,
+                              loss=loss)
+        where = "" if layer is None else f" {layer} ({name})"
+        self._say(f"{stage}{where}: {self.report.evaluated_on} accuracy {100 * acc:.2f}%, "
+                  f"{row['seconds']:.1f} s")
+        return row
+
+    def targets(self):
+        """Training targets: labels, or labels mixed with the float model's predictions
+        (made once, by the model as it is when first asked: the float model)."""
+        r = self.recipe
+        if self._targets is None:
+            self._targets = self.y if r.distill == 0 else soft_targets(
+                _run(self.mods, self.X) / np.float32(r.distill_temperature), self.y,
+                1.0 - r.distill)
+        return self._targets
+
+    def _use_trainable(self, li, layer, inputs):
+        r = self.recipe
+        params = dict(self.method_params)
+        if li in self.column_orders:
+            params["column_order"] = self.column_orders[li]
+        layer.use(r.method, inputs, ncodebooks=r.ncodebooks,
+                  codebook_dim=None if r.ncodebooks is not None else r.codebook_dim,
+                  max_fit_rows=r.init_rows, random_state=self.rng, **params)
+
+    def _train(self, layers, bns, forward, X, epochs, lr, desc):
+        r = self.recipe
+        return _train(self.model, layers, bns, forward, X, self.targets(), epochs, r.batch_size,
+                      lr, self.rng, self.verbose, desc)
+
+    # ------------------------------------------------------------- stages
+    def pretrain(self):
+        """Stage 1: exact training of the float model (``pretrain_epochs``)."""
+        r, model = self.recipe, self.model
         t0 = time.perf_counter()
         model.train()
-        opts = model.optimizers(pretrain_lr)
-        forward = model if pretrain_noise == 0 else noisy_forward(
-            model, pretrain_noise, rng.randint(2 ** 31), X)
-        losses = train_loop(forward, opts, X, y, epochs=pretrain_epochs, batch_size=batch_size,
-                            rng=rng, verbose=verbose, desc="pretrain")
+        opts = model.optimizers(r.pretrain_lr)
+        forward = model if r.pretrain_noise == 0 else noisy_forward(
+            model, r.pretrain_noise, self.rng.randint(2 ** 31), self.X)
+        losses = train_loop(forward, opts, self.X, self.y, epochs=r.pretrain_epochs,
+                            batch_size=r.batch_size, rng=self.rng, verbose=self.verbose,
+                            desc="pretrain")
         model.eval()
-        log(report.add("pretrain", _accuracy_of(mods, Xv, yv), time.perf_counter() - t0,
-                       time.perf_counter() - t_start, loss=losses[-1]))
-    t0 = time.perf_counter()
-    log(report.add("float", _accuracy_of(mods, Xv, yv), time.perf_counter() - t0,
-                   time.perf_counter() - t_start))
-    # training targets: labels, or labels mixed with the float model's predictions
-    T = y if distill == 0 else soft_targets(_run(mods, X) / np.float32(distill_temperature), y,
-                                            1.0 - distill)
+        self._log("pretrain", t0, loss=losses[-1] if losses else None)
 
-    def use_dm(li, layer, inputs):
-        layer.use("dm", inputs, ncodebooks=ncodebooks,
-                  codebook_dim=None if ncodebooks is not None else codebook_dim,
-                  max_fit_rows=init_rows, random_state=rng,
-                  column_order=column_orders.get(li), **dm_params)
+    def evaluate_float(self):
+        """The float model's accuracy (the report's reference row)."""
+        self._log("float", time.perf_counter())
 
-    # 2. layer by layer ------------------------------------------------------
-    if schedule == "layerwise":
-        H, Hv, prev = X, Xv, 0
-        for li, pos in enumerate(positions, start=1):
-            t0 = time.perf_counter()
-            H = _run(mods[prev:pos], H)            # only the modules since the last stage
-            Hv = _run(mods[prev:pos], Hv) if Xv is not X else H
-            prev = pos
-            layer = mods[pos]
-            use_dm(li, layer, H)
-            suffix = mods[pos:]
-            bns = _bn_after(mods, [pos]) if train_bn else []
-            losses = _train(model, [layer], bns, _chain(suffix), H, T, epochs_per_layer,
-                            batch_size, lr, rng, verbose, f"layer {li}")
-            acc = _accuracy_of(suffix, Hv, yv)
-            log(report.add("layer", acc, time.perf_counter() - t0, time.perf_counter() - t_start,
-                           layer=li, name=_describe(layer), loss=losses[-1] if losses else None))
-    else:
-        for li, pos in enumerate(positions, start=1):
-            t0 = time.perf_counter()
-            layer = mods[pos]
-            use_dm(li, layer, _run(mods[:pos], X))     # no cache: the prefix reruns
-            trained = [mods[p] for p in positions[:li]]
-            bns = _bn_after(mods, positions[:li]) if train_bn else []
-            losses = _train(model, trained, bns, _chain(mods), X, T, epochs_per_layer,
-                            batch_size, lr, rng, verbose, f"layer {li}")
-            acc = _accuracy_of(mods, Xv, yv)
-            log(report.add("layer", acc, time.perf_counter() - t0, time.perf_counter() - t_start,
-                           layer=li, name=_describe(layer), loss=losses[-1] if losses else None))
+    def layers(self):
+        """Stage 2: every layer, in order, switched to the trainable strategy and trained."""
+        r, mods, positions = self.recipe, self.mods, self.positions
+        self.targets()
+        if r.schedule == "layerwise":
+            H, Hv, prev = self.X, self.Xv, 0
+            for li, pos in enumerate(positions, start=1):
+                t0 = time.perf_counter()
+                H = _run(mods[prev:pos], H)            # only the modules since the last stage
+                Hv = _run(mods[prev:pos], Hv) if self.Xv is not self.X else H
+                prev = pos
+                layer = mods[pos]
+                self._use_trainable(li, layer, H)
+                suffix = mods[pos:]
+                bns = _bn_after(mods, [pos]) if r.train_bn else []
+                losses = self._train([layer], bns, _chain(suffix), H, r.epochs_per_layer, r.lr,
+                                     f"layer {li}")
+                self._log("layer", t0, modules=suffix, X=Hv, layer=li, name=_describe(layer),
+                          loss=losses[-1] if losses else None)
+        else:
+            for li, pos in enumerate(positions, start=1):
+                t0 = time.perf_counter()
+                layer = mods[pos]
+                self._use_trainable(li, layer, _run(mods[:pos], self.X))  # no cache: reruns
+                trained = [mods[p] for p in positions[:li]]
+                bns = _bn_after(mods, positions[:li]) if r.train_bn else []
+                losses = self._train(trained, bns, _chain(mods), self.X, r.epochs_per_layer,
+                                     r.lr, f"layer {li}")
+                self._log("layer", t0, layer=li, name=_describe(layer),
+                          loss=losses[-1] if losses else None)
 
-    # 3. finetune ------------------------------------------------------------
-    if finetune_epochs:
+    def finetune(self):
+        """Stage 3: every converted layer trains at once (``finetune_epochs``, ``finetune_lr``)."""
+        r, mods = self.recipe, self.mods
         t0 = time.perf_counter()
-        layers = [mods[p] for p in positions]
-        bns = _bn_after(mods, positions) if train_bn else []
-        losses = _train(model, layers, bns, _chain(mods), X, T, finetune_epochs, batch_size,
-                        finetune_lr, rng, verbose, "finetune")
-        log(report.add("finetune", _accuracy_of(mods, Xv, yv), time.perf_counter() - t0,
-                       time.perf_counter() - t_start, loss=losses[-1] if losses else None))
+        layers = [mods[p] for p in self.positions]
+        bns = _bn_after(mods, self.positions) if r.train_bn else []
+        losses = self._train(layers, bns, _chain(mods), self.X, r.finetune_epochs,
+                             r.finetune_lr, "finetune")
+        self._log("finetune", t0, loss=losses[-1] if losses else None)
 
-    # 4. int8 (or float) hard LUTs ------------------------------------------
-    t0 = time.perf_counter()
-    for p in positions:
-        mods[p].harden(quantize=int8)
-    log(report.add("int8" if int8 else "hard", _accuracy_of(mods, Xv, yv),
-                   time.perf_counter() - t0, time.perf_counter() - t_start))
+    def int8(self):
+        """Stage 4: hard LUTs, 8-bit when the recipe's ``int8`` (else float)."""
+        t0 = time.perf_counter()
+        for p in self.positions:
+            self.mods[p].harden(quantize=self.recipe.int8)
+        self._log("int8" if self.recipe.int8 else "hard", t0)
 
-    # 5. fold ----------------------------------------------------------------
-    if fold:
+    def fold(self):
+        """Stage 5: BatchNorm and ReLU folded into the LUT layers (the model's modules
+        are replaced by the folded chain)."""
         from .fold import fold as _fold
         t0 = time.perf_counter()
-        folded = _fold(model)
-        model.layers = folded.layers
-        model.eval()
-        log(report.add("folded", _accuracy_of(model.layers, Xv, yv), time.perf_counter() - t0,
-                       time.perf_counter() - t_start))
-    model.eval()
-    return report
+        folded = _fold(self.model)
+        self.model.layers = folded.layers
+        self.model.eval()
+        self._log("folded", t0)
+
+    def run(self):
+        """The stages the recipe asks for, in order; returns the :class:`ConversionReport`."""
+        r = self.recipe
+        if r.pretrain_epochs:
+            self.pretrain()
+        self.evaluate_float()
+        self.layers()
+        if r.finetune_epochs:
+            self.finetune()
+        self.int8()
+        if r.fold:
+            self.fold()
+        self.model.eval()
+        return self.report
 
 
 def _train(model, layers, bns, forward, X, y, epochs, batch_size, lr, rng, verbose, desc):

@@ -30,18 +30,6 @@ from .layers import BatchNorm, Flatten, NimbusLayer, ReLU, Sequential
 __all__ = ["fold"]
 
 
-def _copy_strategy(s, like):
-    """A deep copy of a strategy, its arrays in the library of ``like``."""
-    meta, arrays = s.to_state()
-    out = type(s).from_state(meta, {k: np.array(v, copy=True) for k, v in arrays.items()})
-    for k, v in list(vars(out).items()):
-        if k.endswith("_") and not k.startswith("_") and isinstance(v, np.ndarray) \
-                and k != "starts_":
-            setattr(out, k, backend.like(v, like))
-    out._cache = {}
-    return out
-
-
 def _copy_layer(layer, like):
     """A fresh copy of a NimbusLayer (same class and config) holding a copied strategy."""
     new = type(layer)._build(layer._config(), [])
@@ -51,48 +39,28 @@ def _copy_layer(layer, like):
         new.weight = None
     if layer.bias is None:
         new.bias = None
-    new.strategy = None if layer.strategy is None else _copy_strategy(layer.strategy, like)
+    new.strategy = None if layer.strategy is None else layer.strategy.copy(like)
     new.training = False
     return new
 
 
 def _has_lut(layer):
     s = layer.strategy
-    return s is not None and hasattr(s, "lut_")
+    return s is not None and s.folds_output_affine
 
 
 def _has_trees(layer):
-    s = layer.strategy
-    return _has_lut(layer) and hasattr(s, "thresholds_")
+    return _has_lut(layer) and layer.strategy.folds_input_relu
 
 
 def _fold_affine_into_lut(layer, a, b):
     """Compose the layer's output (bias included) with the per-column map ``y * a + b``."""
-    s = layer.strategy
-    xp = backend.namespace(s.lut_)
-    a = backend.like(a, s.lut_).astype(np.float32)
-    b = backend.like(b, s.lut_).astype(np.float32)
-    lb = (backend.like(layer.bias.data, s.lut_) if layer.bias is not None
-          else xp.zeros(layer.out_features, dtype=np.float32))
-    shift = (lb * a + b).astype(np.float32)
-    lut = (s.lut_ * a[None, None, :]).astype(np.float32)
-    lut[0] += shift[None, :]                  # every row of codebook 0: added exactly once
-    s.lut_ = lut
-    if getattr(s, "quantize", False):
-        # Y = isum * scale + bias per column: compose the map with it directly, so the
-        # 8-bit entries (and their rounding) stay exactly as they were
-        s.lut_scale_ = (s.lut_scale_ * a).astype(np.float32)
-        s.lut_bias_ = ((s.lut_bias_ + lb) * a + b).astype(np.float32)
-    s._cache = {}
+    layer.strategy.absorb_output_affine(a, b, None if layer.bias is None else layer.bias.data)
     layer.bias = None
 
 
 def _fold_relu_into_thresholds(layer):
-    s = layer.strategy
-    xp = backend.namespace(s.thresholds_)
-    t = s.thresholds_
-    s.thresholds_ = xp.where(t >= 0, t, np.float32(-np.inf)).astype(np.float32)
-    s._cache = {}
+    layer.strategy.absorb_input_relu()
 
 
 def _fold_bn_into_weights(layer, a, b):
@@ -121,8 +89,8 @@ def fold(model):
 
     Parameters
     ----------
-    model : Sequential; its LUT layers may hold any LUT strategy (a DM layer is
-        hardened to a float-LUT MADDNESS first); exact layers are allowed
+    model : Sequential; its LUT layers may hold any LUT strategy (a trainable one is
+        hardened first: DM to a float-LUT MADDNESS); exact layers are allowed
 
     Returns
     -------
@@ -141,8 +109,8 @@ def fold(model):
     for m in model.layers:
         if isinstance(m, NimbusLayer):
             layer = _copy_layer(m, like)
-            if layer.strategy is not None and layer.strategy.name == "dm":
-                layer.strategy = layer.strategy.harden(quantize=False)
+            if layer.strategy is not None:
+                layer.strategy = layer.strategy.harden()     # a trainable one: its hard form
             mods.append(layer)
         else:
             mods.append(_copy_plain(m, like))

@@ -114,16 +114,17 @@ class Module:
     def optimizers(self, lr):
         """Adam optimizers for the trainable parameters (one group per scale).
 
-        Parameters of a DM layer get their own optimizers with ``lr`` scaled by
-        the parameters' magnitudes (see :meth:`nimbus.strategies.DM.param_scales`);
+        A trainable strategy's parameters get the strategy's own optimizers (DM scales
+        ``lr`` by the parameters' magnitudes, see :meth:`nimbus.strategies.DM.param_scales`);
         everything else shares one Adam with step ``lr``.
         """
         from ..arrays.optim import Adam
         opts, plain, seen = [], [], set()
         for m in self.modules():
-            if isinstance(m, NimbusLayer) and m.mode == "dm":
-                opts += m.strategy.optimizers(lr)
-                seen.update(id(p) for p in m.strategy.parameters())
+            s = getattr(m, "strategy", None)
+            if s is not None:
+                opts += s.optimizers(lr)
+                seen.update(id(p) for p in s.parameters())
             for p in m._own_parameters():
                 if p is not None and p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
@@ -505,11 +506,7 @@ class NimbusLayer(Module):
     @property
     def ncodebooks(self):
         """C of the current strategy (None in exact mode)."""
-        s = self.strategy
-        if s is None:
-            return None
-        lut = getattr(s, "lut_", None)
-        return int(lut.shape[0]) if lut is not None else s.ncodebooks
+        return None if self.strategy is None else self.strategy.n_codebooks
 
     def use(self, method, X=None, *, ncodebooks=None, codebook_dim=None, max_fit_rows=None,
             random_state=None, **params):
@@ -517,12 +514,13 @@ class NimbusLayer(Module):
 
         Parameters
         ----------
-        method : "exact", a registered strategy name ("maddness", "pq", "joint",
-            "dm"), or an already fitted Strategy (taken as it is)
+        method : "exact", a registered strategy name (``nimbus.strategies.REGISTRY``),
+            or an already fitted Strategy (taken as it is)
         X : this layer's inputs (Linear: (N, D); Conv2d: (N, C, H, W)), NumPy or
-            CuPy like the model. Needed by every method but "exact", except "dm"
-            when the layer holds a fitted tree (MADDNESS/joint), which DM then
-            starts from (X, if given, sets DM's tau units).
+            CuPy like the model. Needed by every method but "exact", except when the
+            method's class can start from the strategy the layer holds
+            (:meth:`~nimbus.strategies.Strategy.from_fitted`: DM from a fitted tree;
+            X, if given, then sets DM's tau units).
         ncodebooks : int, C; default ``ceil(D / codebook_dim)``
         codebook_dim : int, input dimensions per codebook (default 8)
         max_fit_rows : int, optional: fit on at most this many rows (drawn at random)
@@ -533,7 +531,7 @@ class NimbusLayer(Module):
         -------
         self
         """
-        from ..strategies import REGISTRY, Strategy, DM
+        from ..strategies import REGISTRY, Strategy
         if isinstance(method, Strategy):
             self._accept(method)
             self.strategy = method
@@ -550,16 +548,18 @@ class NimbusLayer(Module):
         rows = None
         if X is not None:
             rows = self._fit_rows(X, max_fit_rows, random_state)
-        if method == "dm" and self.strategy is not None and hasattr(self.strategy, "dims_") \
-                and self.strategy.name != "dm" and hasattr(self.strategy, "lut_"):
-            self.strategy = DM.from_tree(self.strategy, rows, random_state=random_state, **params)
-            return self
+        cls = REGISTRY[method]
+        if self.strategy is not None and not isinstance(self.strategy, cls):
+            started = cls.from_fitted(self.strategy, rows, random_state=random_state, **params)
+            if started is not None:
+                self.strategy = started
+                return self
         if self.weight is None:
             raise ValueError(f"{self!r} was folded: it has no weights to fit a strategy to")
         if rows is None:
             raise ValueError(f"layer.use({method!r}) needs the layer's inputs X to fit on")
         C = self._codebooks(ncodebooks, codebook_dim)
-        strat = REGISTRY[method](ncodebooks=C, random_state=random_state, **params)
+        strat = cls(ncodebooks=C, random_state=random_state, **params)
         strat.fit(rows, backend.like(self.weight.data, rows))
         self.strategy = strat
         return self
@@ -587,16 +587,13 @@ class NimbusLayer(Module):
                              f"{self.out_features}")
 
     def harden(self, quantize=True):
-        """Fast hard inference from here on: a DM becomes a plain MADDNESS with its trees
-        and LUT (8-bit when ``quantize``); a tree strategy is re-quantized as asked."""
+        """Fast hard inference from here on (the strategy's :meth:`harden`): a trainable
+        strategy becomes its hard form (DM: a plain MADDNESS with its trees and LUT); the
+        LUT is 8-bit when ``quantize``, float otherwise."""
         s = self.strategy
         if s is None:
             raise ValueError(f"{self!r} is in exact mode: there is nothing to harden")
-        if s.name == "dm":
-            self.strategy = s.harden(quantize=quantize)
-        elif hasattr(s, "lut_") and getattr(s, "quantize", None) != bool(quantize):
-            s.quantize = bool(quantize)
-            s._set_lut(s.lut_)
+        self.strategy = s.harden(quantize=bool(quantize))
         return self
 
     # ------------------------------------------------------------ forward
@@ -624,13 +621,10 @@ class NimbusLayer(Module):
         s = self.strategy
         if s is None:
             return rows @ self.weight
-        if s.name == "dm":
+        try:
             return s.forward(rows)
-        if rows.requires_grad and ag.is_grad_enabled():
-            raise ValueError(f"{self!r} is in hard {s.name!r} mode and passes no gradient, but "
-                             "its input needs one; switch it to 'dm' or 'exact' to train "
-                             "through it")
-        return Tensor(s(rows.data))
+        except ValueError as exc:
+            raise ValueError(f"{self!r}: {exc}") from None
 
     def forward(self, x):
         rows = self._rows(x)
@@ -647,11 +641,7 @@ class NimbusLayer(Module):
 
     # ------------------------------------------------------------- state
     def _own_parameters(self):
-        ps = []
-        if self.strategy is None:
-            ps.append(self.weight)
-        elif self.strategy.name == "dm":
-            ps.extend(self.strategy.parameters())
+        ps = [self.weight] if self.strategy is None else list(self.strategy.parameters())
         ps.append(self.bias)
         return [p for p in ps if p is not None]
 
@@ -670,22 +660,13 @@ class NimbusLayer(Module):
 
     def _own_arrays_in_use(self):
         yield from super()._own_arrays_in_use()
-        s = self.strategy
-        if s is not None:
-            for k, v in vars(s).items():
-                if k.endswith("_") and k != "starts_" and not k.startswith("_") and \
-                        backend.is_array(v):
-                    yield v
+        if self.strategy is not None:
+            yield from self.strategy.learned_arrays().values()
 
     def _move(self, like):
         super()._move(like)
-        s = self.strategy
-        if s is not None:
-            for k, v in list(vars(s).items()):
-                if k.endswith("_") and not k.startswith("_") and \
-                        backend.is_array(v) and k != "starts_":
-                    setattr(s, k, backend.like(v, like))
-            s._cache = {}
+        if self.strategy is not None:
+            self.strategy.to(like)
 
     def _extra_state(self, arrays, prefix):
         extra = {"has_weight": self.weight is not None, "has_bias": self.bias is not None}

@@ -19,10 +19,10 @@ import inspect
 import numpy as np
 
 from ..arrays import backend, kernels, validate
+from ._lut import NBUCKETS  # K at the default, defined in _lut (which imports nothing from here)
 
-NBUCKETS = 16           # K of every strategy at its default (depth-4 trees, 16 centroids)
 # codes are uint8 up to depth 8 (256 leaves), uint16 up to depth 10 (1024 leaves)
-MAX_DEPTH = kernels.reference.MAX_DEPTH
+MAX_DEPTH = validate.MAX_DEPTH
 
 
 def check_depth(depth):
@@ -327,6 +327,143 @@ class Strategy:
         self._check_fitted("lut_")
         return int(self.lut_.size * (1 if self.quantize else 4))
 
+    # ============================================================ the protocol
+    # What nn/, io, the CLI and the inference runtime use of a strategy, beyond fit /
+    # encode / lookup / __call__. They never test a strategy's name or read its learned
+    # attributes: a new strategy overrides what differs (docs/ARCHITECTURE.md).
+
+    #: True for a strategy whose parameters train by backprop inside a network (DM)
+    trainable = False
+
+    @property
+    def n_codebooks(self):
+        """C as fitted (the LUT's first axis), else the ``ncodebooks`` asked for."""
+        lut = getattr(self, "lut_", None)
+        return int(lut.shape[0]) if lut is not None else self.ncodebooks
+
+    def parameters(self):
+        """Trainable Tensors (empty unless :attr:`trainable`)."""
+        return []
+
+    def optimizers(self, lr):
+        """Optimizers for :meth:`parameters` at relative step ``lr`` (empty unless trainable)."""
+        return []
+
+    def forward(self, x):
+        """The op on a Tensor ``x`` (N, D) -> Tensor (N, M), for networks.
+
+        A hard strategy passes no gradient: asking for one (``x`` requires grad while
+        gradients are on) raises ValueError. Trainable strategies override this."""
+        from ..arrays.autograd import Tensor, is_grad_enabled
+        if x.requires_grad and is_grad_enabled():
+            raise ValueError(f"this {self.name!r} strategy is hard and passes no gradient, "
+                             "but its input needs one; switch to a trainable strategy (dm) "
+                             "or to exact to train through it")
+        return Tensor(self(x.data))
+
+    @classmethod
+    def from_fitted(cls, other, A=None, **params):
+        """A new strategy of this class that starts from the fitted strategy ``other``
+        (e.g. a trainable one from a tree and LUT), or None when it cannot: the caller
+        then fits it from rows. ``A``: the rows ``other`` saw, optional."""
+        return None
+
+    def harden(self, quantize=None):
+        """The fast hard strategy for inference: this one, its LUT re-quantized when
+        ``quantize`` (True: 8-bit, False: float) differs from its own; a trainable
+        strategy returns a new hard one (None keeps its LUT's precision)."""
+        self._check_fitted("lut_")
+        if quantize is not None and bool(quantize) != bool(self.quantize):
+            self.quantize = bool(quantize)
+            self._set_lut(self.lut_)
+        return self
+
+    # folding (nimbus.nn.fold): what the strategy can absorb
+    #: its output is a LUT sum, so a per-column affine map after it folds into the LUT
+    folds_output_affine = True
+    #: its encoder compares inputs with thresholds, so a ReLU before it folds in
+    folds_input_relu = False
+
+    def absorb_output_affine(self, a, b, bias=None):
+        """Compose the output with ``(y + bias) * a + b`` per column, in place.
+
+        Parameters
+        ----------
+        a, b : (M,) float32 (a BatchNorm's affine map, say); bias : (M,) float32 or None,
+            a bias added before the map (the layer's own)
+
+        With an 8-bit LUT (``Y = isum * scale + offset``) ``scale`` becomes ``scale * a``
+        and ``offset`` ``(offset + bias) * a + b``: the 8-bit entries stay as they were.
+        The float LUT is scaled by ``a`` and ``bias * a + b`` is added to codebook 0's rows.
+        """
+        self._check_fitted("lut_")
+        xp = backend.namespace(self.lut_)
+        a = backend.like(a, self.lut_).astype(np.float32)
+        b = backend.like(b, self.lut_).astype(np.float32)
+        M = self.lut_.shape[2]
+        lb = (xp.zeros(M, dtype=np.float32) if bias is None
+              else backend.like(bias, self.lut_).astype(np.float32))
+        shift = (lb * a + b).astype(np.float32)
+        lut = (self.lut_ * a[None, None, :]).astype(np.float32)
+        lut[0] += shift[None, :]                  # every row of codebook 0: added exactly once
+        self.lut_ = lut
+        if getattr(self, "quantize", False):
+            # compose with Y = isum * scale + offset directly, so the 8-bit entries (and
+            # their rounding) stay exactly as they were
+            self.lut_scale_ = (self.lut_scale_ * a).astype(np.float32)
+            self.lut_bias_ = ((self.lut_bias_ + lb) * a + b).astype(np.float32)
+        self._cache = {}
+
+    def absorb_input_relu(self):
+        """Make the encoder see ``relu(x)`` instead of ``x`` (in place); only where
+        :attr:`folds_input_relu`."""
+        raise ValueError(f"a {type(self).__name__} strategy cannot absorb a ReLU before it")
+
+    def inference_spec(self):
+        """What the compiled runtime needs to run this strategy (nimbus.nn.compile).
+
+        Returns
+        -------
+        dict with ``"encoder"`` (the encoder's kind, e.g. ``"tree"``) and its arrays, and
+        the 8-bit LUT: ``"lut"`` (C, K, M) uint8, ``"scale"`` (M,) float32, ``"bias"``
+        (M,) float32, so that ``Y = float32(sum_c lut[c, code_c]) * scale + bias``.
+        Arrays stay in the strategy's library.
+
+        Raises
+        ------
+        ValueError when the strategy has no 8-bit LUT (not converted, or not int8).
+        """
+        raise ValueError(f"a {type(self).__name__} strategy has no inference form for the "
+                         "compiled runtime")
+
+    def _int8_lut(self):
+        self._check_fitted("lut_")
+        if not self.quantize or getattr(self, "lut_q_", None) is None:
+            raise ValueError(f"this {type(self).__name__} has a float LUT: quantize it to int8 "
+                             "first (nn.convert(..., int8=True) or harden(quantize=True))")
+        return {"lut": self.lut_q_, "scale": self.lut_scale_, "bias": self.lut_bias_}
+
+    # arrays and devices
+    def learned_arrays(self):
+        """{name: array} of the learned arrays that live on the data's device."""
+        return {k: v for k, v in vars(self).items()
+                if k.endswith("_") and not k.startswith("_") and k != "starts_"
+                and backend.is_array(v)}
+
+    def to(self, like):
+        """Move the learned arrays to the library (and device) of array ``like``; self."""
+        for k, v in self.learned_arrays().items():
+            setattr(self, k, backend.like(v, like))
+        self._cache = {}
+        return self
+
+    def copy(self, like=None):
+        """An independent copy (through the saved state), its arrays where ``like`` is."""
+        meta, arrays = self.to_state()
+        out = type(self).from_state(meta, {k: np.array(v, copy=True) for k, v in arrays.items()})
+        out._cache = {}
+        return out if like is None else out.to(like)
+
 
 class TreeStrategy(Strategy):
     """A strategy that encodes with hash trees (``dims_``, ``thresholds_``: (C, K-1)) and
@@ -345,6 +482,24 @@ class TreeStrategy(Strategy):
                 self._learned("lut_q_", A), self._learned("lut_scale_", A),
                 self._learned("lut_bias_", A), out_dtype=A.dtype)
         return super()._apply(A)
+
+    folds_input_relu = True
+
+    def absorb_input_relu(self):
+        """``relu(x) > t`` equals ``x > t`` for ``t >= 0`` and is always true for ``t < 0``:
+        such thresholds become -inf, so the encoder sees relu(x) while reading x."""
+        self._check_fitted("thresholds_")
+        xp = backend.namespace(self.thresholds_)
+        t = self.thresholds_
+        self.thresholds_ = xp.where(t >= 0, t, np.float32(-np.inf)).astype(np.float32)
+        self._cache = {}
+
+    def inference_spec(self):
+        """``{"encoder": "tree", "dims": (C, K-1) int32, "thresholds": (C, K-1) float32,
+        "lut", "scale", "bias"}`` (see :meth:`Strategy.inference_spec`)."""
+        spec = {"encoder": "tree", "dims": self.dims_, "thresholds": self.thresholds_}
+        spec.update(self._int8_lut())
+        return spec
 
     def _prototypes_lut(self, B):
         P = self._learned("prototypes_", B)

@@ -188,6 +188,7 @@ class DM(TreeStrategy):
     """
 
     name = "dm"
+    trainable = True
 
     def __init__(self, ncodebooks=16, *, tau=0.5, temperature=1.0, init="auto", split="node",
                  depth=4, lut_form="free", init_params=None, column_order=None, noise=0.0,
@@ -384,6 +385,15 @@ class DM(TreeStrategy):
         dm._take_tree(tree, A)
         return dm
 
+    @classmethod
+    def from_fitted(cls, other, A=None, **params):
+        """:meth:`from_tree` when ``other`` is a fitted hard tree strategy with a LUT (the
+        protocol's hook: a layer switching to DM starts from its tree), else None."""
+        if other is None or other.trainable or \
+                not all(hasattr(other, a) for a in ("dims_", "thresholds_", "lut_")):
+            return None
+        return cls.from_tree(other, A, **params)
+
     def _take_tree(self, tree, A):
         """Copy the tree and float LUT of ``tree``; node scales from rows ``A`` (or 1)."""
         xp = backend.namespace(tree.lut_)
@@ -515,12 +525,13 @@ class DM(TreeStrategy):
         self._sync_lut()                  # the saved LUT is the factored one's product
         return super().to_state()
 
-    def harden(self, quantize=True):
+    def harden(self, quantize=None):
         """A plain :class:`~nimbus.strategies.Maddness` with the trained trees and LUT.
 
-        Its output equals this DM's forward exactly (``quantize=False``), or with the
-        LUT in 8 bits (``quantize=True``: an offset per codebook and column, a scale
-        per column, exact integer sums). It has no prototypes: a LUT for another B needs a new fit.
+        Its output equals this DM's forward exactly (``quantize=False`` or None: the float
+        LUT), or with the LUT in 8 bits (``quantize=True``: an offset per codebook and
+        column, a scale per column, exact integer sums). It has no prototypes: a LUT for
+        another B needs a new fit.
         """
         from .maddness import Maddness
         self._check_fitted("lut_")

@@ -18,6 +18,7 @@ class Exact(Strategy):
 
     name = "exact"
     needs_codes = False
+    folds_output_affine = False        # no LUT: a layer holding it folds into its weights
 
     def __init__(self, ncodebooks=None, *, random_state=None):
         self.ncodebooks = ncodebooks
