@@ -12,12 +12,13 @@ SIMD_PATHS = [False, pytest.param(True, marks=pytest.mark.skipif(
 
 
 def make_layer(rng, d_in, C, depth, M, neg_inf=0.1, tie_from=None):
-    """A random layer: dims in 0..d_in-1, thresholds with some -inf (folded ReLU), and,
+    """A random layer: dims in 0..d_in-1, thresholds with some -inf (folded ReLU) and +inf, and,
     when tie_from (N, d_in) is given, some thresholds equal to input values (ties)."""
     K = 2 ** depth
     dims = rng.integers(0, d_in, (C, K - 1)).astype(np.int32)
     thr = rng.normal(size=(C, K - 1)).astype(np.float32)
     thr[rng.random((C, K - 1)) < neg_inf] = -np.inf
+    thr[rng.random((C, K - 1)) < neg_inf / 2] = np.inf     # a bucket with no split
     if tie_from is not None:
         pick = rng.random((C, K - 1)) < 0.3
         rows = rng.integers(0, tie_from.shape[0], (C, K - 1))

@@ -310,8 +310,56 @@ def _make_lut_intrinsic(K, R):
     return lut_rows
 
 
+def _make_transpose16():
+    """A Numba intrinsic ``f(src, soff, sstride, dst, doff, dstride)``: the 16 x 16 float32
+    tile at ``src.flat[soff + i*sstride + j]`` written transposed to
+    ``dst.flat[doff + j*dstride + i]``, in registers: 16 loads, 64 two-register
+    shuffles, 16 stores (element by element it cost 3x more)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+    i32 = ir.IntType(32)
+    lo = ir.Constant(ir.VectorType(i32, 16), [i32(k) for i in range(8) for k in (i, 16 + i)])
+    hi = ir.Constant(ir.VectorType(i32, 16),
+                     [i32(k) for i in range(8, 16) for k in (i, 16 + i)])
+
+    @intrinsic
+    def transpose16(typingctx, src, soff, sstride, dst, doff, dstride):
+        sig = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            a_src, a_soff, a_ss, a_dst, a_doff, a_ds = args
+            sp = context.make_array(signature.args[0])(context, builder, a_src).data
+            dp = context.make_array(signature.args[3])(context, builder, a_dst).data
+            intp = a_soff.type
+
+            def at(base, off, stride, i):
+                p = builder.gep(base, [builder.add(off, builder.mul(stride, intp(i)))])
+                return builder.bitcast(p, f32x16.as_pointer())
+
+            rows = [builder.load(at(sp, a_soff, a_ss, i), align=4) for i in range(16)]
+            # interleaving rows i and i+8 (low halves -> row 2i, high -> 2i+1) rotates the
+            # 8-bit index (row, column) left by one bit; four times swaps row and column
+            for _ in range(4):
+                nxt = []
+                for i in range(8):
+                    nxt.append(builder.shuffle_vector(rows[i], rows[i + 8], lo))
+                    nxt.append(builder.shuffle_vector(rows[i], rows[i + 8], hi))
+                rows = nxt
+            for i in range(16):
+                builder.store(rows[i], at(dp, a_doff, a_ds, i), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return transpose16
+
+
 _SIMD = simd_supported()
 if _SIMD:
+    _transpose16 = _make_transpose16()
     _lut16_r1, _lut16_r4 = _make_lut_intrinsic(16, 1), _make_lut_intrinsic(16, 4)
     _lut32_r1, _lut32_r4 = _make_lut_intrinsic(32, 1), _make_lut_intrinsic(32, 4)
     _lut64_r1, _lut64_r4 = _make_lut_intrinsic(64, 1), _make_lut_intrinsic(64, 4)
@@ -339,28 +387,33 @@ else:                                                    # pragma: no cover - ot
 
 
 @njit(inline="always")
-def _simd_walk(srcT, nr, dims, thr, base, nn, depth, mask, idx, ioff, jK):
-    # node tests of all rows as a bit mask per row (contiguous loads over rows: these
-    # loops vectorise), then the descent reads its bits from the mask
+def _simd_walk(srcT, nr, dims, thr, base, nn, depth, mask, idx, ioff, jK, one):
+    # The tests of all nn nodes as a bit mask per row (mask: nr integers of one's type,
+    # wide enough for nn bits), node by node: contiguous loads over rows, a loop LLVM
+    # vectorises (unconditional stores: an `if` around them kept it scalar). Then the
+    # descent reads its bits from the mask. The counts and shifts are in the mask's type:
+    # a mixed uint/int64 expression would widen the vectors.
+    zero = one - one
     for r in range(nr):
-        mask[r] = 0
+        mask[r] = zero
+    bit = one
     for j in range(nn):
         xr = srcT[dims[base + j]]
         t = thr[base + j]
-        bit = np.uint64(1) << np.uint64(j)
         for r in range(nr):
-            if xr[r] > t:
-                mask[r] |= bit
+            mask[r] |= bit if xr[r] > t else zero
+        bit = bit << one
+    two = one + one
     for r in range(nr):
         mk = mask[r]
-        node = np.uint64(0)
+        node = zero
         for _ in range(depth):
-            node = np.uint64(2) * node + np.uint64(1) + ((mk >> node) & np.uint64(1))
+            node = two * node + one + ((mk >> node) & one)
         idx[ioff + 4 * r] = np.uint8(jK + np.int64(node) - nn)
 
 
 @njit(inline="always")
-def _simd_encode(srcT, nr, meta, l, dims, thr, mask, idx):
+def _simd_encode(srcT, nr, meta, l, dims, thr, mask16, mask32, mask64, idx):
     C = meta[l, _C]
     nn = meta[l, _NN]
     depth = meta[l, _DEPTH]
@@ -372,11 +425,14 @@ def _simd_encode(srcT, nr, meta, l, dims, thr, mask, idx):
         j = c - 4 * g
         ioff = g * 4 * nr + j
         if depth == 4:
-            _simd_walk(srcT, nr, dims, thr, doff + c * nn, nn, 4, mask, idx, ioff, j * K)
+            _simd_walk(srcT, nr, dims, thr, doff + c * 15, 15, 4, mask16, idx, ioff,
+                       j * 16, np.uint16(1))
         elif depth == 5:
-            _simd_walk(srcT, nr, dims, thr, doff + c * nn, nn, 5, mask, idx, ioff, j * K)
+            _simd_walk(srcT, nr, dims, thr, doff + c * 31, 31, 5, mask32, idx, ioff,
+                       j * 32, np.uint32(1))
         else:
-            _simd_walk(srcT, nr, dims, thr, doff + c * nn, nn, 6, mask, idx, ioff, j * K)
+            _simd_walk(srcT, nr, dims, thr, doff + c * 63, 63, 6, mask64, idx, ioff,
+                       j * 64, np.uint64(1))
     for c in range(C, 4 * G):          # missing codebooks of the last group: a zero table
         g = c // 4
         j = c - 4 * g
@@ -385,19 +441,30 @@ def _simd_encode(srcT, nr, meta, l, dims, thr, mask, idx):
 
 
 @njit(inline="always")
-def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask, idx):
+def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask16, mask32,
+                mask64, idx):
     L = meta.shape[0]
     R = 1 if nb <= 16 else 4
     nr = 16 * R
     D0 = X.shape[1]
     # the block, transposed: rows of bufA are input columns, contiguous over rows
-    for r in range(nb):
-        for d in range(D0):
-            bufA[d, r] = X[n0 + r, d]
+    # 16 x 16 tiles transposed in registers; the edges element by element, 16 columns
+    # at a time so the 16 rows of bufA being written stay in L1
+    r16 = nb - nb % 16
+    d16 = D0 - D0 % 16
+    for r0 in range(0, r16, 16):
+        for d0 in range(0, d16, 16):
+            _transpose16(X, (n0 + r0) * D0 + d0, D0, bufA, d0 * BLOCK_SIMD + r0, BLOCK_SIMD)
+    for d0 in range(0, D0, 16):                   # the ragged edges, 16 columns at a time
+        d1 = min(D0, d0 + 16)
+        rstart = r16 if d1 - d0 == 16 else 0
+        for r in range(rstart, nb):
+            for d in range(d0, d1):
+                bufA[d, r] = X[n0 + r, d]
     src = bufA
     dst = bufB
     for l in range(L):
-        _simd_encode(src, nr, meta, l, dims, thr, mask, idx)
+        _simd_encode(src, nr, meta, l, dims, thr, mask16, mask32, mask64, idx)
         C = meta[l, _C]
         _simd_lookup(meta[l, _NN] + 1, R, lutP, meta[l, _LOFF], idx, (C + 3) // 4,
                      meta[l, _M], sb, meta[l, _SOFF], dst)
@@ -417,18 +484,21 @@ def _simd_scratch(meta, d0):
         maxc = max(maxc, meta[l, _C] + 3)
     bufA = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
     bufB = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
-    mask = np.empty(BLOCK_SIMD, dtype=np.uint64)
+    mask16 = np.empty(BLOCK_SIMD, dtype=np.uint16)
+    mask32 = np.empty(BLOCK_SIMD, dtype=np.uint32)
+    mask64 = np.empty(BLOCK_SIMD, dtype=np.uint64)
     idx = np.empty(maxc * BLOCK_SIMD, dtype=np.uint8)
-    return bufA, bufB, mask, idx
+    return bufA, bufB, mask16, mask32, mask64, idx
 
 
 @njit(cache=True, nogil=True)
 def _simd_serial(X, out, meta, dims, thr, lutP, sb):
     N = X.shape[0]
-    bufA, bufB, mask, idx = _simd_scratch(meta, X.shape[1])
+    bufA, bufB, mask16, mask32, mask64, idx = _simd_scratch(meta, X.shape[1])
     for n0 in range(0, N, BLOCK_SIMD):
         nb = min(BLOCK_SIMD, N - n0)
-        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask, idx)
+        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask16, mask32,
+                    mask64, idx)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -436,11 +506,11 @@ def _simd_parallel(X, out, meta, dims, thr, lutP, sb, ntasks):
     N = X.shape[0]
     nblocks = (N + BLOCK_SIMD - 1) // BLOCK_SIMD
     for t in prange(ntasks):
-        bufA, bufB, mask, idx = _simd_scratch(meta, X.shape[1])
+        bufA, bufB, mask16, mask32, mask64, idx = _simd_scratch(meta, X.shape[1])
         for b in range(t, nblocks, ntasks):
             n0 = b * BLOCK_SIMD
             _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, thr, lutP, sb,
-                        bufA, bufB, mask, idx)
+                        bufA, bufB, mask16, mask32, mask64, idx)
 
 
 def _pack_simd(layers, meta):
@@ -501,8 +571,8 @@ def _check_layer(layer, l, d_in):
     _depth_of(nn, f"layer {l} dims {dims.shape}")
     if thr.shape != dims.shape:
         raise ValueError(f"layer {l} thresholds shape {thr.shape} != dims shape {dims.shape}")
-    if np.isnan(thr).any() or np.isposinf(thr).any():
-        raise ValueError(f"layer {l} thresholds hold NaN or +inf")
+    if np.isnan(thr).any():             # -inf (folded ReLU) and +inf (no split) are fine
+        raise ValueError(f"layer {l} thresholds hold NaN")
     if lut.shape[:2] != (C, nn + 1) or lut.shape[2] < 1:
         raise ValueError(f"layer {l} lut shape {lut.shape}; expected ({C}, {nn + 1}, M >= 1)")
     M = lut.shape[2]
