@@ -33,8 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import nimbus  # noqa: E402
 from nimbus.arrays import kernels  # noqa: E402
 from nimbus.nn.data import digits_task, load_fashion_mnist  # noqa: E402
-from nimbus.strategies._lut import quantize_lut  # noqa: E402
-from nimbus.strategies.joint import quantize_lut_per_column  # noqa: E402
+from nimbus.strategies._lut import quantize_lut, quantize_lut_per_column  # noqa: E402
 from tests.anchor_data import make_data  # noqa: E402  (shared/anchors/synth.py's data)
 
 METHODS = [("pq", "pq", {"random_state": 0}), ("maddness", "maddness", {}),
