@@ -241,25 +241,29 @@ def _aligned(*arrays):
     return all(a.data.ptr % 16 == 0 for a in arrays)
 
 
-_dims_ok = {}            # (pointer, C, D) -> True once checked (see _check_dims)
+_dims_ok = {}            # (device, pointer, shape, D) -> the checked dims array itself
+_DIMS_CACHE_SIZE = 256
 
 
 def _check_dims(dims, D):
     """Raise ValueError unless every tested column is in [0, D).
 
-    The answer is cached per (device pointer, shape, D), since learned dims do not change;
-    the kernels clamp columns anyway, so a later in-place change to out-of-range values
-    cannot read outside A (it gives wrong codes instead)."""
-    key = (dims.data.ptr, dims.shape, D)
+    The answer is cached per (device, pointer, shape, D), since learned dims do not
+    change. The cache keeps the checked array itself alive: were it to hold only the
+    pointer, CuPy's memory pool could hand the same address to a new, unchecked array of
+    the same shape (seen on an H200: an out-of-range dims passed as checked). A later
+    in-place change of a cached array to out-of-range values is not seen; the byte
+    kernels clamp columns, so that gives wrong codes, not reads outside A."""
+    key = (dims.device.id, dims.data.ptr, dims.shape, D)
     if key in _dims_ok:
         return
     lo, hi = int(dims.min()), int(dims.max())
     if lo < 0 or hi >= D:
         raise ValueError(f"dims must be column indices in [0, {D}) for A with {D} columns; "
                          f"got values from {lo} to {hi}")
-    if len(_dims_ok) > 1024:
+    if len(_dims_ok) >= _DIMS_CACHE_SIZE:
         _dims_ok.clear()
-    _dims_ok[key] = True
+    _dims_ok[key] = dims
 
 
 def _tree_args(A, dims, thresholds):
