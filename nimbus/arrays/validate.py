@@ -24,7 +24,7 @@ __all__ = [
     "as_matrix", "as_codes", "as_labels", "check_inner", "check_int",
     "check_float", "check_choice", "random_state", "finite_or_raise",
     "MAX_DEPTH", "BYTE_DEPTH", "code_dtype", "tree_depth", "depth_of_nodes", "check_tree",
-    "lut_buckets", "check_nbuckets",
+    "lut_buckets", "check_nbuckets", "check_dm",
 ]
 
 _REAL_KINDS = "iuf"
@@ -130,6 +130,28 @@ def check_nbuckets(nbuckets, max_depth=MAX_DEPTH):
             or not 1 <= int(nbuckets) <= top:
         raise ValueError(f"nbuckets must be an int in 1..{top}; got {nbuckets!r}")
     return int(nbuckets)
+
+
+def check_dm(dims, thresholds, lut, inv_tau=None):
+    """Depth d of the trees, after checking that the DM operands agree with it.
+
+    Parameters
+    ----------
+    dims : (C, K-1); thresholds : (C, K-1); lut : (C, K, M); inv_tau : (C, K-1) or None
+
+    Returns
+    -------
+    d : int, 1..10, with K = 2**d; raises ValueError naming the shapes otherwise
+    """
+    d = check_tree(dims, thresholds)
+    K = 1 << d
+    if lut.ndim != 3 or lut.shape[:2] != (dims.shape[0], K):
+        raise ValueError(f"lut has shape {tuple(lut.shape)}; trees with dims of shape "
+                         f"{tuple(dims.shape)} need ({dims.shape[0]}, {K}, M)")
+    if inv_tau is not None and tuple(inv_tau.shape) != tuple(dims.shape):
+        raise ValueError(f"inv_tau has shape {tuple(inv_tau.shape)}; it must match dims' "
+                         f"shape {tuple(dims.shape)}")
+    return d
 
 
 def _as_array(x, name):

@@ -85,19 +85,21 @@ def _imports(path):
                                   "nimbus/arrays/kernels/cpu.py", "nimbus/arrays/kernels/dm_cpu.py",
                                   "nimbus/arrays/kernels/dm_cuda.py"])
 def test_production_modules_do_not_import_the_oracle(path):
-    # the shape rules the kernels share live in validate; reference is for tests and the
-    # dispatch's fallback (kernels/__init__.py, and cuda.py's fallbacks), dm_reference's
-    # shape checks for the DM kernels
-    bad = {m for m in _imports(path) if m.rsplit(".", 1)[-1] == "reference"}
+    # the shape rules the kernels share live in validate; the oracles (reference,
+    # dm_reference) are for tests and the dispatch's fallback (kernels/__init__.py, and
+    # the two fallbacks of cuda.py's launchers)
+    bad = {m for m in _imports(path) if m.rsplit(".", 1)[-1].endswith("reference")}
     assert not bad, f"{path} imports {sorted(bad)}"
 
 
 def test_reference_reexports_the_shape_rules():
     from nimbus.arrays import validate
     from nimbus.arrays.kernels import reference
+    from nimbus.arrays.kernels import dm_reference
     for name in ("MAX_DEPTH", "BYTE_DEPTH", "code_dtype", "tree_depth", "depth_of_nodes",
                  "check_tree", "lut_buckets", "check_nbuckets"):
         assert getattr(reference, name) is getattr(validate, name)
+    assert dm_reference.check_dm is validate.check_dm
     assert validate.code_dtype(256) == np.uint8 and validate.code_dtype(257) == np.uint16
 
 

@@ -48,7 +48,8 @@ import importlib.resources
 import numpy as np
 
 from .. import backend, validate
-from . import reference
+from . import reference     # the oracle as the fallback of two launchers: encode_pq (K != 16)
+#                             and lookup_backward (past the grid limits)
 
 FUSED_FINITE_CHECK = frozenset({"encode_tree", "encode_pq", "encode_lookup_q"})
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, validate
-from . import dm_reference
 from .cuda import _check_dims, device_info, load_source
 
 # The CUDA C++ of every kernel above is cuda/dm.cu (package data), compiled once per
@@ -201,7 +200,7 @@ def lookup_q(codes, lut_q, scale, bias):
 def dm_forward(A, dims, thresholds, lut):
     """Hard forward: (codes (N, C) uint8 or uint16, Y (N, M) float32); see
     :func:`.dm_reference.dm_forward`."""
-    dm_reference.check_dm(dims, thresholds, lut)
+    validate.check_dm(dims, thresholds, lut)
     codes = encode(A, dims, thresholds)
     return codes, lookup(codes, lut)
 
@@ -290,7 +289,7 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
     A = _c(A, np.float32)
     dims, thresholds, inv_tau = _c(dims, np.int32), _c(thresholds, np.float32), _c(inv_tau, np.float32)
     lut, grad_Y = _c(lut, np.float32), _c(grad_Y, np.float32)
-    depth = dm_reference.check_dm(dims, thresholds, lut, inv_tau)
+    depth = validate.check_dm(dims, thresholds, lut, inv_tau)
     N, D = A.shape
     C, K, M = lut.shape
     grad_lut = lut_grad(codes, grad_Y, K) if need_lut else None

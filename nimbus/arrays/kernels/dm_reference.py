@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import backend, validate
 from . import reference
-from ..validate import tree_depth
+from ..validate import check_dm, tree_depth
 
 # the default depth-4 tree (kept for modules that import them)
 NNODES = 15
@@ -135,28 +135,6 @@ def dm_forward(A, dims, thresholds, lut):
     check_dm(dims, thresholds, lut)
     codes = reference.encode_tree(A, dims, thresholds)
     return codes, reference.lookup(codes, lut)
-
-
-def check_dm(dims, thresholds, lut, inv_tau=None):
-    """Depth d of the trees, after checking that the DM operands agree with it.
-
-    Parameters
-    ----------
-    dims : (C, K-1); thresholds : (C, K-1); lut : (C, K, M); inv_tau : (C, K-1) or None
-
-    Returns
-    -------
-    d : int, 1..10, with K = 2**d; raises ValueError naming the shapes otherwise
-    """
-    d = validate.check_tree(dims, thresholds)
-    K = 1 << d
-    if lut.ndim != 3 or lut.shape[:2] != (dims.shape[0], K):
-        raise ValueError(f"lut has shape {tuple(lut.shape)}; trees with dims of shape "
-                         f"{tuple(dims.shape)} need ({dims.shape[0]}, {K}, M)")
-    if inv_tau is not None and tuple(inv_tau.shape) != tuple(dims.shape):
-        raise ValueError(f"inv_tau has shape {tuple(inv_tau.shape)}; it must match dims' "
-                         f"shape {tuple(dims.shape)}")
-    return d
 
 
 def leaf_gradients(grad_Y, lut):
