@@ -25,6 +25,7 @@ import numbers
 
 import numpy as np
 
+from .. import io as _io
 from ..arrays import autograd as ag
 from ..arrays import backend, validate
 from ..arrays.autograd import Function, Tensor, no_grad
@@ -284,9 +285,19 @@ class Module:
         args = ", ".join(f"{k}={v!r}" for k, v in self._config().items())
         return f"{type(self).__name__}({args})"
 
+    # ------------------------------------------------------------- inference
+    def inference_steps(self):
+        """This module as steps of the compiled runtime (:func:`nimbus.nn.compile`), in
+        evaluation mode: a list of dicts with ``"op"`` ("lut", "dense", "relu", "affine",
+        "flatten") and the op's host (NumPy) arrays. ValueError if it has none."""
+        raise ValueError(f"{type(self).__name__} has no compiled form")
+
 
 def _load_model(meta, arrays):
     return Module._from_meta(meta["model"], arrays)
+
+
+_io.register_loader("model", _load_model)      # nimbus.load reads saved models through it
 
 
 # ================================================================== simple ops
@@ -297,6 +308,9 @@ class ReLU(Module):
     def forward(self, x):
         return ag.relu(x)
 
+    def inference_steps(self):
+        return [{"op": "relu"}]
+
 
 @_register
 class Flatten(Module):
@@ -304,6 +318,9 @@ class Flatten(Module):
 
     def forward(self, x):
         return ag.reshape(x, (x.shape[0], -1))
+
+    def inference_steps(self):
+        return [{"op": "flatten"}]
 
 
 @_register
@@ -333,6 +350,9 @@ class Dropout(Module):
         keep = self._rng.random_sample(x.shape) >= self.p
         scale = backend.like((keep / (1.0 - self.p)).astype(np.float32), x.data)
         return x * scale
+
+    def inference_steps(self):
+        return []                  # the identity in evaluation mode
 
 
 @_register
@@ -387,6 +407,11 @@ class BatchNorm(Module):
         a = (self.gamma.data * inv).astype(np.float32)
         b = (self.beta.data - self.running_mean * a).astype(np.float32)
         return a, b
+
+    def inference_steps(self):
+        a, b = self.affine()
+        return [{"op": "affine", "a": backend.to_host(a), "b": backend.to_host(b),
+                 "features": self.num_features}]
 
     def forward(self, x):
         _check_tensor_features(x, self.num_features, repr(self))
@@ -445,6 +470,9 @@ class Sequential(Module):
         for m in self.layers:
             x = m(x)
         return x
+
+    def inference_steps(self):
+        return [step for m in self.layers for step in m.inference_steps()]
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -639,6 +667,33 @@ class NimbusLayer(Module):
     def _unrows(self, y, x):
         raise NotImplementedError
 
+    # --------------------------------------------------------- inference
+    def inference_steps(self):
+        """One step: ``"dense"`` (W (D, M), b (M,) or None) in exact mode, else ``"lut"``
+        with the strategy's :meth:`~nimbus.strategies.Strategy.inference_spec` and the
+        layer's bias as ``layer_bias`` (None once folded). ValueError for layers that have no compiled form
+        (a Conv2d) or a strategy without an 8-bit form (names what is missing)."""
+        if not self._rows_are_inputs:
+            raise ValueError(f"{self!r}: the compiled runtime runs Linear layers (a "
+                             f"{type(self).__name__} has no compiled form yet)")
+        bias = None if self.bias is None else backend.to_host(self.bias.data)
+        base = {"in": self.in_features, "out": self.out_features, "bias": bias}
+        if self.strategy is None:
+            if self.weight is None:
+                raise ValueError(f"{self!r} has neither weights nor a strategy")
+            return [dict(base, op="dense", weight=backend.to_host(self.weight.data))]
+        try:
+            spec = self.strategy.inference_spec()
+        except ValueError as exc:
+            raise ValueError(f"{self!r}: {exc}") from None
+        spec = {k: (backend.to_host(v) if backend.is_array(v) else v) for k, v in spec.items()}
+        # the LUT's "bias" is its offset; the layer's own bias (None once folded) is apart
+        return [dict(spec, op="lut", layer_bias=bias, **{"in": self.in_features,
+                                                          "out": self.out_features})]
+
+    #: True when the product's rows are the layer's input rows (Linear), not im2col windows
+    _rows_are_inputs = False
+
     # ------------------------------------------------------------- state
     def _own_parameters(self):
         ps = [self.weight] if self.strategy is None else list(self.strategy.parameters())
@@ -706,6 +761,8 @@ class Linear(NimbusLayer):
     bias : bool
     random_state : None, int or RandomState (initial weights: U(-1/sqrt(D), 1/sqrt(D)))
     """
+
+    _rows_are_inputs = True
 
     def _config(self):
         return {"in_features": self.in_features, "out_features": self.out_features,

@@ -438,6 +438,9 @@ class Strategy:
 
     def _int8_lut(self):
         self._check_fitted("lut_")
+        if self.trainable:
+            raise ValueError(f"this {type(self).__name__} is still trainable: harden it to "
+                             "int8 first (nn.convert's int8 stage, or layer.harden(quantize=True))")
         if not self.quantize or getattr(self, "lut_q_", None) is None:
             raise ValueError(f"this {type(self).__name__} has a float LUT: quantize it to int8 "
                              "first (nn.convert(..., int8=True) or harden(quantize=True))")

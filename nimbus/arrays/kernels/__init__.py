@@ -107,6 +107,14 @@ OP_TABLE = {
         (_TC + "test_dm_kernels_any_depth",
          "tests/nn/test_dm.py::test_backward_matches_slow_reference",
          "tests/nn/test_dm.py::test_any_depth_backward_matches_slow_reference")),
+    # a converted network's chain of 8-bit LUT layers in one call (the compiled runtime's
+    # kernel): built once by :func:`chain`, called per batch
+    "chain": KernelOp(
+        "reference.chain", "runtime_cpu.ChainCPU", "runtime_cuda.ChainCUDA",
+        "runtime_cuda.ChainCUDA",
+        ("tests/arrays/test_runtime_cpu.py::test_chain_matches_reference",
+         "tests/arrays/test_runtime_cuda.py::test_chain_matches_reference",
+         "tests/nn/test_runtime.py::test_compiled_equals_model")),
 }
 
 # ops that :func:`implementation` dispatches by array library (cpu / cuda / reference)
@@ -353,3 +361,27 @@ def dm_backward(A, dims, thresholds, inv_tau, lut, codes, grad_Y, inv_temp,
         grad_A, grad_t = dm_cpu.node_backward(A, dims, thresholds, inv_tau, G, inv_temp, need_a)
         grad_t = grad_t if need_t else None
     return grad_A, grad_t, grad_lut
+
+
+def chain(layers, in_features, library="numpy"):
+    """The compiled chain of 8-bit LUT layers for arrays of ``library`` ("numpy": Numba,
+    :class:`.runtime_cpu.ChainCPU`; "cupy": one captured CUDA kernel per call,
+    :class:`.runtime_cuda.ChainCUDA`, built on the current device).
+
+    Parameters
+    ----------
+    layers : list of dicts ``dims``, ``thresholds``, ``lut``, ``scale``, ``bias`` (see
+        :func:`.reference.chain`)
+    in_features : int, D0, the width of the chain's input rows
+
+    Returns
+    -------
+    callable ``chain(X) -> Y``: X (N, D0) float32 C-contiguous of that library (finite: the
+    NumPy chain does not check; the CuPy one takes ``check_finite=``), Y (N, M_last) float32
+    """
+    op = OP_TABLE["chain"]
+    if library == "cupy":
+        return resolve(op.cuda)(layers, in_features=in_features)
+    if library != "numpy":
+        raise ValueError(f"library must be 'numpy' or 'cupy', got {library!r}")
+    return resolve(op.cpu)(layers, d_in=in_features)

@@ -183,3 +183,23 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     """
     Y = lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)
     return Y.astype(out_dtype, copy=False)
+
+
+def chain(X, layers):
+    """A chain of 8-bit LUT layers (a converted network's): each layer's
+    :func:`encode_lookup_q` output is the next one's input.
+
+    Parameters
+    ----------
+    X : (N, D0) float32
+    layers : list of dicts with ``dims`` (C, K-1) int32, ``thresholds`` (C, K-1) float32,
+        ``lut`` (C, K, M) uint8, ``scale`` and ``bias`` (M,) float32 (same library as X)
+
+    Returns
+    -------
+    Y : (N, M_last) float32
+    """
+    for layer in layers:
+        X = encode_lookup_q(X, layer["dims"], layer["thresholds"], layer["lut"],
+                            layer["scale"], layer["bias"])
+    return X
