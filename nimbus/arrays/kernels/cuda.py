@@ -243,7 +243,7 @@ def _aligned(*arrays):
 
 
 _dims_ok = {}            # (device, pointer, shape, D) -> the checked dims array itself
-_DIMS_CACHE_SIZE = 256
+_DIMS_CACHE_SIZE = 64      # at most this many checked dims arrays kept alive
 
 
 def _check_dims(dims, D):
