@@ -205,6 +205,7 @@ def _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks):
 
 BLOCK_SIMD = 64          # rows per block on the SIMD path: 4 groups of 16 rows
 _SIMD_K = (16, 32, 64)
+_U4 = 1
 
 
 def simd_supported():
@@ -217,9 +218,11 @@ def simd_supported():
     return {"+avx512f", "+avx512bw", "+avx512vbmi", "+avx512vnni"} <= feats
 
 
-def _make_lut_intrinsic(K, R):
+def _make_lut_intrinsic(K, R, U):
     """A Numba intrinsic ``f(lutP, loff, idx, G, M, sb, soff, dst)`` running one layer's
-    lookup for R groups of 16 rows (see the comment above); K and R are fixed at build."""
+    lookup for R groups of 16 rows (see the comment above), U output columns at a time
+    (R * U independent vpdpbusd chains hide its latency; the last M % U columns go one
+    at a time); K, R and U are fixed when it is built."""
     from llvmlite import ir
     from numba import types
     from numba.core import cgutils
@@ -256,58 +259,165 @@ def _make_lut_intrinsic(K, R):
             ones = ir.Constant(i32x16, [ir.Constant(ir.IntType(32), 0x01010101)] * 16)
             zero = ir.Constant(i32x16, [ir.Constant(ir.IntType(32), 0)] * 16)
             top = ir.Constant(i8x64, [ir.Constant(ir.IntType(8), 0x80)] * 64)
-            accs = [cgutils.alloca_once(builder, i32x16) for _ in range(R)]
+            accs = [[cgutils.alloca_once(builder, i32x16) for _ in range(R)] for _ in range(U)]
 
             def vload(base, off, vt, align):
                 return builder.load(builder.bitcast(builder.gep(base, [off]), vt.as_pointer()),
                                     align=align)
 
-            with cgutils.for_range(builder, a_M) as ml:
-                m = ml.index
-                for a in accs:
-                    builder.store(zero, a)
-                row0 = builder.add(a_loff, builder.mul(builder.mul(m, a_G),
-                                                       ir.Constant(intp, nbytes)))
+            def lookup(tabs, iv):
+                if K == 16:
+                    return builder.call(perm, [tabs[0], iv])
+                if K == 32:
+                    return builder.call(perm, [tabs[0], iv, tabs[1]])
+                lo = builder.call(perm, [tabs[0], iv, tabs[1]])
+                hi = builder.call(perm, [tabs[2], iv, tabs[3]])
+                is_hi = builder.icmp_unsigned("!=", builder.and_(iv, top),
+                                              ir.Constant(i8x64, None))
+                return builder.select(is_hi, hi, lo)
+
+            def columns(m0, u):
+                # columns m0 .. m0+u-1: sums over all groups, then the float rows
+                for a in accs[:u]:
+                    for ar in a:
+                        builder.store(zero, ar)
                 with cgutils.for_range(builder, a_G) as gl:
                     g = gl.index
-                    tb = builder.add(row0, builder.mul(g, ir.Constant(intp, nbytes)))
-                    tabs = [vload(lp, builder.add(tb, ir.Constant(intp, 64 * i)), i8x64, 1)
-                            for i in range(nbytes // 64)]
-                    ib = builder.mul(g, ir.Constant(intp, 64 * R))
+                    ib = builder.mul(g, intp(64 * R))
+                    ivs = [vload(ip, builder.add(ib, intp(64 * rg)), i8x64, 1)
+                           for rg in range(R)]
+                    for k in range(u):
+                        tb = builder.mul(builder.add(builder.mul(builder.add(m0, intp(k)), a_G),
+                                                     g), intp(nbytes))
+                        tb = builder.add(a_loff, tb)
+                        tabs = [vload(lp, builder.add(tb, intp(64 * i)), i8x64, 1)
+                                for i in range(nbytes // 64)]
+                        for rg in range(R):
+                            p = lookup(tabs, ivs[rg])
+                            acc = builder.load(accs[k][rg])
+                            builder.store(builder.call(dpbusd, [acc, builder.bitcast(p, i32x16),
+                                                                ones]), accs[k][rg])
+                for k in range(u):
+                    m = builder.add(m0, intp(k))
+                    scale = builder.load(builder.gep(sp, [builder.add(a_soff, m)]))
+                    bias = builder.load(builder.gep(sp, [builder.add(builder.add(a_soff, a_M),
+                                                                     m)]))
+                    svec = ir.Constant(f32x16, ir.Undefined)
+                    bvec = ir.Constant(f32x16, ir.Undefined)
+                    for i in range(16):
+                        svec = builder.insert_element(svec, scale, ir.Constant(ir.IntType(32), i))
+                        bvec = builder.insert_element(bvec, bias, ir.Constant(ir.IntType(32), i))
+                    drow = builder.mul(m, intp(BLOCK_SIMD))
                     for rg in range(R):
-                        iv = vload(ip, builder.add(ib, ir.Constant(intp, 64 * rg)), i8x64, 1)
-                        if K == 16:
-                            p = builder.call(perm, [tabs[0], iv])
-                        elif K == 32:
-                            p = builder.call(perm, [tabs[0], iv, tabs[1]])
-                        else:
-                            lo = builder.call(perm, [tabs[0], iv, tabs[1]])
-                            hi = builder.call(perm, [tabs[2], iv, tabs[3]])
-                            is_hi = builder.icmp_unsigned("!=", builder.and_(iv, top),
-                                                          ir.Constant(i8x64, None))
-                            p = builder.select(is_hi, hi, lo)
-                        acc = builder.load(accs[rg])
-                        builder.store(builder.call(dpbusd, [acc, builder.bitcast(p, i32x16),
-                                                            ones]), accs[rg])
-                scale = builder.load(builder.gep(sp, [builder.add(a_soff, m)]))
-                bias = builder.load(builder.gep(sp, [builder.add(builder.add(a_soff, a_M), m)]))
-                undef = ir.Constant(f32x16, ir.Undefined)
-                svec = undef
-                bvec = undef
-                for i in range(16):
-                    svec = builder.insert_element(svec, scale, ir.Constant(ir.IntType(32), i))
-                    bvec = builder.insert_element(bvec, bias, ir.Constant(ir.IntType(32), i))
-                drow = builder.mul(m, ir.Constant(intp, BLOCK_SIMD))
-                for rg in range(R):
-                    f = builder.sitofp(builder.load(accs[rg]), f32x16)
-                    y = builder.fadd(builder.fmul(f, svec), bvec)
-                    ptr = builder.gep(dp, [builder.add(drow, ir.Constant(intp, 16 * rg))])
-                    builder.store(y, builder.bitcast(ptr, f32x16.as_pointer()), align=4)
+                        f = builder.sitofp(builder.load(accs[k][rg]), f32x16)
+                        y = builder.fadd(builder.fmul(f, svec), bvec)   # no FMA: as reference
+                        ptr = builder.gep(dp, [builder.add(drow, intp(16 * rg))])
+                        builder.store(y, builder.bitcast(ptr, f32x16.as_pointer()), align=4)
+
+            nfull = builder.sdiv(a_M, intp(U))
+            with cgutils.for_range(builder, nfull) as ml:
+                columns(builder.mul(ml.index, intp(U)), U)
+            if U > 1:
+                done = builder.mul(nfull, intp(U))
+                with cgutils.for_range(builder, builder.sub(a_M, done)) as ml:
+                    columns(builder.add(done, ml.index), 1)
             return context.get_dummy_value()
 
         return sig, codegen
 
     return lut_rows
+
+
+def _make_encode_intrinsic(K, R):
+    """A Numba intrinsic ``f(srcT, dims, thr, doff, C, idx)`` encoding one layer for R
+    groups of 16 rows: srcT (D, BLOCK_SIMD) float32, the block transposed; the trees'
+    nodes at ``dims/thr[doff + c*(K-1) + node]``; writes the index vectors
+    ``idx[(g*R + rg)*64 + 4r + j] = j*K + code[16 rg + r, 4g + j]`` (codebooks past C:
+    code 0, a zero table). K (so the depth) and R are fixed when it is built.
+
+    Per codebook and 16 rows, each node is one vector compare of a row of srcT with the
+    node's threshold, OR-ed as bit ``node`` of a per-row mask (all nodes unrolled: no
+    loop overhead, no aliasing question); the descent then reads the bits of its path
+    from the mask (vector shifts), and four codebooks' codes, shifted into the four
+    bytes of an int32 lane, make the 64-byte index vector with one store."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    nn = K - 1
+    depth = K.bit_length() - 1
+    lane = ir.IntType(64 if nn > 31 else 32)
+    vm = ir.VectorType(lane, 16)
+    i32 = ir.IntType(32)
+    i32x16 = ir.VectorType(i32, 16)
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+
+    def splat(vt, value):
+        return ir.Constant(vt, [ir.Constant(vt.element, value)] * 16)
+
+    @intrinsic
+    def encode_rows(typingctx, srcT, dims, thr, doff, C, idx):
+        sig = types.void(srcT, dims, thr, types.intp, types.intp, idx)
+
+        def codegen(context, builder, signature, args):
+            a_src, a_dims, a_thr, a_doff, a_C, a_idx = args
+            t_src, t_dims, t_thr, _, _, t_idx = signature.args
+            sp = context.make_array(t_src)(context, builder, a_src).data
+            dp = context.make_array(t_dims)(context, builder, a_dims).data
+            tp = context.make_array(t_thr)(context, builder, a_thr).data
+            ip = context.make_array(t_idx)(context, builder, a_idx).data
+            intp = a_doff.type
+            zero_m = splat(vm, 0)
+            one_m = splat(vm, 1)
+            two_m = splat(vm, 2)
+            G = builder.sdiv(builder.add(a_C, intp(3)), intp(4))
+            with cgutils.for_range(builder, G) as gl:
+                g = gl.index
+                combined = [splat(i32x16, 0)] * R
+                for jj in range(4):
+                    c = builder.add(builder.mul(g, intp(4)), intp(jj))
+                    valid = builder.icmp_signed("<", c, a_C)
+                    c = builder.select(valid, c, builder.sub(a_C, intp(1)))
+                    base = builder.add(a_doff, builder.mul(c, intp(nn)))
+                    masks = [zero_m] * R
+                    for j in range(nn):
+                        pos = builder.add(base, intp(j))
+                        d = builder.sext(builder.load(builder.gep(dp, [pos])), intp)
+                        t = builder.load(builder.gep(tp, [pos]))
+                        tv = ir.Constant(f32x16, ir.Undefined)
+                        for i in range(16):
+                            tv = builder.insert_element(tv, t, i32(i))
+                        row = builder.gep(sp, [builder.mul(d, intp(BLOCK_SIMD))])
+                        bit = splat(vm, 1 << j)
+                        for rg in range(R):
+                            p = builder.bitcast(builder.gep(row, [intp(16 * rg)]),
+                                                f32x16.as_pointer())
+                            x = builder.load(p, align=4)
+                            right = builder.fcmp_ordered(">", x, tv)
+                            masks[rg] = builder.or_(masks[rg],
+                                                    builder.select(right, bit, zero_m))
+                    for rg in range(R):
+                        node = zero_m
+                        for _ in range(depth):
+                            b = builder.and_(builder.lshr(masks[rg], node), one_m)
+                            node = builder.add(builder.add(builder.mul(node, two_m), one_m), b)
+                        code = builder.sub(node, splat(vm, nn))
+                        if lane.width != 32:
+                            code = builder.trunc(code, i32x16)
+                        code = builder.select(valid, code, splat(i32x16, 0))
+                        code = builder.shl(builder.add(code, splat(i32x16, jj * K)),
+                                           splat(i32x16, 8 * jj))
+                        combined[rg] = builder.or_(combined[rg], code)
+                for rg in range(R):
+                    off = builder.add(builder.mul(g, intp(64 * R)), intp(64 * rg))
+                    p = builder.bitcast(builder.gep(ip, [off]), i32x16.as_pointer())
+                    builder.store(combined[rg], p, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return encode_rows
 
 
 def _make_transpose16():
@@ -360,9 +470,31 @@ def _make_transpose16():
 _SIMD = simd_supported()
 if _SIMD:
     _transpose16 = _make_transpose16()
-    _lut16_r1, _lut16_r4 = _make_lut_intrinsic(16, 1), _make_lut_intrinsic(16, 4)
-    _lut32_r1, _lut32_r4 = _make_lut_intrinsic(32, 1), _make_lut_intrinsic(32, 4)
-    _lut64_r1, _lut64_r4 = _make_lut_intrinsic(64, 1), _make_lut_intrinsic(64, 4)
+    # one row group: 4 columns in flight; four row groups: 1 column (4 chains either way)
+    _lut16_r1, _lut16_r4 = _make_lut_intrinsic(16, 1, 4), _make_lut_intrinsic(16, 4, _U4)
+    _lut32_r1, _lut32_r4 = _make_lut_intrinsic(32, 1, 4), _make_lut_intrinsic(32, 4, _U4)
+    _lut64_r1, _lut64_r4 = _make_lut_intrinsic(64, 1, 4), _make_lut_intrinsic(64, 4, _U4)
+
+    _enc16_r1, _enc16_r4 = _make_encode_intrinsic(16, 1), _make_encode_intrinsic(16, 4)
+    _enc32_r1, _enc32_r4 = _make_encode_intrinsic(32, 1), _make_encode_intrinsic(32, 4)
+    _enc64_r1, _enc64_r4 = _make_encode_intrinsic(64, 1), _make_encode_intrinsic(64, 4)
+
+    @njit(inline="always")
+    def _simd_encode_k(K, R, srcT, dims, thr, doff, C, idx):
+        if R == 1:
+            if K == 16:
+                _enc16_r1(srcT, dims, thr, doff, C, idx)
+            elif K == 32:
+                _enc32_r1(srcT, dims, thr, doff, C, idx)
+            else:
+                _enc64_r1(srcT, dims, thr, doff, C, idx)
+        else:
+            if K == 16:
+                _enc16_r4(srcT, dims, thr, doff, C, idx)
+            elif K == 32:
+                _enc32_r4(srcT, dims, thr, doff, C, idx)
+            else:
+                _enc64_r4(srcT, dims, thr, doff, C, idx)
 
     @njit(inline="always")
     def _simd_lookup(K, R, lutP, loff, idx, G, M, sb, soff, dst):
@@ -382,67 +514,16 @@ if _SIMD:
                 _lut64_r4(lutP, loff, idx, G, M, sb, soff, dst)
 else:                                                    # pragma: no cover - other CPUs
     @njit(inline="always")
+    def _simd_encode_k(K, R, srcT, dims, thr, doff, C, idx):
+        raise RuntimeError("the SIMD encoder needs AVX-512")
+
+    @njit(inline="always")
     def _simd_lookup(K, R, lutP, loff, idx, G, M, sb, soff, dst):
         raise RuntimeError("the SIMD lookup needs AVX-512 VBMI and VNNI")
 
 
 @njit(inline="always")
-def _simd_walk(srcT, nr, dims, thr, base, nn, depth, mask, idx, ioff, jK, one):
-    # The tests of all nn nodes as a bit mask per row (mask: nr integers of one's type,
-    # wide enough for nn bits), node by node: contiguous loads over rows, a loop LLVM
-    # vectorises (unconditional stores: an `if` around them kept it scalar). Then the
-    # descent reads its bits from the mask. The counts and shifts are in the mask's type:
-    # a mixed uint/int64 expression would widen the vectors.
-    zero = one - one
-    for r in range(nr):
-        mask[r] = zero
-    bit = one
-    for j in range(nn):
-        xr = srcT[dims[base + j]]
-        t = thr[base + j]
-        for r in range(nr):
-            mask[r] |= bit if xr[r] > t else zero
-        bit = bit << one
-    two = one + one
-    for r in range(nr):
-        mk = mask[r]
-        node = zero
-        for _ in range(depth):
-            node = two * node + one + ((mk >> node) & one)
-        idx[ioff + 4 * r] = np.uint8(jK + np.int64(node) - nn)
-
-
-@njit(inline="always")
-def _simd_encode(srcT, nr, meta, l, dims, thr, mask16, mask32, mask64, idx):
-    C = meta[l, _C]
-    nn = meta[l, _NN]
-    depth = meta[l, _DEPTH]
-    doff = meta[l, _DOFF]
-    K = nn + 1
-    G = (C + 3) // 4
-    for c in range(C):
-        g = c // 4
-        j = c - 4 * g
-        ioff = g * 4 * nr + j
-        if depth == 4:
-            _simd_walk(srcT, nr, dims, thr, doff + c * 15, 15, 4, mask16, idx, ioff,
-                       j * 16, np.uint16(1))
-        elif depth == 5:
-            _simd_walk(srcT, nr, dims, thr, doff + c * 31, 31, 5, mask32, idx, ioff,
-                       j * 32, np.uint32(1))
-        else:
-            _simd_walk(srcT, nr, dims, thr, doff + c * 63, 63, 6, mask64, idx, ioff,
-                       j * 64, np.uint64(1))
-    for c in range(C, 4 * G):          # missing codebooks of the last group: a zero table
-        g = c // 4
-        j = c - 4 * g
-        for r in range(nr):
-            idx[g * 4 * nr + 4 * r + j] = np.uint8(j * K)
-
-
-@njit(inline="always")
-def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask16, mask32,
-                mask64, idx):
+def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx):
     L = meta.shape[0]
     R = 1 if nb <= 16 else 4
     nr = 16 * R
@@ -464,7 +545,7 @@ def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask16, m
     src = bufA
     dst = bufB
     for l in range(L):
-        _simd_encode(src, nr, meta, l, dims, thr, mask16, mask32, mask64, idx)
+        _simd_encode_k(meta[l, _NN] + 1, R, src, dims, thr, meta[l, _DOFF], meta[l, _C], idx)
         C = meta[l, _C]
         _simd_lookup(meta[l, _NN] + 1, R, lutP, meta[l, _LOFF], idx, (C + 3) // 4,
                      meta[l, _M], sb, meta[l, _SOFF], dst)
@@ -484,21 +565,17 @@ def _simd_scratch(meta, d0):
         maxc = max(maxc, meta[l, _C] + 3)
     bufA = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
     bufB = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
-    mask16 = np.empty(BLOCK_SIMD, dtype=np.uint16)
-    mask32 = np.empty(BLOCK_SIMD, dtype=np.uint32)
-    mask64 = np.empty(BLOCK_SIMD, dtype=np.uint64)
     idx = np.empty(maxc * BLOCK_SIMD, dtype=np.uint8)
-    return bufA, bufB, mask16, mask32, mask64, idx
+    return bufA, bufB, idx
 
 
 @njit(cache=True, nogil=True)
 def _simd_serial(X, out, meta, dims, thr, lutP, sb):
     N = X.shape[0]
-    bufA, bufB, mask16, mask32, mask64, idx = _simd_scratch(meta, X.shape[1])
+    bufA, bufB, idx = _simd_scratch(meta, X.shape[1])
     for n0 in range(0, N, BLOCK_SIMD):
         nb = min(BLOCK_SIMD, N - n0)
-        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, mask16, mask32,
-                    mask64, idx)
+        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -506,11 +583,11 @@ def _simd_parallel(X, out, meta, dims, thr, lutP, sb, ntasks):
     N = X.shape[0]
     nblocks = (N + BLOCK_SIMD - 1) // BLOCK_SIMD
     for t in prange(ntasks):
-        bufA, bufB, mask16, mask32, mask64, idx = _simd_scratch(meta, X.shape[1])
+        bufA, bufB, idx = _simd_scratch(meta, X.shape[1])
         for b in range(t, nblocks, ntasks):
             n0 = b * BLOCK_SIMD
             _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, thr, lutP, sb,
-                        bufA, bufB, mask16, mask32, mask64, idx)
+                        bufA, bufB, idx)
 
 
 def _pack_simd(layers, meta):
