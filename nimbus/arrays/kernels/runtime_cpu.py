@@ -556,38 +556,28 @@ def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx):
             out[n0 + r, m] = src[m, r]
 
 
-@njit(inline="always")
-def _simd_scratch(meta, d0):
-    maxd = d0
-    maxc = 4
-    for l in range(meta.shape[0]):
-        maxd = max(maxd, meta[l, _M])
-        maxc = max(maxc, meta[l, _C] + 3)
-    bufA = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
-    bufB = np.empty((maxd, BLOCK_SIMD), dtype=np.float32)
-    idx = np.empty(maxc * BLOCK_SIMD, dtype=np.uint8)
-    return bufA, bufB, idx
-
-
 @njit(cache=True, nogil=True)
-def _simd_serial(X, out, meta, dims, thr, lutP, sb):
+def _simd_serial(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf):
+    # fbuf (tasks, 2, D, BLOCK_SIMD) float32, ibuf (tasks, groups * 4 * BLOCK_SIMD) uint8:
+    # scratch kept by the caller across calls (allocating these 100s of KB per call went
+    # through mmap and page faults: half the time of a batch of one)
     N = X.shape[0]
-    bufA, bufB, idx = _simd_scratch(meta, X.shape[1])
     for n0 in range(0, N, BLOCK_SIMD):
         nb = min(BLOCK_SIMD, N - n0)
-        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx)
+        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, fbuf[0, 0], fbuf[0, 1],
+                    ibuf[0])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _simd_parallel(X, out, meta, dims, thr, lutP, sb, ntasks):
+def _simd_parallel(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf, ntasks):
+    # ntasks tasks, each with its own scratch, take the blocks t, t + ntasks, ...
     N = X.shape[0]
     nblocks = (N + BLOCK_SIMD - 1) // BLOCK_SIMD
     for t in prange(ntasks):
-        bufA, bufB, idx = _simd_scratch(meta, X.shape[1])
         for b in range(t, nblocks, ntasks):
             n0 = b * BLOCK_SIMD
             _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, thr, lutP, sb,
-                        bufA, bufB, idx)
+                        fbuf[t, 0], fbuf[t, 1], ibuf[t])
 
 
 def _pack_simd(layers, meta):
@@ -715,14 +705,15 @@ def _run(X, out, meta, dims, thr, lut, sb):
     return out
 
 
-def _run_simd(X, out, meta, dims, thr, lutP, sb):
+def _run_simd(X, out, meta, dims, thr, lutP, sb, scratch):
     nthr = _threads()
     N = X.shape[0]
-    if nthr <= 1 or N <= BLOCK_SIMD:
-        _simd_serial(X, out, meta, dims, thr, lutP, sb)
+    ntasks = 1 if nthr <= 1 or N <= BLOCK_SIMD else min(nthr, (N + BLOCK_SIMD - 1) // BLOCK_SIMD)
+    fbuf, ibuf = scratch(ntasks)
+    if ntasks == 1:
+        _simd_serial(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf)
     else:
-        ntasks = min(nthr, (N + BLOCK_SIMD - 1) // BLOCK_SIMD)
-        _simd_parallel(X, out, meta, dims, thr, lutP, sb, ntasks)
+        _simd_parallel(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf, ntasks)
     return out
 
 
@@ -742,7 +733,8 @@ class ChainCPU:
     caller checks) returns (N, M_last) float32, bitwise the reference applied layer by
     layer. ``out`` (N, M_last) float32 C-contiguous may be given; otherwise one output
     array is cached per N and reused (the result is overwritten by the next call of the
-    same N: copy it to keep it).
+    same N: copy it to keep it). The scratch buffers are kept too, so one ChainCPU must
+    not be called from two Python threads at once (make one per thread).
     """
 
     def __init__(self, layers, d_in=None, simd=None):
@@ -760,10 +752,24 @@ class ChainCPU:
                              f"(this one: {_SIMD}) and every layer's K in {_SIMD_K} "
                              f"(got {[int(k) + 1 for k in self.meta[:, _NN]]})")
         self.simd = bool(_SIMD and fits) if simd is None else simd
+        self.small_n = 0
         if self.simd:
-            # the SIMD path reads only the re-laid LUT
-            self.meta, self.lut = _pack_simd(layers, self.meta)
+            # the SIMD path reads the re-laid LUT; batches of at most small_n rows (the
+            # SIMD path works on 16 rows at least) take the plain loops and its LUT
+            self.meta_simd, self.lut_simd = _pack_simd(layers, self.meta)
+            self.small_n = {16: 2, 32: 3, 64: 6}[int(self.meta[:, _NN].max()) + 1]
+            self._fbuf = np.empty((0, 2, 0, BLOCK_SIMD), dtype=np.float32)
+            self._ibuf = np.empty((0, 0), dtype=np.uint8)
         self._out = {}
+
+    def _scratch(self, ntasks):
+        # grown to the most tasks seen, then reused by every call
+        if self._fbuf.shape[0] < ntasks:
+            maxd = max(self.d_in, int(self.meta[:, _M].max()))
+            maxc = int(self.meta[:, _C].max()) + 3
+            self._fbuf = np.empty((ntasks, 2, maxd, BLOCK_SIMD), dtype=np.float32)
+            self._ibuf = np.empty((ntasks, maxc * BLOCK_SIMD), dtype=np.uint8)
+        return self._fbuf, self._ibuf
 
     @property
     def n_layers(self):
@@ -780,8 +786,9 @@ class ChainCPU:
                   and out.shape == (N, self.m_out) and out.flags.c_contiguous):
             raise ValueError(f"out must be a C-contiguous float32 array of shape "
                              f"({N}, {self.m_out})")
-        if self.simd:
-            return _run_simd(X, out, self.meta, self.dims, self.thr, self.lut, self.sb)
+        if self.simd and N > self.small_n:
+            return _run_simd(X, out, self.meta_simd, self.dims, self.thr, self.lut_simd,
+                             self.sb, self._scratch)
         return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb)
 
 
