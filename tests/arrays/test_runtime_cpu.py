@@ -141,10 +141,11 @@ def test_extreme_sums_257_codebooks_of_255():
             assert np.all(got == 255.0 * C)
 
 
-def test_encode_lookup_q_cpu_matches_reference():
+@pytest.mark.parametrize("N", [5, 333])
+def test_encode_lookup_q_cpu_matches_reference(N):
     rng = np.random.default_rng(11)
-    A = rng.normal(size=(333, 45)).astype(np.float32)
-    for depth, M in ((4, 33), (8, 1), (10, 7)):
+    A = rng.normal(size=(N, 45)).astype(np.float32)
+    for depth, M in ((4, 33), (5, 10), (6, 3), (8, 1), (10, 7)):
         layer = make_layer(rng, 45, 6, depth, M, tie_from=A)
         expected = ref.encode_lookup_q(A, layer["dims"], layer["thresholds"], layer["lut"],
                                        layer["scale"], layer["bias"])
@@ -201,3 +202,39 @@ def test_bad_inputs():
         rc.ChainCPU(good_layers(), d_in=0)
     with pytest.raises(ValueError, match="simd must be"):
         rc.ChainCPU(good_layers(), d_in=12, simd="yes")
+
+
+def test_plain_loops_alone_without_simd(tmp_path):
+    # as on a CPU without AVX-512 VBMI/VNNI: the module imports, picks the plain loops,
+    # refuses simd=True, and matches the reference
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import numpy as np\n"
+        "from nimbus.arrays.kernels import runtime_cpu as rc\n"
+        "assert not rc.simd_supported()\n"
+        "rng = np.random.default_rng(0)\n"
+        "L = [{'dims': rng.integers(0, 9, (3, 15)).astype(np.int32),\n"
+        "      'thresholds': rng.normal(size=(3, 15)).astype(np.float32),\n"
+        "      'lut': rng.integers(0, 256, (3, 16, 4)).astype(np.uint8),\n"
+        "      'scale': np.ones(4, np.float32), 'bias': np.zeros(4, np.float32)}]\n"
+        "ch = rc.ChainCPU(L, d_in=9)\n"
+        "assert not ch.simd\n"
+        "try:\n"
+        "    rc.ChainCPU(L, d_in=9, simd=True)\n"
+        "    raise SystemExit('simd=True accepted')\n"
+        "except ValueError:\n"
+        "    pass\n"
+        "X = rng.normal(size=(70, 9)).astype(np.float32)\n"
+        "np.save(%r, ch(X)); np.save(%r, X)\n" % (str(tmp_path / "y.npy"), str(tmp_path / "x.npy"))
+    )
+    env = dict(os.environ, NIMBUS_NO_SIMD="1")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=600)
+    rng = np.random.default_rng(0)
+    L = [{"dims": rng.integers(0, 9, (3, 15)).astype(np.int32),
+          "thresholds": rng.normal(size=(3, 15)).astype(np.float32),
+          "lut": rng.integers(0, 256, (3, 16, 4)).astype(np.uint8),
+          "scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}]
+    X = np.load(tmp_path / "x.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference_chain(L, X))

@@ -29,6 +29,8 @@ of the reference.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import numba
 from numba import njit, prange
@@ -205,11 +207,16 @@ def _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks):
 
 BLOCK_SIMD = 64          # rows per block on the SIMD path: 4 groups of 16 rows
 _SIMD_K = (16, 32, 64)
+_SIMD_MIN_ROWS_ONE_LAYER = 64
 _U4 = 1
 
 
 def simd_supported():
-    """True when this CPU has the AVX-512 BW, VBMI and VNNI instructions the SIMD path uses."""
+    """True when this CPU has the AVX-512 BW, VBMI and VNNI instructions the SIMD path uses
+    (and the environment variable NIMBUS_NO_SIMD is unset or "0": set it to run and test
+    the plain loops alone, as on another CPU)."""
+    if os.environ.get("NIMBUS_NO_SIMD", "0") not in ("", "0"):
+        return False
     try:
         import llvmlite.binding as llb
         feats = set(llb.get_host_cpu_features().flatten().split(","))
@@ -521,6 +528,10 @@ else:                                                    # pragma: no cover - ot
     def _simd_lookup(K, R, lutP, loff, idx, G, M, sb, soff, dst):
         raise RuntimeError("the SIMD lookup needs AVX-512 VBMI and VNNI")
 
+    @njit(inline="always")
+    def _transpose16(src, soff, sstride, dst, doff, dstride):
+        raise RuntimeError("the SIMD path needs AVX-512")
+
 
 @njit(inline="always")
 def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx):
@@ -815,6 +826,10 @@ def encode_lookup_q_cpu(A, dims, thresholds, lut, scale, bias, out=None):
         raise ValueError(f"A must be 2-D; got shape {A.shape}")
     C, K, M = _check_layer(layer, 0, A.shape[1])
     _check_X(A, None)
+    if _SIMD and K in _SIMD_K and A.shape[0] >= _SIMD_MIN_ROWS_ONE_LAYER:
+        # enough rows to pay for re-laying the LUT (one pass over it) on every call;
+        # a caller with many calls keeps a ChainCPU([layer]) instead
+        return ChainCPU([layer], d_in=A.shape[1], simd=True)(A, out=out)
     meta = np.array([[C, K - 1, K.bit_length() - 1, M, A.shape[1], 0, 0, 0]], dtype=np.int64)
     sb = np.concatenate([scale, bias])
     if out is None:
