@@ -135,7 +135,7 @@ def main():
     dev = cp.cuda.Device()
     name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()
     ncalls = (lambda N: 20 if N >= 65536 else 50) if args.quick else \
-        (lambda N: 50 if N >= 65536 else 200)
+        (lambda N: 30 if N >= 65536 else 100)
     X32 = {N: cp.asarray(rng.standard_normal((N, SIZES[0])).astype(np.float32)) for N in BATCHES}
     X16 = {N: X32[N].astype(cp.float16) for N in BATCHES}
     rows = []          # (what, batch, device ms, wall ms)
