@@ -64,13 +64,38 @@ _NMETA = 8
 @njit(inline="always")
 def _walk(src, r0, nb, dims, thr, base, nn, depth, codes, c):
     # rows r0..r0+nb of src through tree c (nodes at dims/thr[base:base + nn]);
-    # branch-free descent: node = 2 node + 1 + (x > t)
-    for r in range(nb):
+    # branch-free descent, node = 2 node + 1 + (x > t), four rows interleaved: each level
+    # is a chain of dependent loads, and four independent chains in one loop body ran
+    # 1.2x (depth 4) to 2x (depth 9) faster than one
+    d = dims[base:base + nn]
+    t = thr[base:base + nn]
+    r = 0
+    while r + 4 <= nb:
+        a0 = src[r0 + r]
+        a1 = src[r0 + r + 1]
+        a2 = src[r0 + r + 2]
+        a3 = src[r0 + r + 3]
+        n0 = 0
+        n1 = 0
+        n2 = 0
+        n3 = 0
+        for _ in range(depth):
+            n0 = 2 * n0 + 1 + (a0[d[n0]] > t[n0])
+            n1 = 2 * n1 + 1 + (a1[d[n1]] > t[n1])
+            n2 = 2 * n2 + 1 + (a2[d[n2]] > t[n2])
+            n3 = 2 * n3 + 1 + (a3[d[n3]] > t[n3])
+        codes[r, c] = n0 - nn
+        codes[r + 1, c] = n1 - nn
+        codes[r + 2, c] = n2 - nn
+        codes[r + 3, c] = n3 - nn
+        r += 4
+    while r < nb:
+        a = src[r0 + r]
         node = 0
         for _ in range(depth):
-            j = base + node
-            node = 2 * node + 1 + (src[r0 + r, dims[j]] > thr[j])
+            node = 2 * node + 1 + (a[d[node]] > t[node])
         codes[r, c] = node - nn
+        r += 1
 
 
 @njit(inline="always")
