@@ -255,7 +255,7 @@ def _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks):
 # * the codes of 16 rows in group g make one 64-byte index vector,
 #   ``idx[g, rg, 4r + j] = j*K + code[16 rg + r, 4g + j]``;
 # * vpermb (K = 16: the 64-byte table in one register), vpermi2b (K = 32: 128 bytes in
-#   two) or two vpermi2b and a select on the index's top bit (K = 64) give the 64 bytes
+#   two) or two vpermi2b and a select by byte position (K = 64) give the 64 bytes
 #   ``lut[4g + j, code, m]`` at positions 4r + j, and ``vpdpbusd(acc, bytes, 1)`` adds
 #   the four of row r into int32 lane r: exact sums, no widening steps, no overflow.
 #
@@ -324,7 +324,8 @@ def _make_lut_intrinsic(K, R, U):
             intp = a_G.type
             ones = ir.Constant(i32x16, [ir.Constant(ir.IntType(32), 0x01010101)] * 16)
             zero = ir.Constant(i32x16, [ir.Constant(ir.IntType(32), 0)] * 16)
-            top = ir.Constant(i8x64, [ir.Constant(ir.IntType(8), 0x80)] * 64)
+            upper = ir.Constant(ir.VectorType(ir.IntType(1), 64),
+                                [ir.Constant(ir.IntType(1), int(i % 4 >= 2)) for i in range(64)])
             accs = [[cgutils.alloca_once(builder, i32x16) for _ in range(R)] for _ in range(U)]
 
             def vload(base, off, vt, align):
@@ -338,9 +339,10 @@ def _make_lut_intrinsic(K, R, U):
                     return builder.call(perm, [tabs[0], iv, tabs[1]])
                 lo = builder.call(perm, [tabs[0], iv, tabs[1]])
                 hi = builder.call(perm, [tabs[2], iv, tabs[3]])
-                is_hi = builder.icmp_unsigned("!=", builder.and_(iv, top),
-                                              ir.Constant(i8x64, None))
-                return builder.select(is_hi, hi, lo)
+                # byte 4r + j holds j*64 + code: vpermi2b reads its low 7 bits, so the
+                # pair (tables 0, 1) serves j = 0, 1 and the pair (2, 3) serves j = 2, 3;
+                # the choice is by position, a constant mask (a merge-masked permute)
+                return builder.select(upper, hi, lo)
 
             def columns(m0, u):
                 # columns m0 .. m0+u-1: sums over all groups, then the float rows
@@ -413,8 +415,12 @@ def _make_encode_intrinsic(K, R):
 
     nn = K - 1
     depth = K.bit_length() - 1
-    lane = ir.IntType(64 if nn > 31 else 32)
+    # node j's bit: nodes 0..30 (levels 0-4) are bits 0..30 of word 0, the 32 nodes
+    # 31..62 of level 5 (K = 64) bits 0..31 of word 1: int32 lanes (an int64 mask per
+    # row doubled the vector work of every node)
+    lane = ir.IntType(32)
     vm = ir.VectorType(lane, 16)
+    nwords = 1 if nn <= 31 else 2
     i32 = ir.IntType(32)
     i32x16 = ir.VectorType(i32, 16)
     f32x16 = ir.VectorType(ir.FloatType(), 16)
@@ -446,7 +452,7 @@ def _make_encode_intrinsic(K, R):
                     valid = builder.icmp_signed("<", c, a_C)
                     c = builder.select(valid, c, builder.sub(a_C, intp(1)))
                     base = builder.add(a_doff, builder.mul(c, intp(nn)))
-                    masks = [zero_m] * R
+                    masks = [[zero_m] * nwords for _ in range(R)]
                     for j in range(nn):
                         pos = builder.add(base, intp(j))
                         d = builder.sext(builder.load(builder.gep(dp, [pos])), intp)
@@ -455,22 +461,27 @@ def _make_encode_intrinsic(K, R):
                         for i in range(16):
                             tv = builder.insert_element(tv, t, i32(i))
                         row = builder.gep(sp, [builder.mul(d, intp(BLOCK_SIMD))])
-                        bit = splat(vm, 1 << j)
+                        word, b = (0, j) if j < 31 else (1, j - 31)
+                        bit = splat(vm, 1 << b if b < 31 else -(1 << 31))   # int32 bit b
                         for rg in range(R):
                             p = builder.bitcast(builder.gep(row, [intp(16 * rg)]),
                                                 f32x16.as_pointer())
                             x = builder.load(p, align=4)
                             right = builder.fcmp_ordered(">", x, tv)
-                            masks[rg] = builder.or_(masks[rg],
-                                                    builder.select(right, bit, zero_m))
+                            masks[rg][word] = builder.or_(masks[rg][word],
+                                                          builder.select(right, bit, zero_m))
                     for rg in range(R):
                         node = zero_m
-                        for _ in range(depth):
-                            b = builder.and_(builder.lshr(masks[rg], node), one_m)
+                        for level in range(depth):
+                            # level 5 reads word 1, its bit = node - 31
+                            if level < 5:
+                                b = builder.lshr(masks[rg][0], node)
+                            else:
+                                b = builder.lshr(masks[rg][1],
+                                                 builder.sub(node, splat(vm, 31)))
+                            b = builder.and_(b, one_m)
                             node = builder.add(builder.add(builder.mul(node, two_m), one_m), b)
                         code = builder.sub(node, splat(vm, nn))
-                        if lane.width != 32:
-                            code = builder.trunc(code, i32x16)
                         code = builder.select(valid, code, splat(i32x16, 0))
                         code = builder.shl(builder.add(code, splat(i32x16, jj * K)),
                                            splat(i32x16, 8 * jj))
