@@ -246,9 +246,9 @@ def test_bad_inputs():
         bad[0]["thresholds"][0, 0] = np.nan
         ChainCUDA(bad)
     with pytest.raises(ValueError, match="nodes"):
-        bad = [dict(l) for l in layers]
-        bad[0]["dims"] = bad[0]["dims"][:, :2]
-        bad[0]["thresholds"] = bad[0]["thresholds"][:, :2]
+        bad = [dict(l) for l in layers]                        # layer 1: depth 6
+        bad[1]["dims"] = bad[1]["dims"][:, :2]
+        bad[1]["thresholds"] = bad[1]["thresholds"][:, :2]
         ChainCUDA(bad)
     with pytest.raises(ValueError, match="lacks"):
         ChainCUDA([{"dims": layers[0]["dims"]}])
