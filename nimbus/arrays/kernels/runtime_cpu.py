@@ -266,6 +266,7 @@ def _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks):
 
 BLOCK_SIMD = 64          # rows per block on the SIMD path: 4 groups of 16 rows
 _SIMD_K = (16, 32, 64)
+_PAD = 64
 _SIMD_MIN_ROWS_ONE_LAYER = 64
 _U4 = 1
 
@@ -497,6 +498,140 @@ def _make_encode_intrinsic(K, R):
     return encode_rows
 
 
+def _make_encode_gather_intrinsic(K, R):
+    """Like :func:`_make_encode_intrinsic` (same arguments and output) for K = 32, 64:
+    levels 0-3 as there (15 node tests into a mask), then levels 4 and 5 one step each:
+    each row's node is a vector over 16 rows, the node's column and threshold come from
+    the level's table by a register permute (vpermd/vpermps; vpermi2d/vpermi2ps for the
+    32 nodes of level 5) and x by a gather from srcT. Gathers are slow on Zen 4 (about
+    2.7 ns per codebook and row for all four levels of a depth-4 tree, 0.9 by the mask),
+    but one gather replaces the 16 or 32 node tests of a deep level. Reads up to 16
+    entries past a tree's last node: the packed dims and thresholds end with ``_PAD``
+    spare entries."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    nn = K - 1
+    depth = K.bit_length() - 1
+    i32 = ir.IntType(32)
+    i64 = ir.IntType(64)
+    i32x16 = ir.VectorType(i32, 16)
+    i64x16 = ir.VectorType(i64, 16)
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+    fptrx16 = ir.VectorType(ir.PointerType(ir.FloatType()), 16)
+    all1 = ir.Constant(ir.VectorType(ir.IntType(1), 16), [ir.Constant(ir.IntType(1), 1)] * 16)
+
+    def splat(vt, value):
+        return ir.Constant(vt, [ir.Constant(vt.element, value)] * 16)
+
+    @intrinsic
+    def encode_rows(typingctx, srcT, dims, thr, doff, C, idx):
+        sig = types.void(srcT, dims, thr, types.intp, types.intp, idx)
+
+        def codegen(context, builder, signature, args):
+            a_src, a_dims, a_thr, a_doff, a_C, a_idx = args
+            t_src, t_dims, t_thr, _, _, t_idx = signature.args
+            sp = context.make_array(t_src)(context, builder, a_src).data
+            dp = context.make_array(t_dims)(context, builder, a_dims).data
+            tp = context.make_array(t_thr)(context, builder, a_thr).data
+            ip = context.make_array(t_idx)(context, builder, a_idx).data
+            intp = a_doff.type
+            mod = builder.module
+            fn = cgutils.get_or_insert_function
+            permd = fn(mod, ir.FunctionType(i32x16, [i32x16, i32x16]),
+                       "llvm.x86.avx512.permvar.si.512")
+            permps = fn(mod, ir.FunctionType(f32x16, [f32x16, i32x16]),
+                        "llvm.x86.avx512.permvar.sf.512")
+            perm2d = fn(mod, ir.FunctionType(i32x16, [i32x16, i32x16, i32x16]),
+                        "llvm.x86.avx512.vpermi2var.d.512")
+            perm2ps = fn(mod, ir.FunctionType(f32x16, [f32x16, i32x16, f32x16]),
+                         "llvm.x86.avx512.vpermi2var.ps.512")
+            gather = fn(mod, ir.FunctionType(f32x16, [fptrx16, i32, all1.type, f32x16]),
+                        "llvm.masked.gather.v16f32.v16p0")
+            iota = ir.Constant(i32x16, [i32(i) for i in range(16)])
+            base_int = builder.ptrtoint(sp, i64)
+            vbase = ir.Constant(i64x16, ir.Undefined)
+            for i in range(16):
+                vbase = builder.insert_element(vbase, base_int, i32(i))
+
+            def vload(ptr, off, vt):
+                return builder.load(builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer()),
+                                    align=4)
+
+            G = builder.sdiv(builder.add(a_C, intp(3)), intp(4))
+            with cgutils.for_range(builder, G) as gl:
+                g = gl.index
+                combined = [splat(i32x16, 0)] * R
+                for jj in range(4):
+                    c = builder.add(builder.mul(g, intp(4)), intp(jj))
+                    valid = builder.icmp_signed("<", c, a_C)
+                    c = builder.select(valid, c, builder.sub(a_C, intp(1)))
+                    base = builder.add(a_doff, builder.mul(c, intp(nn)))
+                    # levels 0-3 (15 nodes): every node tested with a contiguous load of
+                    # its row, bits of a per-row mask, then the walk over the mask
+                    masks = [splat(i32x16, 0)] * R
+                    for j in range(15):
+                        pos = builder.add(base, intp(j))
+                        d = builder.sext(builder.load(builder.gep(dp, [pos])), intp)
+                        t = builder.load(builder.gep(tp, [pos]))
+                        tv = ir.Constant(f32x16, ir.Undefined)
+                        for i in range(16):
+                            tv = builder.insert_element(tv, t, i32(i))
+                        row = builder.gep(sp, [builder.mul(d, intp(BLOCK_SIMD))])
+                        for rg in range(R):
+                            x = vload(row, intp(16 * rg), f32x16)
+                            right = builder.fcmp_ordered(">", x, tv)
+                            masks[rg] = builder.or_(masks[rg], builder.select(
+                                right, splat(i32x16, 1 << j), splat(i32x16, 0)))
+                    rel = []
+                    for rg in range(R):
+                        node = splat(i32x16, 0)
+                        for _ in range(4):
+                            b = builder.and_(builder.lshr(masks[rg], node), splat(i32x16, 1))
+                            node = builder.add(builder.add(node, node),
+                                               builder.add(splat(i32x16, 1), b))
+                        rel.append(builder.sub(node, splat(i32x16, 15)))   # within level 4
+                    # levels 4 and 5 (16 and 32 nodes): gathers
+                    for level in range(4, depth):
+                        start = builder.add(base, intp((1 << level) - 1))
+                        dt = [vload(dp, builder.add(start, intp(16 * h)), i32x16)
+                              for h in range(1 if level < 5 else 2)]
+                        tt = [vload(tp, builder.add(start, intp(16 * h)), f32x16)
+                              for h in range(1 if level < 5 else 2)]
+                        for rg in range(R):
+                            if level < 5:
+                                dv = builder.call(permd, [dt[0], rel[rg]])
+                                tv = builder.call(permps, [tt[0], rel[rg]])
+                            else:
+                                dv = builder.call(perm2d, [dt[0], rel[rg], dt[1]])
+                                tv = builder.call(perm2ps, [tt[0], rel[rg], tt[1]])
+                            # element index dims * BLOCK_SIMD + 16 rg + lane, in bytes
+                            e = builder.add(builder.mul(dv, splat(i32x16, BLOCK_SIMD)),
+                                            builder.add(iota, splat(i32x16, 16 * rg)))
+                            addr = builder.add(vbase, builder.mul(builder.sext(e, i64x16),
+                                                                  splat(i64x16, 4)))
+                            x = builder.call(gather, [builder.inttoptr(addr, fptrx16), i32(4),
+                                                      all1, ir.Constant(f32x16, ir.Undefined)])
+                            right = builder.zext(builder.fcmp_ordered(">", x, tv), i32x16)
+                            rel[rg] = builder.add(builder.add(rel[rg], rel[rg]), right)
+                    for rg in range(R):
+                        code = builder.select(valid, rel[rg], splat(i32x16, 0))
+                        code = builder.shl(builder.add(code, splat(i32x16, jj * K)),
+                                           splat(i32x16, 8 * jj))
+                        combined[rg] = builder.or_(combined[rg], code)
+                for rg in range(R):
+                    off = builder.add(builder.mul(g, intp(64 * R)), intp(64 * rg))
+                    p = builder.bitcast(builder.gep(ip, [off]), i32x16.as_pointer())
+                    builder.store(combined[rg], p, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return encode_rows
+
+
 def _make_transpose16():
     """A Numba intrinsic ``f(src, soff, sstride, dst, doff, dstride)``: the 16 x 16 float32
     tile at ``src.flat[soff + i*sstride + j]`` written transposed to
@@ -553,8 +688,10 @@ if _SIMD:
     _lut64_r1, _lut64_r4 = _make_lut_intrinsic(64, 1, 4), _make_lut_intrinsic(64, 4, _U4)
 
     _enc16_r1, _enc16_r4 = _make_encode_intrinsic(16, 1), _make_encode_intrinsic(16, 4)
-    _enc32_r1, _enc32_r4 = _make_encode_intrinsic(32, 1), _make_encode_intrinsic(32, 4)
-    _enc64_r1, _enc64_r4 = _make_encode_intrinsic(64, 1), _make_encode_intrinsic(64, 4)
+    _enc32_r1, _enc32_r4 = (_make_encode_gather_intrinsic(32, 1),
+                            _make_encode_gather_intrinsic(32, 4))
+    _enc64_r1, _enc64_r4 = (_make_encode_gather_intrinsic(64, 1),
+                            _make_encode_gather_intrinsic(64, 4))
 
     @njit(inline="always")
     def _simd_encode_k(K, R, srcT, dims, thr, doff, C, idx):
@@ -751,8 +888,12 @@ def _pack(layers, d0=None):
         offs[1] += C * K * M
         offs[2] += 2 * M
         d_in = M
-    dims = np.concatenate([np.ascontiguousarray(x["dims"]).ravel() for x in layers])
-    thr = np.concatenate([np.ascontiguousarray(x["thresholds"]).ravel() for x in layers])
+    # _PAD spare entries at the end: the SIMD gather encoder loads a level's 16 (or 32)
+    # entries at once, past the last tree's last node
+    dims = np.concatenate([np.ascontiguousarray(x["dims"]).ravel() for x in layers]
+                          + [np.zeros(_PAD, dtype=np.int32)])
+    thr = np.concatenate([np.ascontiguousarray(x["thresholds"]).ravel() for x in layers]
+                         + [np.zeros(_PAD, dtype=np.float32)])
     lut = np.concatenate([np.ascontiguousarray(x["lut"]).ravel() for x in layers])
     sb = np.concatenate([np.concatenate([x["scale"], x["bias"]]) for x in layers])
     return meta, dims, thr, lut, sb.astype(np.float32), d0
