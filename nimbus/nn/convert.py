@@ -294,7 +294,7 @@ class Conversion:
             if not (isinstance(k, int) and 1 <= k <= len(self.positions)):
                 raise ValueError(f"column_orders keys are converted-layer numbers "
                                  f"1..{len(self.positions)}, got {k!r}")
-        if r.ncodebooks is not None and r.codebook_dim != 8:
+        if overrides.get("ncodebooks") is not None and overrides.get("codebook_dim") is not None:
             raise ValueError("give ncodebooks or codebook_dim, not both")
         self.rng = validate.random_state(random_state)
         if validation is not None:

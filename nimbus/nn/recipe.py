@@ -57,9 +57,9 @@ class Recipe:
     float_lr: float = 1e-3
     float_noise: float = 0.4
     method: str = "dm"
-    codebook_dim: int = 8
+    codebook_dim: int = 4
     ncodebooks: int = None
-    depth: int = 9
+    depth: int = 5
     lut_form: str = "auto"
     init: str = "auto"
     init_rows: int = None
@@ -145,10 +145,11 @@ class Recipe:
         return params
 
 
-#: the recipe the README measures: ``nn.convert`` and ``python -m nimbus convert`` use it
+#: the recipe the README measures: ``nn.convert`` and ``python -m nimbus convert`` use it.
+#: Trees of depth 5 (32 LUT rows) over 4 input dimensions per codebook: the fastest point of
+#: the measured frontier within 1.0 point of the float model on Fashion-MNIST (8-bit LUTs
+#: twice the float32 weights' bytes; benchmarks/RESULTS.md, "Operating point")
 DEFAULT = Recipe()
 
-#: ``python -m nimbus convert --quick`` (sklearn digits, 1437 training rows: under 3 rows
-#: per leaf at depth 9, so depth 8)
-QUICK = DEFAULT.replace(float_epochs=20, depth=8, epochs_per_layer=4, finetune_epochs=6,
-                        batch_size=64)
+#: ``python -m nimbus convert --quick`` (sklearn digits: a small MLP, shorter training)
+QUICK = DEFAULT.replace(float_epochs=20, epochs_per_layer=4, finetune_epochs=6, batch_size=64)

@@ -29,7 +29,7 @@ def test_digits_pipeline(xp, rng):
     Xtr, ytr, Xte, yte = _digits(xp)
     model = _mlp(rng, [64, 64, 32, 10])
     seed = int(rng.integers(2 ** 31))
-    report = nn.convert(model, Xtr, ytr, depth=4, pretrain_epochs=15, epochs_per_layer=4,
+    report = nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, pretrain_epochs=15, epochs_per_layer=4,
                         finetune_epochs=3, batch_size=64, validation=(Xte, yte),
                         random_state=seed)
     stages = [r["stage"] for r in report.rows]
@@ -79,7 +79,7 @@ def test_stage_cost_does_not_grow_with_converted_layers(rng, depth):
         model = _mlp(np.random.default_rng(1), [64] + [32] * depth + [10])
         nn.fit(model, Xtr, ytr, epochs=2, random_state=0)
         first = _count_rows(model[0])
-        nn.convert(model, Xtr, ytr, depth=4, epochs_per_layer=E, finetune_epochs=0, int8=False, fold=False,
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, epochs_per_layer=E, finetune_epochs=0, int8=False, fold=False,
                    schedule=schedule, validation=(Xte, yte), random_state=0, init_rows=256)
         rows[schedule] = first["rows"]
     L = depth + 1
@@ -97,7 +97,7 @@ def test_layerwise_counts_do_not_depend_on_depth(rng):
     for depth in (1, 3):
         model = _mlp(np.random.default_rng(2), [64] + [32] * depth + [10])
         first = _count_rows(model[0])
-        nn.convert(model, Xtr, ytr, depth=4, epochs_per_layer=1, finetune_epochs=0, int8=False,
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, epochs_per_layer=1, finetune_epochs=0, int8=False,
                    fold=False, random_state=0, init_rows=256)
         counts.append(first["rows"])
     assert counts[0] == counts[1]
@@ -109,7 +109,7 @@ def test_layerwise_counts_do_not_depend_on_depth(rng):
 def test_fashion_mnist_subset(rng):
     Xtr, ytr, Xte, yte = nn.data.load_fashion_mnist(n_train=3000, n_test=1000)
     model = _mlp(rng, [784, 64, 10])
-    report = nn.convert(model, Xtr, ytr, depth=4, pretrain_epochs=6, epochs_per_layer=2,
+    report = nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, pretrain_epochs=6, epochs_per_layer=2,
                         finetune_epochs=1, init_rows=2048, validation=(Xte, yte),
                         random_state=int(rng.integers(2 ** 31)))
     assert report.float_accuracy > 0.75
@@ -131,15 +131,15 @@ def test_bad_input(rng):
     with pytest.raises(ValueError, match="one per row|entries"):
         nn.convert(model, Xtr, ytr[:-1])
     with pytest.raises(ValueError, match="schedule"):
-        nn.convert(model, Xtr, ytr, depth=4, schedule="fast")
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, schedule="fast")
     with pytest.raises(ValueError, match="noise"):
-        nn.convert(model, Xtr, ytr, depth=4, noise=-0.1)
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, noise=-0.1)
     with pytest.raises(ValueError, match="distill_temperature"):
-        nn.convert(model, Xtr, ytr, depth=4, distill_temperature=0)
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, distill_temperature=0)
     with pytest.raises(ValueError, match="column_orders keys"):
-        nn.convert(model, Xtr, ytr, depth=4, column_orders={3: np.arange(16)})
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, column_orders={3: np.arange(16)})
     with pytest.raises(ValueError, match="permutation"):
-        nn.convert(model, Xtr, ytr, depth=4, column_orders={1: np.arange(10)}, epochs_per_layer=0,
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, column_orders={1: np.arange(10)}, epochs_per_layer=0,
                    finetune_epochs=0)
     with pytest.raises(ValueError, match="labels go up to"):
         nn.fit(model, Xtr, ytr + 5, epochs=1)
@@ -150,7 +150,7 @@ def test_digits_pipeline_on_gpu(rng):
     cp = backend.cupy()
     Xtr, ytr, Xte, yte = _digits(cp)
     model = _mlp(rng, [64, 64, 10])
-    report = nn.convert(model, Xtr, ytr, depth=4, pretrain_epochs=10, epochs_per_layer=2,
+    report = nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, pretrain_epochs=10, epochs_per_layer=2,
                         finetune_epochs=1, batch_size=64, validation=(Xte, yte),
                         random_state=int(rng.integers(2 ** 31)))
     assert model.library() == "cupy"

@@ -22,7 +22,7 @@ def _model(rng):
 def test_converted_model_round_trip(tmp_path, rng, fold):
     Xtr, ytr, Xte, yte = _data()
     model = _model(rng)
-    nn.convert(model, Xtr, ytr, depth=4, pretrain_epochs=3, epochs_per_layer=1, finetune_epochs=0,
+    nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, pretrain_epochs=3, epochs_per_layer=1, finetune_epochs=0,
                fold=fold, random_state=int(rng.integers(99)))
     path = tmp_path / "model.npz"
     nimbus.save(model, path)

@@ -80,10 +80,10 @@ def test_convert_pretrains_with_noise(rng):
     Xtr, ytr, Xte, yte = nn.data.load_digits(random_state=0)
     model = nn.Sequential(nn.Linear(64, 32, random_state=0), nn.BatchNorm(32), nn.ReLU(),
                           nn.Linear(32, 10, random_state=1))
-    report = nn.convert(model, Xtr, ytr, depth=4, pretrain_epochs=10, pretrain_noise=0.3,
+    report = nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, pretrain_epochs=10, pretrain_noise=0.3,
                         epochs_per_layer=1, finetune_epochs=0, batch_size=64,
                         validation=(Xte, yte), random_state=0)
     assert report.settings["pretrain_noise"] == 0.3
     assert report.accuracy("pretrain") > 0.85
     with pytest.raises(ValueError, match="pretrain_noise"):
-        nn.convert(model, Xtr, ytr, depth=4, pretrain_noise=-1.0)
+        nn.convert(model, Xtr, ytr, depth=4, codebook_dim=8, pretrain_noise=-1.0)
