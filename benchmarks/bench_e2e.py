@@ -71,28 +71,15 @@ GPU_METHODS = (("ours", "ours"), ("ours_nocheck", "ours check_finite=False"),
 
 
 # ====================================================================== models and data
-def _recipe(quick, library_defaults):
-    """Training and conversion settings of ``python -m nimbus convert`` (nimbus/nn/cli.py
-    cmd_convert), or only the library's ``nn.convert`` defaults with ``library_defaults``.
-
-    Returns (hidden widths, fit kwargs, convert kwargs).
-    """
+def _recipe(quick):
+    """The library's recipe (``nimbus.nn.recipe``: DEFAULT, or QUICK for digits), as
+    ``python -m nimbus convert`` uses it. Returns (hidden widths, fit kwargs, recipe)."""
+    from nimbus.nn import recipe as R
+    r = R.QUICK if quick else R.DEFAULT
     hidden = [64, 32] if quick else [256, 256, 256]
-    fit_kw = {"epochs": 20 if quick else 25, "batch_size": 64 if quick else 256, "lr": 1e-3,
-              "input_noise": 0.4}
-    if library_defaults:
-        return hidden, fit_kw, {}
-    # the CLI's defaults as of this writing (cmd_convert); keep in step with it until the
-    # library has one recipe that both read
-    depth = 8 if quick else 9
-    conv_kw = {"codebook_dim": 8, "depth": depth,
-               "lut_form": "factored" if depth >= 6 else "free",
-               "epochs_per_layer": 4 if quick else 3, "finetune_epochs": 6 if quick else 12,
-               "batch_size": fit_kw["batch_size"], "noise": 0.15, "int8": True, "fold": True,
-               "schedule": "layerwise"}
-    if depth >= 9:
-        conv_kw.update(init_rows=16384, init_params={"refine": 0, "min_leaf": 4})
-    return hidden, fit_kw, conv_kw
+    fit_kw = {"epochs": r.float_epochs, "batch_size": r.batch_size, "lr": r.float_lr,
+              "input_noise": r.float_noise}
+    return hidden, fit_kw, r
 
 
 def _load_data(kind, seed):
@@ -106,7 +93,7 @@ def _load_data(kind, seed):
         raise SystemExit(f"error: {exc}")
 
 
-def make_models(folder, quick, seed, library_defaults):
+def make_models(folder, quick, seed):
     """Train the float MLP, save it, convert a copy and save that; returns both paths."""
     import nimbus
     from nimbus.nn import convert, fit
@@ -114,7 +101,7 @@ def make_models(folder, quick, seed, library_defaults):
     os.makedirs(folder, exist_ok=True)
     kind = "digits" if quick else "fashion"
     Xtr, ytr, Xte, yte = _load_data(kind, seed)
-    hidden, fit_kw, conv_kw = _recipe(quick, library_defaults)
+    hidden, fit_kw, recipe = _recipe(quick)
     sizes = [Xtr.shape[1]] + hidden + [int(ytr.max()) + 1]
     model = build_mlp(sizes, seed=seed)
     print(f"make: training the float MLP {'-'.join(map(str, sizes))} on {kind} (seed {seed})",
@@ -125,12 +112,11 @@ def make_models(folder, quick, seed, library_defaults):
     nimbus.save(model, float_path)
     # convert modifies its model in place: convert a copy read back from the file
     conv = nimbus.load(float_path)
-    print(f"make: float trained in {time.perf_counter() - t0:.1f} s; converting "
-          f"({'library defaults' if library_defaults else 'the CLI recipe'}: {conv_kw})",
-          flush=True)
+    print(f"make: float trained in {time.perf_counter() - t0:.1f} s; converting with the "
+          f"library recipe ({recipe})", flush=True)
     t0 = time.perf_counter()
-    report = convert(conv, Xtr, ytr, validation=(Xte, yte), random_state=seed, verbose=False,
-                     **conv_kw)
+    report = convert(conv, Xtr, ytr, recipe=recipe, validation=(Xte, yte), random_state=seed,
+                     verbose=False)
     conv_path = os.path.join(folder, "converted.npz")
     nimbus.save(conv, conv_path)
     print(f"make: converted in {time.perf_counter() - t0:.1f} s: float "
@@ -624,9 +610,6 @@ def parse(argv):
                    help="train the float MLP, convert a copy, save both into DIR, benchmark them")
     p.add_argument("--quick", action="store_true",
                    help="with --make: sklearn digits and a 64-64-32-10 MLP (minutes on a CPU)")
-    p.add_argument("--library-defaults", action="store_true",
-                   help="with --make: convert with nn.convert's own defaults instead of the "
-                        "settings of python -m nimbus convert")
     p.add_argument("--seed", type=int, default=0,
                    help="random_state of --make, and the digits train/test split (default 0)")
     p.add_argument("--data", choices=["auto", "digits", "fashion"], default="auto",
@@ -663,8 +646,7 @@ def main(argv=None):
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if args.make:
-        args.float, args.converted = make_models(args.make, args.quick, args.seed,
-                                                 args.library_defaults)
+        args.float, args.converted = make_models(args.make, args.quick, args.seed)
     for path in (args.float, args.converted):
         if not os.path.isfile(path):
             raise SystemExit(f"error: no such model file: {path}")
