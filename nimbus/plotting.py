@@ -80,3 +80,41 @@ def plot_tradeoff(table, ax=None, x="C", y="nmse", logy=True, title=None):
     ax.legend()
     ax.grid(True, alpha=0.3)
     return ax
+
+
+def plot_frontier(points, ax=None, speedup="speedup", lost="points_lost", label="label",
+                  bar=1.0, title=None):
+    """Accuracy lost against speed-up, one marker per operating point.
+
+    Parameters
+    ----------
+    points : list of dicts, each with the keys named by ``speedup`` (the converted model's
+        speed-up over the float model: float ms / converted ms), ``lost`` (points of
+        accuracy lost against the float model, mean over seeds) and ``label`` (e.g.
+        "d5 w4"); an optional ``lost_sd`` draws an error bar
+    ax : matplotlib Axes, optional (default: a new figure)
+    bar : float or None, accuracy-loss target drawn as a dashed line (default 1.0 point)
+    title : str, optional
+
+    Returns
+    -------
+    matplotlib Axes
+    """
+    if not points:
+        raise ValueError("plot_frontier needs at least one point")
+    ax = _axes(ax)
+    markers = "osD^v<>ph*"
+    for i, p in enumerate(points):
+        for key in (speedup, lost):
+            if key not in p:
+                raise ValueError(f"point {i} has no {key!r} value")
+        ax.errorbar([p[speedup]], [p[lost]], yerr=[p.get("lost_sd", 0.0)],
+                    marker=markers[i % len(markers)], linestyle="none", capsize=3,
+                    label=str(p.get(label, i)))
+    if bar is not None:
+        ax.axhline(bar, ls="--", color="gray", lw=1)
+    ax.set_xlabel("speed-up over the float model (x)")
+    ax.set_ylabel("accuracy lost (points)")
+    ax.set_title(title or "operating points: accuracy lost against speed")
+    ax.legend(fontsize="small", ncol=2)
+    return ax

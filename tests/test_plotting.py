@@ -72,3 +72,20 @@ def test_matplotlib_imported_lazily():
                          env={**os.environ, "MPLBACKEND": "Agg"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_frontier_one_marker_per_point_and_the_bar(rng):
+    import matplotlib.pyplot as plt
+    pts = [{"label": f"d{d} w{w}", "speedup": float(rng.uniform(1, 10)),
+            "points_lost": float(rng.uniform(0, 3)), "lost_sd": 0.2}
+           for d, w in ((4, 2), (5, 4), (6, 8))]
+    ax = plotting.plot_frontier(pts)
+    xs = sorted(float(c.get_children()[0].get_xdata()[0]) for c in ax.containers)
+    assert xs == sorted(p["speedup"] for p in pts)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [p["label"] for p in pts]
+    assert any(list(line.get_ydata()) == [1.0, 1.0] for line in ax.get_lines())
+    plt.close(ax.figure)
+    with pytest.raises(ValueError, match="at least one"):
+        plotting.plot_frontier([])
+    with pytest.raises(ValueError, match="speedup"):
+        plotting.plot_frontier([{"points_lost": 1.0}])
