@@ -127,6 +127,15 @@ def test_out_argument_and_cached_output(simd):
         chain(X, out=np.empty((50, 4), dtype=np.float32))
 
 
+@pytest.mark.parametrize("simd", SIMD_PATHS)
+def test_readonly_input_and_warm_up(simd):
+    rng = np.random.default_rng(5)
+    layers, X = make_chain(rng, 30, (20, 4), (4, 4), (8, 5), 100)
+    X.setflags(write=False)
+    chain = rc.ChainCPU(layers, d_in=30, simd=simd).warm_up()
+    np.testing.assert_array_equal(chain(X), reference_chain(layers, X))
+
+
 def test_extreme_sums_257_codebooks_of_255():
     # 257 codebooks of 255: the largest sum a uint16 holds, exactly; 258 go through int32
     for C in (257, 258):

@@ -997,6 +997,15 @@ class ChainCPU:
     def n_layers(self):
         return int(self.meta.shape[0])
 
+    def warm_up(self):
+        """Compile (or load from Numba's cache) every kernel this chain may call: one call
+        of 1 row and one of 2 * BLOCK_SIMD rows of zeros at the current thread count. The
+        first compile on a machine takes tens of seconds; later processes load it."""
+        for n in (1, 2 * BLOCK_SIMD):
+            self(np.zeros((n, self.d_in), dtype=np.float32), out=np.empty((n, self.m_out),
+                                                                         dtype=np.float32))
+        return self
+
     def __call__(self, X, out=None):
         _check_X(X, self.d_in)
         N = X.shape[0]
