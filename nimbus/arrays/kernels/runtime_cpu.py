@@ -979,7 +979,8 @@ class ChainCPU:
             # the SIMD path reads the re-laid LUT; batches of at most small_n rows (the
             # SIMD path works on 16 rows at least) take the plain loops and its LUT
             self.meta_simd, self.lut_simd = _pack_simd(layers, self.meta)
-            self.small_n = {16: 2, 32: 3, 64: 6}[int(self.meta[:, _NN].max()) + 1]
+            # (measured crossovers, MLP shapes: 5 rows at K = 16, 9 at 32, 14+ at 64)
+            self.small_n = {16: 4, 32: 8, 64: 12}[int(self.meta[:, _NN].max()) + 1]
             self._fbuf = np.empty((0, 2, 0, BLOCK_SIMD), dtype=np.float32)
             self._ibuf = np.empty((0, 0), dtype=np.uint8)
         self._out = {}
