@@ -35,11 +35,12 @@ The float step is a float32 multiply then a float32 add: Numba compiles without
 fast-math, and the intrinsics emit fmul and fadd without contraction flags, so LLVM
 does not fuse them into an FMA.
 
-Measured (2-core Zen 4, shared with other jobs, so rough; one thread; the MLP
-784-256-256-256-10 at depth 4 and 8 inputs per codebook, C = 98/32/32/32): SIMD about
-0.6-0.85 us per row at batch >= 256 (3.5 ms at batch 4096: transpose 0.09, encode 0.2,
-lookup 0.36 us per row, the lookup at about 2 cycles per 64 lookups), 0.017 ms at batch
-16; plain loops 4.3 us per row; batch 1 (plain) 0.008 ms.
+Measured (2-core Zen 4 shared with other jobs, so rough; one thread; the MLP
+784-256-256-256-10 at depth 4 and 8 inputs per codebook, C = 98/32/32/32): SIMD 3.2 ms
+at batch 4096 (about 0.7 us per row: transpose 0.09, encode 0.2, lookup 0.3-0.36, the
+lookup near 2 cycles per 64 lookups), 0.16 ms at 256, 0.018 ms at 16; batch 1 (plain
+loops) 0.0065 ms; plain loops 3 us per row at depth 4, 9 at depth 9. Depth 5 / 6:
+0.9 / 1.4 us per row.
 benchmarks/experiments/bench_runtime_cpu.py prints the table.
 """
 from __future__ import annotations
