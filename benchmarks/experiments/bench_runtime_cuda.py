@@ -167,22 +167,10 @@ def main():
                 info = chain.plan_info(N, check_finite=check)
                 rows.append((f"chain {label}" + (" check" if check else ""), N, d, w, info))
 
-    # the graph replay alone (no Python around it): the device time of the kernel when the
-    # host is not what limits the call
-    first = chains[configs[0][0]]
-    for N in BATCHES:
-        keep = first(X32[N], check_finite=False)   # the replays write into this live Y
-        g = first._plans[(N, SIZES[0], False)].graph
-        st = cp.cuda.get_current_stream()
-        d, w = time_calls(cp, lambda: g.launch(st), ncalls(N))
-        rows.append((f"graph replay only, {configs[0][0]}", N, d, w,
-                     first.plan_info(N, check_finite=False)))
-        del keep
-
     # tile sweep at the largest batch (the default tile is the first row)
     sweep = []
     lay = make_layers(rng, 8, 16)
-    for r, chunk in ((32, 16384), (16, 16384), (64, 16384), (32, 8192), (32, 32768)):
+    for r, chunk in ((16, 32768), (32, 32768), (64, 32768), (32, 16384), (64, 16384)):
         try:
             ch = ChainCUDA(lay, in_features=SIZES[0], rows=r, chunk_bytes=chunk)
             d, w = time_calls(cp, lambda: ch(X32[65536], check_finite=False), ncalls(65536))

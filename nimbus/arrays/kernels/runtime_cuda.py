@@ -35,11 +35,8 @@ __all__ = ["ChainCUDA"]
 NT = 256                       # threads per block (cuda/runtime.cu's NT)
 _MAX_DEPTH = 10                # trees of depth 1..10 (K = 2 .. 1024 leaves)
 _ROWS_MAX = 32                 # default tile: RPT = 2 at 256 outputs (119 registers, 2 blocks/SM)
-_CHUNK_BYTES = 16 * 1024       # LUT bytes per staged chunk (two buffers); H100, 8 dims K=16,
-                               # N=65536: 0.825 ms at 16 KiB against 0.898 at 32 KiB
-_TREE_BYTES_MAX = 24 * 1024    # a layer's trees go to shared memory up to this size
-_RING = 256                    # pinned parameter slots in flight (check_finite=False calls)
-_EVERY = 16                    # one event per this many slots marks them copied
+_CHUNK_BYTES = 32 * 1024       # LUT bytes per staged chunk (two buffers)
+_RING = 64                     # pinned parameter slots in flight (check_finite=False calls)
 _SOURCE = None
 _modules = {}                  # (device id, RPT) -> cupy.RawModule
 
@@ -208,16 +205,12 @@ class ChainCUDA:
         # activations between layers: the widest hidden width, a whole number of 16 bytes
         hidden = [m[2] for m in meta[:-1]]
         self._Hs = -(-max(hidden) // 4) * 4 if hidden else 0
-        # trees in shared memory: room for the largest that fits the cap (16-byte multiple)
-        tb = [C * ((1 << d) - 1) * 8 for C, d, _, _ in meta]
-        fit = [b for b in tb if b <= _TREE_BYTES_MAX]
-        self._tree_bytes = -(-max(fit) // 16) * 16 if fit else 0
         self._plans = {}
         # pinned parameter slots {X, Y, flag}: the copy before each replay reads one; a slot
         # is reused only after the event recorded behind its copy has passed
         self._pinned = cp.cuda.alloc_pinned_memory(_RING * 32)
         self._slots = np.frombuffer(self._pinned, dtype=np.uint64, count=_RING * 4).reshape(_RING, 4)
-        self._events = [None] * (_RING // _EVERY)
+        self._events = [None] * _RING
         self._next = 0
         self._flag_pinned = cp.cuda.alloc_pinned_memory(16)
         self._flag_host = np.frombuffer(self._flag_pinned, dtype=np.int32, count=4)
@@ -246,7 +239,7 @@ class ChainCUDA:
         chunk = self._chunk if staged else 0
         part = max([R * Mp * 4 for _, _, _, Mp in self._meta if R * Mp // 16 < NT] or [0])
         codes = (R * self._Cs + 7) // 8 * 16
-        smem = 2 * chunk + self._tree_bytes + R * self._Hs * 4 + codes + part
+        smem = 2 * chunk + R * self._Hs * 4 + codes + part
         return rpt, smem, chunk
 
     def _plan(self, N, D0, check):
@@ -274,7 +267,7 @@ class ChainCUDA:
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs), np.int32(self._Cs), np.int32(chunk),
-                np.int32(bool(check)), np.int32(self._tree_bytes))
+                np.int32(bool(check)))
         stream = cp.cuda.Stream(non_blocking=True)
         with stream:
             stream.begin_capture()
@@ -289,8 +282,7 @@ class ChainCUDA:
 
     # ------------------------------------------------------------------ calls
     def __call__(self, X, check_finite=True):
-        """Logits of the chain for the rows of X, computed on the current stream (use one
-        stream at a time per chain: the parameter slots are recycled in stream order).
+        """Logits of the chain for the rows of X.
 
         Parameters
         ----------
@@ -314,9 +306,8 @@ class ChainCUDA:
             X = X.astype(np.float32)
         elif X.dtype != np.float32:
             raise TypeError(f"X must be float32 (or float16); got dtype {X.dtype}")
-        if X.data.device_id != self._dev:
-            raise ValueError(f"X is on device {X.data.device_id}; the chain lives on device "
-                             f"{self._dev}")
+        if X.device.id != self._dev:
+            raise ValueError(f"X is on device {X.device.id}; the chain lives on device {self._dev}")
         N, D0 = X.shape
         if self.in_features is not None and D0 != self.in_features:
             raise ValueError(f"X has {D0} columns; the chain expects {self.in_features}")
@@ -335,12 +326,9 @@ class ChainCUDA:
         rt = cp.cuda.runtime
         i = self._next
         self._next = (i + 1) % _RING
-        if i % _EVERY == 0:
-            # slots i .. i + _EVERY - 1 are free once the event recorded behind the copy
-            # from slot i + _EVERY - 1 (one lap ago) has passed: copies run in stream order
-            ev = self._events[i // _EVERY]
-            if ev is not None and not ev.done:
-                ev.synchronize()
+        ev = self._events[i]
+        if ev is not None and not ev.done:
+            ev.synchronize()                 # that slot's copy has not been read yet
         slot = self._slots[i]
         slot[0] = X.data.ptr
         slot[1] = Y.data.ptr
@@ -354,10 +342,9 @@ class ChainCUDA:
             stream.synchronize()             # every slot's copy has passed too
             if self._flag_host[0]:
                 raise ValueError("X holds NaN or Inf")
-        elif i % _EVERY == _EVERY - 1:
-            ev = self._events[i // _EVERY]
+        else:
             if ev is None:
-                ev = self._events[i // _EVERY] = cp.cuda.Event(block=False, disable_timing=True)
+                ev = self._events[i] = cp.cuda.Event(block=False, disable_timing=True)
             ev.record(stream)
         return Y
 

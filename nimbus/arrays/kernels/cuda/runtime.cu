@@ -145,56 +145,17 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
     for (int i = 0; i < RPT; ++i) widen(tot[i], a[i]);
 }
 
-#define EU 4               // (row, tree) pairs a thread encodes at once: 4 load chains in flight
-
-// Codes of the (row, tree) pairs q0, q0 + NT, ..., q0 + (EU-1) NT (those < npairs; trees
-// fastest) into codes[r * Cs + c]. Rows come from X (global, layer 0: FIRST) or from the
-// activations in shared memory; trees from shared or global memory (generic pointer).
-template <bool FIRST>
-__device__ __forceinline__ void encode_pairs(int q0, int npairs, int C, int depth, int nodes,
-                                             const int2* trees, const float* rows, int stride,
-                                             u16* codes, int Cs) {
-    int node[EU], off[EU], tb[EU];
-    bool v[EU];
-#pragma unroll
-    for (int u = 0; u < EU; ++u) {
-        const int q = q0 + u * NT;
-        v[u] = q < npairs;
-        const int r = v[u] ? q / C : 0, c = v[u] ? q - r * C : 0;
-        off[u] = r * stride;
-        tb[u] = c * nodes;
-        node[u] = 0;
-    }
-    for (int lev = 0; lev < depth; ++lev) {
-#pragma unroll
-        for (int u = 0; u < EU; ++u) {
-            const int2 e = trees[tb[u] + node[u]];
-            const float x = FIRST ? __ldg(rows + off[u] + e.x) : rows[off[u] + e.x];
-            node[u] = 2 * node[u] + 1 + (x > __int_as_float(e.y) ? 1 : 0);
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < EU; ++u) {
-        if (v[u]) {
-            const int q = q0 + u * NT, r = q / C, c = q - r * C;
-            codes[r * Cs + c] = (u16)(node[u] - nodes);
-        }
-    }
-}
-
 // Grid: ceil(N / R) blocks of NT threads; block b runs rows [b R, b R + R) through every
-// layer. Dynamic shared memory: 2 * chunk_bytes (LUT chunks; 0 when no layer stages),
-// tree_bytes (the trees of the layers whose trees fit there), R x Hs floats (activations),
-// R x Cs uint16 codes (rounded to 16 bytes), then R x Mp uint32 partial sums for the
-// layers with P < NT.
+// layer. Dynamic shared memory: 2 * chunk_bytes (LUT chunks; 0 when no layer stages), R x Hs
+// floats (activations), R x Cs uint16 codes (rounded to 16 bytes), then R x Mp uint32
+// partial sums for the layers with P < NT.
 extern "C" __global__ void __launch_bounds__(NT)
 chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R, int Hs,
-             int Cs, int chunk_bytes, int check, int tree_bytes)
+             int Cs, int chunk_bytes, int check)
 {
     extern __shared__ __align__(16) u8 smem[];
     u8* lutbuf = smem;
-    int2* tree_s = (int2*)(smem + 2 * chunk_bytes);
-    float* act = (float*)(smem + 2 * chunk_bytes + tree_bytes);
+    float* act = (float*)(smem + 2 * chunk_bytes);
     u16* codes = (u16*)(act + R * Hs);
     u32* part = (u32*)(codes + ((R * Cs + 7) & ~7));
 
@@ -234,24 +195,25 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
         if (S > 1)
             for (int i = tid; i < R * Mp; i += NT) part[i] = 0u;
 
-        // the layer's trees into shared memory when they fit (one coalesced pass instead of
-        // a dependent global load per tree level)
-        const int tcount = C * nodes;
-        const bool tree_shared = tcount * 8 <= tree_bytes;
-        if (tree_shared) {
-            for (int i = tid; i < tcount; i += NT) tree_s[i] = __ldg(ly.tree + i);
-            __syncthreads();
-        }
-        const int2* trees = tree_shared ? (const int2*)tree_s : ly.tree;
-        // encode: thread t takes the (row, tree) pairs t, t + NT, ... (trees fastest), EU
-        // at a time so that their load chains overlap
-        if (l == 0) {
-            const float* xs = X + r0 * D0;
-            for (int q0 = tid; q0 < nr * C; q0 += EU * NT)
-                encode_pairs<true>(q0, nr * C, C, ly.depth, nodes, trees, xs, D0, codes, Cs);
-        } else {
-            for (int q0 = tid; q0 < nr * C; q0 += EU * NT)
-                encode_pairs<false>(q0, nr * C, C, ly.depth, nodes, trees, act, Hs, codes, Cs);
+        // encode: thread t takes the (row, tree) pairs t, t + NT, ... (trees fastest)
+        for (int q = tid; q < nr * C; q += NT) {
+            const int r = q / C, c = q - r * C;
+            const int2* __restrict__ t = ly.tree + (unsigned long long)c * nodes;
+            int node = 0;
+            if (l == 0) {
+                const float* xr = X + (r0 + r) * D0;
+                for (int lev = 0; lev < ly.depth; ++lev) {
+                    const int2 e = __ldg(t + node);
+                    node = 2 * node + 1 + (__ldg(xr + e.x) > __int_as_float(e.y) ? 1 : 0);
+                }
+            } else {
+                const float* xr = act + r * Hs;
+                for (int lev = 0; lev < ly.depth; ++lev) {
+                    const int2 e = __ldg(t + node);
+                    node = 2 * node + 1 + (xr[e.x] > __int_as_float(e.y) ? 1 : 0);
+                }
+            }
+            codes[r * Cs + c] = (u16)(node - nodes);
         }
         __syncthreads();
 
