@@ -12,6 +12,14 @@ check_finite=True every call syncs itself). Prints a Markdown table and writes i
 JSON) to $OUT when that is set.
 
     python3 benchmarks/experiments/bench_runtime_cuda.py [--quick]
+
+Measured once (H100 80GB HBM3, this file and runtime_cuda at commit 314fb17; device ms by
+events, check_finite=False): 8 dims K=16 chain 0.0285 / 0.0285 / 0.0295 / 0.061 / 0.899 ms
+at N = 1 / 16 / 256 / 4096 / 65536, against cuBLAS fp32 0.305 / 0.334 / 0.369 / 0.323 /
+1.468, cuBLAS fp16 0.353 / 0.331 / 0.327 / 0.322 / 0.631, torch fp16 CUDA graph 0.0225 /
+0.0239 / 0.0244 / 0.0327 / 0.216. 4 dims: 1.51 ms and 2 dims: 3.39 ms at 65536 (the cost
+grows with the codebook count). Tile sweep at 65536: rows 32 with 16 KiB chunks 0.825 ms,
+32 KiB (the default) 0.898, rows 16 0.927, rows 64 1.13.
 """
 from __future__ import annotations
 
