@@ -21,6 +21,13 @@ Layer semantics (bit for bit those of :func:`.reference.encode_tree` then
 
 CuPy is imported lazily (through :func:`nimbus.arrays.backend.cupy`). No cuBLAS call is
 made inside the captured graph (CuPy refuses them under capture).
+
+Measured (H100, benchmarks/experiments/bench_runtime_cuda.py, MLP 784-256-256-256-10, 8
+inputs per codebook, K = 16): 0.029 ms per call at batch 1-256 (torch fp16 in a CUDA graph:
+0.023), 0.90 ms at 65536 (cuBLAS fp32: 1.47, fp16: 0.63). The time grows with the number
+of codebooks (4 inputs per codebook: 1.51 ms, 2: 3.39 ms at 65536); the encoder's chain of
+dependent global loads (tree node, then the input value, per level) is the suspected limit
+at large batch, the Python around each replay at small batch.
 """
 from __future__ import annotations
 
