@@ -9,6 +9,7 @@ import pytest
 import nimbus
 import nimbus.nn as nn
 from nimbus.arrays import backend
+from nimbus.nn.cli import build_mlp
 
 
 def _data():
@@ -16,12 +17,7 @@ def _data():
 
 
 def _mlp(seed, sizes=(64, 32, 16, 10)):
-    mods = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        mods.append(nn.Linear(a, b, random_state=seed + i))
-        if i < len(sizes) - 2:
-            mods += [nn.BatchNorm(b), nn.ReLU()]
-    return nn.Sequential(*mods)
+    return build_mlp(list(sizes), seed=seed)        # Linear -> BatchNorm -> ReLU, then Linear
 
 
 @pytest.fixture(scope="module")
