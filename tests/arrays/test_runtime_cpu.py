@@ -99,6 +99,35 @@ def test_chain_k16_32_64_ragged(depth, simd):
 
 
 @pytest.mark.parametrize("simd", SIMD_PATHS)
+@pytest.mark.parametrize("width", [1, 3, 4, 6, 8])
+def test_chain_trees_on_column_slices(width, simd):
+    # as a converted layer: tree c tests columns of its own slice of `width` inputs only
+    # (the SIMD path then picks x from the slice's columns: W = 4 or 8 of them)
+    rng = np.random.default_rng(width)
+    X = rng.normal(size=(150, 50)).astype(np.float32)
+    layers = []
+    h = X
+    for depth, M in ((4, 24), (5, 33), (6, 7)):
+        D = h.shape[1]
+        C = -(-D // width)
+        layer = make_layer(rng, D, C, depth, M)
+        lo = np.minimum(np.arange(C) * width, D - 1)[:, None]
+        dims = np.minimum(lo + rng.integers(0, width, layer["dims"].shape), D - 1)
+        layer["dims"] = dims.astype(np.int32)
+        tie = rng.random(dims.shape) < 0.3          # thresholds equal to input values
+        layer["thresholds"][tie] = h[rng.integers(0, h.shape[0], dims.shape), dims][tie]
+        layers.append(layer)
+        h = reference_chain([layer], h)
+    chain = rc.ChainCPU(layers, d_in=50, simd=simd)
+    if simd:    # W = 8 is used at depth 6 only
+        W = list(chain.meta_simd[:, rc._W])
+        assert W == ([4] * 3 if width <= 4 else [0, 0, 8])
+    np.testing.assert_array_equal(chain(X), reference_chain(layers, X))
+    chain.small_n = 0
+    np.testing.assert_array_equal(chain(X[:3]), reference_chain(layers, X[:3]))
+
+
+@pytest.mark.parametrize("simd", SIMD_PATHS)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_give_the_same_values(threads, simd):
     rng = np.random.default_rng(7)

@@ -57,6 +57,7 @@ _U16_CODEBOOKS = 257    # most codebooks whose byte sums cannot overflow a uint1
 
 # columns of the per-layer metadata table (int64)
 _C, _NN, _DEPTH, _M, _DIN, _DOFF, _LOFF, _SOFF = range(8)
+_W, _COFF = 8, 9       # SIMD path only: distinct columns per tree (4, 8; 0: more), their offset
 _NMETA = 8
 
 
@@ -633,6 +634,119 @@ def _make_encode_gather_intrinsic(K, R):
     return encode_rows
 
 
+def _make_encode_local_intrinsic(K, R, W):
+    """Like :func:`_make_encode_intrinsic` (same output), for layers whose trees each test
+    at most W (4 or 8) distinct columns -- a converted layer's codebook tests only its
+    own slice of inputs. ``f(srcT, loc, thr, doff, coff, C, idx)``: ``loc[doff + c*(K-1)
+    + node]`` is the node's column as an index into the tree's own column list
+    ``loc[coff + c*W : coff + (c+1)*W]`` (absolute columns of srcT).
+
+    Per codebook and 16 rows, the W columns are loaded once; then one step per level:
+    the node's local column and threshold come from the level's table by a register
+    permute (vpermd/vpermps; vpermi2d/vpermi2ps for the 32 nodes of level 5), x is
+    picked from the W column vectors by log2(W) levels of blends, one compare. depth
+    steps of about 10 vector instructions, where the mask encoder tests all K-1 nodes
+    and the gather one waits on gathers. Reads up to 16 entries past a tree's last node
+    (the packed arrays end with ``_PAD`` spare entries)."""
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    nn = K - 1
+    depth = K.bit_length() - 1
+    i32 = ir.IntType(32)
+    i32x16 = ir.VectorType(i32, 16)
+    f32x16 = ir.VectorType(ir.FloatType(), 16)
+    nbits = W.bit_length() - 1
+
+    def splat(vt, value):
+        return ir.Constant(vt, [ir.Constant(vt.element, value)] * 16)
+
+    @intrinsic
+    def encode_rows(typingctx, srcT, loc, thr, doff, coff, C, idx):
+        sig = types.void(srcT, loc, thr, types.intp, types.intp, types.intp, idx)
+
+        def codegen(context, builder, signature, args):
+            a_src, a_loc, a_thr, a_doff, a_coff, a_C, a_idx = args
+            t_src, t_loc, t_thr, _, _, _, t_idx = signature.args
+            sp = context.make_array(t_src)(context, builder, a_src).data
+            lp = context.make_array(t_loc)(context, builder, a_loc).data
+            tp = context.make_array(t_thr)(context, builder, a_thr).data
+            ip = context.make_array(t_idx)(context, builder, a_idx).data
+            intp = a_doff.type
+            mod = builder.module
+            fn = cgutils.get_or_insert_function
+            permd = fn(mod, ir.FunctionType(i32x16, [i32x16, i32x16]),
+                       "llvm.x86.avx512.permvar.si.512")
+            permps = fn(mod, ir.FunctionType(f32x16, [f32x16, i32x16]),
+                        "llvm.x86.avx512.permvar.sf.512")
+            perm2d = fn(mod, ir.FunctionType(i32x16, [i32x16, i32x16, i32x16]),
+                        "llvm.x86.avx512.vpermi2var.d.512")
+            perm2ps = fn(mod, ir.FunctionType(f32x16, [f32x16, i32x16, f32x16]),
+                         "llvm.x86.avx512.vpermi2var.ps.512")
+            zero = splat(i32x16, 0)
+
+            def vload(ptr, off, vt):
+                return builder.load(builder.bitcast(builder.gep(ptr, [off]), vt.as_pointer()),
+                                    align=4)
+
+            G = builder.sdiv(builder.add(a_C, intp(3)), intp(4))
+            with cgutils.for_range(builder, G) as gl:
+                g = gl.index
+                combined = [zero] * R
+                for jj in range(4):
+                    c = builder.add(builder.mul(g, intp(4)), intp(jj))
+                    valid = builder.icmp_signed("<", c, a_C)
+                    c = builder.select(valid, c, builder.sub(a_C, intp(1)))
+                    base = builder.add(a_doff, builder.mul(c, intp(nn)))
+                    cbase = builder.add(a_coff, builder.mul(c, intp(W)))
+                    rows = []
+                    for i in range(W):
+                        col = builder.sext(builder.load(builder.gep(lp, [builder.add(
+                            cbase, intp(i))])), intp)
+                        rows.append(builder.gep(sp, [builder.mul(col, intp(BLOCK_SIMD))]))
+                    xs = [[vload(rows[i], intp(16 * rg), f32x16) for i in range(W)]
+                          for rg in range(R)]
+                    rel = [zero] * R
+                    for level in range(depth):
+                        start = builder.add(base, intp((1 << level) - 1))
+                        nt = 1 if level < 5 else 2
+                        lt = [vload(lp, builder.add(start, intp(16 * h)), i32x16)
+                              for h in range(nt)]
+                        tt = [vload(tp, builder.add(start, intp(16 * h)), f32x16)
+                              for h in range(nt)]
+                        for rg in range(R):
+                            if nt == 1:
+                                li = builder.call(permd, [lt[0], rel[rg]])
+                                tv = builder.call(permps, [tt[0], rel[rg]])
+                            else:
+                                li = builder.call(perm2d, [lt[0], rel[rg], lt[1]])
+                                tv = builder.call(perm2ps, [tt[0], rel[rg], tt[1]])
+                            cand = xs[rg]
+                            for b in range(nbits):          # pick x by the bits of li
+                                on = builder.icmp_unsigned(
+                                    "!=", builder.and_(li, splat(i32x16, 1 << b)), zero)
+                                cand = [builder.select(on, cand[2 * i + 1], cand[2 * i])
+                                        for i in range(len(cand) // 2)]
+                            right = builder.zext(builder.fcmp_ordered(">", cand[0], tv), i32x16)
+                            rel[rg] = builder.add(builder.add(rel[rg], rel[rg]), right)
+                    for rg in range(R):
+                        code = builder.select(valid, rel[rg], zero)
+                        code = builder.shl(builder.add(code, splat(i32x16, jj * K)),
+                                           splat(i32x16, 8 * jj))
+                        combined[rg] = builder.or_(combined[rg], code)
+                for rg in range(R):
+                    off = builder.add(builder.mul(g, intp(64 * R)), intp(64 * rg))
+                    p = builder.bitcast(builder.gep(ip, [off]), i32x16.as_pointer())
+                    builder.store(combined[rg], p, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return encode_rows
+
+
 def _make_transpose16():
     """A Numba intrinsic ``f(src, soff, sstride, dst, doff, dstride)``: the 16 x 16 float32
     tile at ``src.flat[soff + i*sstride + j]`` written transposed to
@@ -711,6 +825,36 @@ if _SIMD:
             else:
                 _enc64_r4(srcT, dims, thr, doff, C, idx)
 
+    # column-list encoders: W = 4 at every depth, W = 8 at depth 6 only (where measured
+    # faster than the mask / gather encoders: see _pack_simd)
+    _mk = _make_encode_local_intrinsic
+    _l16_1_4, _l16_4_4 = _mk(16, 1, 4), _mk(16, 4, 4)
+    _l32_1_4, _l32_4_4 = _mk(32, 1, 4), _mk(32, 4, 4)
+    _l64_1_4, _l64_4_4 = _mk(64, 1, 4), _mk(64, 4, 4)
+    _l64_1_8, _l64_4_8 = _mk(64, 1, 8), _mk(64, 4, 8)
+
+    @njit(inline="always")
+    def _simd_encode_local(K, R, W, srcT, loc, thr, doff, coff, C, idx):
+        if W == 8:                              # K == 64
+            if R == 1:
+                _l64_1_8(srcT, loc, thr, doff, coff, C, idx)
+            else:
+                _l64_4_8(srcT, loc, thr, doff, coff, C, idx)
+        elif R == 1:
+            if K == 16:
+                _l16_1_4(srcT, loc, thr, doff, coff, C, idx)
+            elif K == 32:
+                _l32_1_4(srcT, loc, thr, doff, coff, C, idx)
+            else:
+                _l64_1_4(srcT, loc, thr, doff, coff, C, idx)
+        else:
+            if K == 16:
+                _l16_4_4(srcT, loc, thr, doff, coff, C, idx)
+            elif K == 32:
+                _l32_4_4(srcT, loc, thr, doff, coff, C, idx)
+            else:
+                _l64_4_4(srcT, loc, thr, doff, coff, C, idx)
+
     @njit(inline="always")
     def _simd_lookup(K, R, lutP, loff, idx, G, M, sb, soff, dst):
         if R == 1:
@@ -740,9 +884,13 @@ else:                                                    # pragma: no cover - ot
     def _transpose16(src, soff, sstride, dst, doff, dstride):
         raise RuntimeError("the SIMD path needs AVX-512")
 
+    @njit(inline="always")
+    def _simd_encode_local(K, R, W, srcT, loc, thr, doff, coff, C, idx):
+        raise RuntimeError("the SIMD encoder needs AVX-512")
+
 
 @njit(inline="always")
-def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx):
+def _simd_block(X, out, n0, nb, meta, dims, loc, thr, lutP, sb, bufA, bufB, idx):
     L = meta.shape[0]
     R = 1 if nb <= 16 else 4
     nr = 16 * R
@@ -764,7 +912,13 @@ def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx):
     src = bufA
     dst = bufB
     for l in range(L):
-        _simd_encode_k(meta[l, _NN] + 1, R, src, dims, thr, meta[l, _DOFF], meta[l, _C], idx)
+        W = meta[l, _W]
+        if W == 0:
+            _simd_encode_k(meta[l, _NN] + 1, R, src, dims, thr, meta[l, _DOFF], meta[l, _C],
+                           idx)
+        else:
+            _simd_encode_local(meta[l, _NN] + 1, R, W, src, loc, thr, meta[l, _DOFF],
+                               meta[l, _COFF], meta[l, _C], idx)
         C = meta[l, _C]
         _simd_lookup(meta[l, _NN] + 1, R, lutP, meta[l, _LOFF], idx, (C + 3) // 4,
                      meta[l, _M], sb, meta[l, _SOFF], dst)
@@ -776,35 +930,43 @@ def _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, bufA, bufB, idx):
 
 
 @njit(cache=True, nogil=True)
-def _simd_serial(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf):
+def _simd_serial(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf):
     # fbuf (tasks, 2, D, BLOCK_SIMD) float32, ibuf (tasks, groups * 4 * BLOCK_SIMD) uint8:
     # scratch kept by the caller across calls (allocating these 100s of KB per call went
     # through mmap and page faults: half the time of a batch of one)
     N = X.shape[0]
     for n0 in range(0, N, BLOCK_SIMD):
         nb = min(BLOCK_SIMD, N - n0)
-        _simd_block(X, out, n0, nb, meta, dims, thr, lutP, sb, fbuf[0, 0], fbuf[0, 1],
+        _simd_block(X, out, n0, nb, meta, dims, loc, thr, lutP, sb, fbuf[0, 0], fbuf[0, 1],
                     ibuf[0])
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _simd_parallel(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf, ntasks):
+def _simd_parallel(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, ntasks):
     # ntasks tasks, each with its own scratch, take the blocks t, t + ntasks, ...
     N = X.shape[0]
     nblocks = (N + BLOCK_SIMD - 1) // BLOCK_SIMD
     for t in prange(ntasks):
         for b in range(t, nblocks, ntasks):
             n0 = b * BLOCK_SIMD
-            _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, thr, lutP, sb,
+            _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, loc, thr, lutP, sb,
                         fbuf[t, 0], fbuf[t, 1], ibuf[t])
 
 
-def _pack_simd(layers, meta):
-    """lutP (flat uint8, per layer (M, G, 4K): see the comment above) and meta with the
-    offsets into it."""
-    meta = meta.copy()
+def _pack_simd(layers, meta, ndims):
+    """The SIMD path's arrays: (meta with 10 columns, lutP, loc).
+
+    lutP: flat uint8, per layer (M, G, 4K) (see the comment above), offsets in
+    meta[:, _LOFF]. loc: flat int32 of ``ndims`` entries laid out as the packed dims (so
+    with its padding), then the column lists: for a layer whose trees each test at most
+    W = 4 or 8 distinct columns (meta[:, _W]; 0 otherwise), ``loc[doff + c*(K-1) + node]``
+    is the node's column as an index into tree c's list ``loc[coff + c*W : ...+W]``
+    (meta[:, _COFF]), padded with its first column."""
+    meta = np.concatenate([meta, np.zeros((meta.shape[0], 2), dtype=np.int64)], axis=1)
     parts = []
     off = 0
+    loc = [np.zeros(ndims, dtype=np.int32)]
+    coff = ndims
     for l, layer in enumerate(layers):
         lut = layer["lut"]
         C, K, M = lut.shape
@@ -814,7 +976,25 @@ def _pack_simd(layers, meta):
         parts.append(np.ascontiguousarray(pad.reshape(G, 4, K, M).transpose(3, 0, 1, 2)).ravel())
         meta[l, _LOFF] = off
         off += parts[-1].size
-    return meta, np.concatenate(parts)
+        dims = np.asarray(layer["dims"])
+        uniq = [np.unique(row) for row in dims]
+        most = max(u.size for u in uniq)
+        # the column-list encoder where it was measured faster (ns per row and codebook,
+        # Zen 4): W = 4 at depth 5 0.84 vs 1.36, depth 6 1.1 vs 2.4; W = 8 at depth 6 1.7
+        # vs 2.4, but at depth 4 1.03 vs 0.94 and depth 5 the same
+        W = 4 if most <= 4 else 8 if most <= 8 and K == 64 else 0
+        meta[l, _W] = W
+        if W:
+            cols = np.empty((C, W), dtype=np.int32)
+            doff = int(meta[l, _DOFF])
+            for c, u in enumerate(uniq):
+                cols[c, :u.size] = u
+                cols[c, u.size:] = u[0]
+                loc[0][doff + c * (K - 1): doff + (c + 1) * (K - 1)] = np.searchsorted(u, dims[c])
+            meta[l, _COFF] = coff
+            loc.append(cols.ravel())
+            coff += cols.size
+    return meta, np.concatenate(parts), np.concatenate(loc)
 
 
 # ----------------------------------------------------------------------------- front end
@@ -928,15 +1108,15 @@ def _run(X, out, meta, dims, thr, lut, sb):
     return out
 
 
-def _run_simd(X, out, meta, dims, thr, lutP, sb, scratch):
+def _run_simd(X, out, meta, dims, loc, thr, lutP, sb, scratch):
     nthr = _threads()
     N = X.shape[0]
     ntasks = 1 if nthr <= 1 or N <= BLOCK_SIMD else min(nthr, (N + BLOCK_SIMD - 1) // BLOCK_SIMD)
     fbuf, ibuf = scratch(ntasks)
     if ntasks == 1:
-        _simd_serial(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf)
+        _simd_serial(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf)
     else:
-        _simd_parallel(X, out, meta, dims, thr, lutP, sb, fbuf, ibuf, ntasks)
+        _simd_parallel(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, ntasks)
     return out
 
 
@@ -979,7 +1159,8 @@ class ChainCPU:
         if self.simd:
             # the SIMD path reads the re-laid LUT; batches of at most small_n rows (the
             # SIMD path works on 16 rows at least) take the plain loops and its LUT
-            self.meta_simd, self.lut_simd = _pack_simd(layers, self.meta)
+            self.meta_simd, self.lut_simd, self.loc = _pack_simd(layers, self.meta,
+                                                                 self.dims.size)
             # (measured crossovers, MLP shapes: 5 rows at K = 16, 9 at 32, 14+ at 64)
             self.small_n = {16: 4, 32: 8, 64: 12}[int(self.meta[:, _NN].max()) + 1]
             self._fbuf = np.empty((0, 2, 0, BLOCK_SIMD), dtype=np.float32)
@@ -1020,8 +1201,8 @@ class ChainCPU:
             raise ValueError(f"out must be a C-contiguous float32 array of shape "
                              f"({N}, {self.m_out})")
         if self.simd and N > self.small_n:
-            return _run_simd(X, out, self.meta_simd, self.dims, self.thr, self.lut_simd,
-                             self.sb, self._scratch)
+            return _run_simd(X, out, self.meta_simd, self.dims, self.loc, self.thr,
+                             self.lut_simd, self.sb, self._scratch)
         return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb)
 
 
