@@ -283,10 +283,10 @@ def _apply(op, a, X):
 def _finite_or_raise(X):
     # one pass: the sum of finite float32 values is finite unless it overflows, and only
     # then (values near 1e38) does the exact check run
+    xp = backend.namespace(X)
     with np.errstate(over="ignore", invalid="ignore"):
         total = X.sum(dtype=np.float32)
-    if not np.isfinite(total):
-        xp = backend.namespace(X)
+    if not bool(xp.isfinite(total)):
         if not bool(xp.isfinite(X).all()):
             raise ValueError("X holds NaN or Inf")
 
