@@ -6,6 +6,10 @@ that ``B`` ignores cost nothing, directions it amplifies cost a lot, and what
 the other codebooks already explain costs nothing either. Joint bucketing
 learns every tree against that error directly:
 
+0. Selection: the joint fit is a richer model than MADDNESS and with few training rows
+   it can fit noise. So joint bucketing also fits plain MADDNESS and keeps the joint
+   fit only where it predicts ``A @ B`` better on rows it was not fitted on (see
+   :class:`Joint`, ``select``); ``choice_`` says which was kept.
 1. Start: the tree of subspace c minimises the within-bucket SSE of the partial
    product ``A_c @ B_c`` (computed exactly in few dimensions: with ``B_c = U S
    V^T``, ``A_c @ B_c`` has the same SSE as ``A_c @ U S``; more than ``rank``
@@ -47,6 +51,17 @@ from ._lut import CodeRidge, bucket_sums, ridge_reg
 from ._trees import bin_columns, learn_tree, top_directions
 from .base import TreeStrategy, subspace_starts
 
+# Choosing between the joint fit and a MADDNESS fit (issue 17): with fewer than CV_ROWS
+# training rows, CV_FOLDS-fold cross-validation (the fits are cheap there, and one small
+# hold-out is too noisy to rank two models), the chosen one refit on all rows; from
+# CV_ROWS rows on, one HOLDOUT share of the rows is held out, both fit on the rest, and
+# a winning joint fit keeps its trees and has its prototypes refit on all rows (so the
+# fit costs about one joint fit on all rows plus one or two MADDNESS fits); a winning
+# MADDNESS is refit on all rows.
+CV_ROWS = 1000
+CV_FOLDS = 3
+HOLDOUT = 0.2
+
 
 # ----------------------------------------------------------------- strategy
 class Joint(TreeStrategy):
@@ -85,6 +100,14 @@ class Joint(TreeStrategy):
         Fashion-MNIST input layer, 49 columns a subspace, 32 candidates fitted
         as well as all 49)
     quantize : bool, 8-bit LUT (True) or float32 LUT
+    select : bool (default True): fit plain MADDNESS too (``Maddness(ncodebooks,
+        depth=depth)`` defaults) and keep the joint fit only if its test error on
+        held-out training rows is lower: 3-fold cross-validation below 1000 rows (the
+        winner then refit on all rows), else one 20 % hold-out (MADDNESS, when it wins,
+        refit on all rows; joint's trees kept and its prototypes refit on all rows). False: the joint fit, unchecked. Needs
+        ``N >= 1.5 K`` rows to validate (24 at K = 16): with fewer (but at least K), the
+        documented fallback is MADDNESS, unchecked (``choice_ = "maddness"``,
+        ``selection_["scheme"] = "too few rows to validate"``)
     random_state : unused (learning is deterministic); kept for the interface
     verbose : bool, progress bar over trees
 
@@ -97,6 +120,12 @@ class Joint(TreeStrategy):
     train_loss_ : (passes + 1,) float64 host array, training loss (float LUT,
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
+    choice_ : "joint" or "maddness", the fit kept (always "joint" with select=False)
+    selection_ : dict, how it was chosen: ``scheme`` ("3-fold CV", "20% hold-out",
+        "off" or "too few rows to validate") and ``nmse`` ({"joint": float,
+        "maddness": float}, held-out NMSE of each, pooled over the folds; absent
+        without a check)
+    train_loss_ is that of the joint fit when it was kept, else absent.
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
         (8-bit with an offset per codebook and output column and a scale per column,
         :func:`._lut.quantize_lut_per_column`: each column's step is set by its own
@@ -107,7 +136,7 @@ class Joint(TreeStrategy):
     LUT_QUANTIZER = "column"
 
     def __init__(self, ncodebooks=16, *, split="node", depth=4, refine=20, tol=1e-3, ridge=1e-2,
-                 rank=16, min_leaf=None, max_candidates=32, quantize=True,
+                 rank=16, min_leaf=None, max_candidates=32, select=True, quantize=True,
                  random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
@@ -118,6 +147,7 @@ class Joint(TreeStrategy):
         self.rank = rank
         self.min_leaf = min_leaf
         self.max_candidates = max_candidates
+        self.select = select
         self.verbose = verbose
 
     def _check_params(self):
@@ -131,12 +161,106 @@ class Joint(TreeStrategy):
             validate.check_int(self.min_leaf, "min_leaf", lo=1)
         if self.max_candidates is not None:
             validate.check_int(self.max_candidates, "max_candidates", lo=1)
+        if not isinstance(self.select, (bool, np.bool_)):
+            raise TypeError(f"select must be True or False, got {self.select!r}")
 
     # ---------------------------------------------------------------- fitting
     def _fit(self, A, rng, B):
         if B is None:
             raise ValueError("joint bucketing learns its trees from the product A @ B: "
                              "call fit(A, B) with the (D, M) matrix B")
+        if not self.select:
+            self._fit_joint(A, rng, B)
+            self.choice_, self.selection_ = "joint", {"scheme": "off"}
+            return
+        self._fit_selected(A, B)
+
+    # -------------------------------------------------------- joint or maddness
+    def _candidates(self):
+        """(name, unfitted strategy) of the two models, joint first."""
+        from .maddness import Maddness
+        params = self.get_params()
+        params.update(select=False, verbose=False)
+        return [("joint", Joint(**params)),
+                ("maddness", Maddness(self.ncodebooks, depth=self.depth, quantize=self.quantize))]
+
+    def _fit_selected(self, A, B):
+        """Fit joint and MADDNESS, keep the one better on held-out rows (module notes)."""
+        xp = backend.namespace(A)
+        N, K = A.shape[0], self.nbuckets
+        B = backend.like(B, A)
+        perm = xp.asarray(np.random.RandomState(0).permutation(N))  # deterministic fit
+        if N < CV_ROWS:
+            folds = [perm[f::CV_FOLDS] for f in range(CV_FOLDS)]
+            scheme = f"{CV_FOLDS}-fold CV"
+        else:
+            folds = [perm[:int(N * HOLDOUT)]]
+            scheme = f"{int(HOLDOUT * 100)}% hold-out"
+        if N - max(len(f) for f in folds) < K:
+            # a fold would fit fewer rows than buckets: nothing can be validated
+            self._adopt(self._candidates()[1][1].fit(A, B), A, B, refit=False)
+            self.choice_ = "maddness"
+            self.selection_ = {"scheme": "too few rows to validate"}
+            return
+        err = {"joint": 0.0, "maddness": 0.0}
+        yss = 0.0
+        kept = {}
+        for va in folds:
+            keep = xp.ones(N, dtype=bool)
+            keep[va] = False
+            tr = xp.nonzero(keep)[0]
+            Y = A[va] @ B
+            yss += float(((Y - Y.mean(axis=0)).astype(np.float64) ** 2).sum())
+            for name, op in self._candidates():
+                op.fit(A[tr], B)
+                err[name] += float(((op(A[va]) - Y).astype(np.float64) ** 2).sum())
+                kept[name] = op
+        choice = "joint" if err["joint"] < err["maddness"] else "maddness"
+        if len(folds) > 1 or choice == "maddness":
+            # the winner refit on all rows (MADDNESS costs a fraction of a joint fit)
+            op = dict(self._candidates())[choice].fit(A, B)
+            self._adopt(op, A, B, refit=False)
+        else:                               # hold-out: trees kept, prototypes refit
+            self._adopt(kept[choice], A, B, refit=True)
+        self.choice_ = choice
+        self.selection_ = {"scheme": scheme,
+                           "nmse": {k: v / max(yss, 1e-300) for k, v in err.items()}}
+
+    def _adopt(self, op, A, B, refit):
+        """Take the trees and prototypes of a fitted Joint or Maddness ``op``; with
+        ``refit``, its prototypes are refit on all rows ``A`` with its trees kept."""
+        self.starts_ = op.starts_
+        self.dims_, self.thresholds_ = op.dims_, op.thresholds_
+        if isinstance(op, Joint):
+            for k in ("train_loss_",):
+                setattr(self, k, getattr(op, k))
+        if not refit:
+            self.prototypes_ = op.prototypes_
+            return
+        codes = kernels.encode_tree(A, op.dims_, op.thresholds_)
+        if isinstance(op, Joint):
+            Y = (A @ B).astype(np.float32)
+            reg = ridge_reg(self.ridge, A.shape[0], self.ncodebooks, self.nbuckets)
+            ridge = CodeRidge(codes, Y, reg, self._prior_of(A, B), self.nbuckets)
+            self.prototypes_ = ridge.solve(A, self._own_means(A, codes))
+        else:                   # as Maddness fits: from rows clipped as it clips them
+            from ._clip import winsorize
+            self.prototypes_ = op._ridge(codes, winsorize(A, op.clip), None)
+
+    def _prior_of(self, A, B):
+        """prior_of(c, leaves) -> (K, M) float64: bucket means of the partial product
+        A_c @ B_c over codebook c's leaves (what the LUT ridge shrinks towards)."""
+        xp = backend.namespace(A)
+        K, starts = self.nbuckets, self.starts_
+
+        def prior_of(c, leaves):
+            s, e = int(starts[c]), int(starts[c + 1])
+            n, sums = bucket_sums(leaves, K, A[:, s:e])
+            return (sums / xp.maximum(n, 1)[:, None]) @ B[s:e].astype(np.float64)
+        return prior_of
+
+    def _fit_joint(self, A, rng, B):
+        """The joint fit itself (steps 1-3 of the module docstring)."""
         xp = backend.namespace(A)
         B = backend.like(B, A)
         self.starts_ = subspace_starts(A.shape[1], self.ncodebooks)
