@@ -10,6 +10,7 @@ kernel and the same thread count for BLAS where threadpoolctl is importable.
 
     python benchmarks/experiments/bench_runtime_cpu.py            # the full grid
     python benchmarks/experiments/bench_runtime_cpu.py --quick    # depth 4, w = 8 only
+    python benchmarks/experiments/bench_runtime_cpu.py --configs 5x4 --plain
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main():
     ap.add_argument("--batches", default="1,16,256,4096")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds per point")
+    ap.add_argument("--configs", default=None,
+                    help="depth x inputs per codebook, e.g. 5x4,4x8 (default: the grid)")
     ap.add_argument("--plain", action="store_true",
                     help="also time the plain-loop path at every point")
     args = ap.parse_args()
@@ -89,6 +92,8 @@ def main():
     threads = [min(int(t), numba.config.NUMBA_NUM_THREADS) for t in args.threads.split(",")]
     configs = [(4, 8)] if args.quick else [(4, 8), (5, 8), (6, 8), (4, 4), (5, 4), (6, 4),
                                            (4, 2), (5, 2), (6, 2)]
+    if args.configs:
+        configs = [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]
     rng = np.random.default_rng(0)
     X_all = rng.normal(size=(max(batches), WIDTHS[0])).astype(np.float32)
     Xs = {n: np.ascontiguousarray(X_all[:n]) for n in batches}
