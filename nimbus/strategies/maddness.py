@@ -21,11 +21,12 @@ def _reconstruction_sse(A, codes, P):
 
 
 # Rules from the number of training rows N (issue 17: no knob a user must set).
-# A leaf keeps at least N / (LEAF_SHARE * K) rows, capped at LEAF_CAP: with 100 rows
-# and 16 leaves, greedy splits otherwise cut leaves of one or two rows whose means are
-# noise; with many rows the cap leaves the trees as they were.
+# A leaf keeps at least N / (LEAF_SHARE * K) rows, capped at LEAF_CAP, and never fewer
+# than LEAF_FLOOR: with 100 rows and 16 leaves, greedy splits otherwise cut leaves of one
+# row whose means are noise; with many rows the cap leaves the trees about as they were.
 LEAF_SHARE = 4
 LEAF_CAP = 8
+LEAF_FLOOR = 2
 # ridge="auto": the penalty is cross-validated (5 folds, :func:`._lut.ridge_cv`) while
 # the mean bucket holds fewer than CV_ROWS_PER_BUCKET rows; above, every prototype is
 # well determined and the fixed RIDGE_MANY_ROWS is used (the former default).
@@ -34,9 +35,11 @@ RIDGE_MANY_ROWS = 1e-2
 
 
 def min_leaf_rows(N, K):
-    """Fewest training rows on each side of a split: ``max(1, min(N // (LEAF_SHARE K),
-    LEAF_CAP))`` (1 with N < 64 at K = 16, 8 from N = 512)."""
-    return int(max(1, min(N // (LEAF_SHARE * K), LEAF_CAP)))
+    """Fewest training rows on each side of a split: ``max(LEAF_FLOOR, min(N // (LEAF_SHARE
+    K), LEAF_CAP))`` = ``max(2, min(N // (4 K), 8))`` (2 below N = 192 at K = 16, 8 from
+    N = 512). A bucket with no split that keeps that many rows on both sides stays whole
+    (its other leaf stays empty), so with N < 2 K rows fewer than K buckets are used."""
+    return int(max(LEAF_FLOOR, min(N // (LEAF_SHARE * K), LEAF_CAP)))
 
 
 def ridge_rule(N, C, K):
@@ -163,7 +166,7 @@ class Maddness(TreeStrategy):
         unexplained, over all D columns); a pass is kept only if it lowers the
         training reconstruction error
     min_leaf : int >= 1 or None, fewest training rows on each side of a split; None
-        (default): :func:`min_leaf_rows`, ``max(1, min(N // (4 K), 8))``
+        (default): :func:`min_leaf_rows`, ``max(2, min(N // (4 K), 8))``
     clip : float in [0, 0.49], learn from training rows clipped per column to their
         clip and 1 - clip quantiles, so that heavy tails cannot make a bucket of
         a few extreme rows (0 turns it off)
