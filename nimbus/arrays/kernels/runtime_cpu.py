@@ -101,11 +101,54 @@ def _walk(src, r0, nb, dims, thr, base, nn, depth, codes, c):
 
 
 @njit(inline="always")
+def _walk_trees(a, dims, thr, doff, nn, depth, codes, r, C):
+    # one row through all C trees, four trees interleaved (a batch of one row has no other
+    # rows to interleave; four trees' chains of dependent loads overlap instead)
+    c = 0
+    while c + 4 <= C:
+        b0 = doff + c * nn
+        b1 = b0 + nn
+        b2 = b1 + nn
+        b3 = b2 + nn
+        n0 = 0
+        n1 = 0
+        n2 = 0
+        n3 = 0
+        for _ in range(depth):
+            n0 = 2 * n0 + 1 + (a[dims[b0 + n0]] > thr[b0 + n0])
+            n1 = 2 * n1 + 1 + (a[dims[b1 + n1]] > thr[b1 + n1])
+            n2 = 2 * n2 + 1 + (a[dims[b2 + n2]] > thr[b2 + n2])
+            n3 = 2 * n3 + 1 + (a[dims[b3 + n3]] > thr[b3 + n3])
+        codes[r, c] = n0 - nn
+        codes[r, c + 1] = n1 - nn
+        codes[r, c + 2] = n2 - nn
+        codes[r, c + 3] = n3 - nn
+        c += 4
+    while c < C:
+        b0 = doff + c * nn
+        n0 = 0
+        for _ in range(depth):
+            n0 = 2 * n0 + 1 + (a[dims[b0 + n0]] > thr[b0 + n0])
+        codes[r, c] = n0 - nn
+        c += 1
+
+
+@njit(inline="always")
 def _encode(src, r0, nb, meta, l, dims, thr, codes):
     C = meta[l, _C]
     nn = meta[l, _NN]
     depth = meta[l, _DEPTH]
     doff = meta[l, _DOFF]
+    if nb < 4:
+        for r in range(nb):
+            a = src[r0 + r]
+            if depth == 4:
+                _walk_trees(a, dims, thr, doff, nn, 4, codes, r, C)
+            elif depth == 5:
+                _walk_trees(a, dims, thr, doff, nn, 5, codes, r, C)
+            else:
+                _walk_trees(a, dims, thr, doff, nn, depth, codes, r, C)
+        return
     for c in range(C):
         # a literal depth lets LLVM unroll the descent of the usual depths
         if depth == 4:
