@@ -112,7 +112,7 @@ def main():
         layers = make_layers(depth, w, rng)
         Cs = "/".join(str(layer["lut"].shape[0]) for layer in layers)
         paths = [("simd", True)] if rc.simd_supported() else []
-        if args.plain or not paths or (depth, w) == (4, 8):
+        if args.plain or not paths or (depth, w) in ((4, 8), (5, 4)):
             paths.append(("plain", False))
         for name, simd in paths:
             chain = rc.ChainCPU(layers, d_in=WIDTHS[0], simd=simd)
