@@ -36,11 +36,12 @@ fast-math, and the intrinsics emit fmul and fadd without contraction flags, so L
 does not fuse them into an FMA.
 
 Measured (2-core Zen 4 shared with other jobs, so rough; one thread; the MLP
-784-256-256-256-10 at depth 4 and 8 inputs per codebook, C = 98/32/32/32): SIMD 3.2 ms
-at batch 4096 (about 0.7 us per row: transpose 0.09, encode 0.2, lookup 0.3-0.36, the
-lookup near 2 cycles per 64 lookups), 0.16 ms at 256, 0.018 ms at 16; batch 1 (plain
-loops) 0.0065 ms; plain loops 3 us per row at depth 4, 9 at depth 9. Depth 5 / 6:
-0.9 / 1.4 us per row.
+784-256-256-256-10). Depth 4 over 8 inputs per codebook (C = 98/32/32/32): SIMD 3.2-4.3
+ms at batch 4096 (about 0.6-0.8 us per row: transpose 0.09, encode 0.2, lookup 0.3-0.36,
+the lookup near 2 cycles per 64 lookups: vpermb-bound), 0.16-0.19 ms at 256, 0.018 ms
+at 16, batch 1 (plain loops) 0.006 ms. Depth 5 over 4 inputs (C = 196/64/64/64, twice
+the lookups): 5.5 ms at 4096, 0.29 ms at 256, 0.044 ms at 16, 0.0105 ms at 1. Plain
+loops: 3-4 us per row at depth 4 over 8 inputs, 7.5 at depth 5 over 4, 9 at depth 9.
 benchmarks/experiments/bench_runtime_cpu.py prints the table.
 """
 from __future__ import annotations
