@@ -114,7 +114,7 @@ class Joint(TreeStrategy):
         refit on all rows. False: the joint fit, unchecked. Needs
         ``N >= 1.5 K`` rows to validate (24 at K = 16): with fewer (but at least K), the
         documented fallback is MADDNESS, unchecked (``choice_ = "maddness"``,
-        ``selection_["scheme"] = "too few rows to validate"``). Fit time: about 3.5
+        ``selection_ = "too few rows to validate"``). Fit time: about 3.5
         joint fits below 1000 rows, 1.7 above
     random_state : unused (learning is deterministic); kept for the interface
     verbose : bool, progress bar over trees
@@ -129,10 +129,10 @@ class Joint(TreeStrategy):
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
     choice_ : "joint" or "maddness", the fit kept (always "joint" with select=False)
-    selection_ : dict, how it was chosen: ``scheme`` ("3-fold CV", "50% hold-out",
-        "off" or "too few rows to validate") and ``nmse`` ({"joint": float,
-        "maddness": float}, held-out NMSE of each, pooled over the folds; absent
-        without a check)
+    selection_ : str, how it was chosen: "3-fold CV", "50% hold-out", "off" or
+        "too few rows to validate"
+    selection_nmse_ : (2,) float64 host array, held-out NMSE of (joint, maddness)
+        pooled over the folds (NaN without a check)
     train_loss_ is that of the joint fit when it was kept, else absent.
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
         (8-bit with an offset per codebook and output column and a scale per column,
@@ -179,7 +179,8 @@ class Joint(TreeStrategy):
                              "call fit(A, B) with the (D, M) matrix B")
         if not self.select:
             self._fit_joint(A, rng, B)
-            self.choice_, self.selection_ = "joint", {"scheme": "off"}
+            self.choice_, self.selection_ = "joint", "off"
+            self.selection_nmse_ = np.full(2, np.nan)
             return
         self._fit_selected(A, B)
 
@@ -208,7 +209,8 @@ class Joint(TreeStrategy):
             # a fold would fit fewer rows than buckets: nothing can be validated
             self._adopt(self._candidates()[1][1].fit(A, B))
             self.choice_ = "maddness"
-            self.selection_ = {"scheme": "too few rows to validate"}
+            self.selection_ = "too few rows to validate"
+            self.selection_nmse_ = np.full(2, np.nan)
             return
         err = {"joint": 0.0, "maddness": 0.0}
         yss = 0.0
@@ -226,8 +228,8 @@ class Joint(TreeStrategy):
         # 1000 low-rank rows the joint trees of 800 rows were 18 % worse than those of all)
         self._adopt(dict(self._candidates())[choice].fit(A, B))
         self.choice_ = choice
-        self.selection_ = {"scheme": scheme,
-                           "nmse": {k: v / max(yss, 1e-300) for k, v in err.items()}}
+        self.selection_ = scheme
+        self.selection_nmse_ = np.array([err["joint"], err["maddness"]]) / max(yss, 1e-300)
 
     def _adopt(self, op):
         """Take the trees and prototypes of a fitted Joint or Maddness ``op``."""
