@@ -51,7 +51,7 @@ from ._lut import CodeRidge, bucket_sums, ridge_reg
 from ._trees import bin_columns, learn_tree, top_directions
 from .base import TreeStrategy, subspace_starts
 from .maddness import CV_ROWS_PER_BUCKET, min_leaf_rows
-from ._lut import ridge_cv
+from ._lut import ridge_cv, shrink_to_mean
 
 
 # Choosing between the joint fit and a MADDNESS fit (issue 17): with fewer than CV_ROWS
@@ -93,7 +93,9 @@ class Joint(TreeStrategy):
         bucket size (0: least squares with a tiny jitter). With fewer than 8 training
         rows per bucket on average (N < 8 C K) the final LUT's penalty is instead
         picked by 5-fold cross-validation from ``_lut.RIDGE_GRID`` (``ridge_chosen_``;
-        ``inf``: the partial-product bucket means); the trees are learned with ``ridge``
+        ``inf``: the partial-product bucket means), jointly with a pull towards the
+        training mean (``shrink_chosen_``, :func:`._lut.ridge_cv`); the trees are
+        learned with ``ridge``
     rank : int >= 1, dimensions the targets of a tree are projected to (their top
         principal directions) when M or the subspace width is larger; bounds
         the learning cost for wide B
@@ -236,7 +238,7 @@ class Joint(TreeStrategy):
         self.starts_ = op.starts_
         self.dims_, self.thresholds_ = op.dims_, op.thresholds_
         self.prototypes_ = op.prototypes_
-        for k in ("train_loss_", "ridge_chosen_"):
+        for k in ("train_loss_", "ridge_chosen_", "shrink_chosen_"):
             if hasattr(op, k):
                 setattr(self, k, getattr(op, k))
 
@@ -283,15 +285,17 @@ class Joint(TreeStrategy):
             codes = ridge.codes
             prior = xp.stack([self._prior_of(A, B)(c, codes[:, c])
                               for c in range(self.ncodebooks)])
-            _, lam = ridge_cv(codes, Y, prior, nbuckets=self.nbuckets)
-            self.ridge_chosen_ = lam
+            _, lam, shrink = ridge_cv(codes, Y, prior, nbuckets=self.nbuckets)
+            self.ridge_chosen_, self.shrink_chosen_ = lam, shrink
             own = self._own_means(A, codes)
             if np.isfinite(lam):
                 reg = ridge_reg(lam, A.shape[0], self.ncodebooks, self.nbuckets)
-                self.prototypes_ = CodeRidge(codes, Y, reg, self._prior_of(A, B),
-                                             self.nbuckets).solve(A, own)
+                P = CodeRidge(codes, Y, reg, self._prior_of(A, B),
+                              self.nbuckets).solve(A, own)
             else:
-                self.prototypes_ = own.astype(np.float32)
+                P = own
+            # the same pull towards the mean, in A's space (the LUT is P @ B)
+            self.prototypes_ = shrink_to_mean(P, codes, own, shrink, self.nbuckets)
         self.train_loss_ = np.asarray(history, dtype=np.float64)
 
     def _own_means(self, A, codes):

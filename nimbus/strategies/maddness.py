@@ -158,8 +158,10 @@ class Maddness(TreeStrategy):
         means; "auto" follows :func:`ridge_rule`: with fewer than 8 training rows per
         bucket on average (N < 8 C K) it is picked from ``_lut.RIDGE_GRID`` by 5-fold
         cross-validation (never worse there than no ridge step at all, the
-        ``inf`` of the grid; ``ridge_chosen_`` says which), else 1e-2; 0 is plain
-        least squares. Skipped when C * 2**depth exceeds 4096 (the step solves for
+        ``inf`` of the grid; ``ridge_chosen_`` says which), jointly with a pull of the
+        prototypes towards the training mean (``shrink_chosen_`` in
+        ``_lut.SHRINK_GRID``, 1: none; see :func:`._lut.ridge_cv`), else 1e-2; 0 is
+        plain least squares. Skipped when C * 2**depth exceeds 4096 (the step solves for
         all C*K prototypes at once): the prototypes are then the bucket means
     refine : int >= 0, passes of block coordinate descent over the trees after the
         first ridge fit (each tree relearned against what the other codebooks leave
@@ -252,7 +254,8 @@ class Maddness(TreeStrategy):
         if lam == "auto":
             lam = ridge_rule(A.shape[0], codes.shape[1], K)
             if lam == "cv":
-                P, self.ridge_chosen_ = ridge_cv(codes, A, prior, nbuckets=K)
+                P, self.ridge_chosen_, self.shrink_chosen_ = ridge_cv(codes, A, prior,
+                                                                      nbuckets=K)
                 return P
-        self.ridge_chosen_ = float(lam)
+        self.ridge_chosen_, self.shrink_chosen_ = float(lam), 1.0
         return ridge_on_codes(codes, A, lam, K, prior=prior)
