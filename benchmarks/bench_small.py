@@ -220,6 +220,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="a run of under a minute")
     ap.add_argument("--seeds", type=int, default=2, help="seeds per (task, N) (default 2)")
     ap.add_argument("--json", default=None, help="write the per-seed rows to this file")
+    ap.add_argument("--cs", type=int, nargs="+", default=list(CS), help="values of C")
+    ap.add_argument("--ns", type=int, nargs="+", default=list(NS), help="values of N")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
+                    help="task names")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                     help="compare two --json files (maddness and joint) and exit")
     args = ap.parse_args(argv)
@@ -232,7 +236,7 @@ def main(argv=None):
     if args.quick:
         rows = run(QUICK_TASKS, (50, 200, 1000), (4, 16), [0])
     else:
-        rows = run(list(TASKS), NS, CS, list(range(args.seeds)))
+        rows = run(args.tasks, args.ns, args.cs, list(range(args.seeds)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
