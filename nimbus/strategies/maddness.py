@@ -146,7 +146,10 @@ class Maddness(TreeStrategy):
     ``split="node"`` lets every node choose its own column, and ``depth`` sets the
     trees' depth (the paper's 4: 16 buckets per codebook; deeper trees give 2**depth
     buckets, a finer partition of each subspace for a LUT 2**(depth-4) times as large,
-    at the same lookup cost).
+    at the same lookup cost). With few training rows (issue 17) two rules follow from N:
+    leaves keep at least :func:`min_leaf_rows` rows (``max(2, min(N // (4 K), 8))``), and
+    ``ridge="auto"`` cross-validates the ridge penalty and a pull towards the mean while
+    N < 8 C K (:func:`ridge_rule`); neither is a knob to set.
 
     Parameters
     ----------
