@@ -101,7 +101,8 @@ class Joint(TreeStrategy):
         the learning cost for wide B
     min_leaf : int >= 1 or None, fewest training rows on either side of a split;
         None: the larger of N // 500 and MADDNESS's rule from N
-        (:func:`.maddness.min_leaf_rows`, ``max(2, min(N // (4 K), 8))``). Splits are also scored by their
+        (:func:`.maddness.min_leaf_rows`, ``max(2, min(N // (4 K), 8))``, floor 1 with
+        fewer than 4 columns a subspace). Splits are also scored by their
         leave-one-out SSE, so small leaves must pay for their noise.
     max_candidates : int >= 1 or None, columns searched per tree level when the
         subspace is wider (those whose within-bucket linear fit to the targets
@@ -332,7 +333,7 @@ class Joint(TreeStrategy):
         # a leaf of a few rows has a mean that heavy tails can throw far off
         # and with few rows (issue 17) MADDNESS's rule from N and K
         min_leaf = self.min_leaf if self.min_leaf is not None else max(
-            N // 500, min_leaf_rows(N, K))
+            N // 500, min_leaf_rows(N, K, A.shape[1] // C))
 
         def learn(c, T):
             s, e = int(starts[c]), int(starts[c + 1])

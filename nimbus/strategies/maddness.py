@@ -22,11 +22,15 @@ def _reconstruction_sse(A, codes, P):
 
 # Rules from the number of training rows N (issue 17: no knob a user must set).
 # A leaf keeps at least N / (LEAF_SHARE * K) rows, capped at LEAF_CAP, and never fewer
-# than LEAF_FLOOR: with 100 rows and 16 leaves, greedy splits otherwise cut leaves of one
-# row whose means are noise; with many rows the cap leaves the trees about as they were.
+# than LEAF_FLOOR where subspaces have at least WIDE_SUBSPACE columns: with 100 rows and
+# 16 leaves, greedy splits otherwise cut leaves of one row whose means are noise in every
+# other column; with one to three columns a one-row leaf still holds a value that other
+# rows share (digits at N = 50, C = 32/64: 1.1-1.9x worse with the floor); with many
+# rows the cap leaves the trees about as they were.
 LEAF_SHARE = 4
 LEAF_CAP = 8
 LEAF_FLOOR = 2
+WIDE_SUBSPACE = 4
 # ridge="auto": the penalty is cross-validated (5 folds, :func:`._lut.ridge_cv`) while
 # the mean bucket holds fewer than CV_ROWS_PER_BUCKET rows; above, every prototype is
 # well determined and the fixed RIDGE_MANY_ROWS is used (the former default).
@@ -34,12 +38,14 @@ CV_ROWS_PER_BUCKET = 8
 RIDGE_MANY_ROWS = 1e-2
 
 
-def min_leaf_rows(N, K):
-    """Fewest training rows on each side of a split: ``max(LEAF_FLOOR, min(N // (LEAF_SHARE
-    K), LEAF_CAP))`` = ``max(2, min(N // (4 K), 8))`` (2 below N = 192 at K = 16, 8 from
-    N = 512). A bucket with no split that keeps that many rows on both sides stays whole
-    (its other leaf stays empty), so with N < 2 K rows fewer than K buckets are used."""
-    return int(max(LEAF_FLOOR, min(N // (LEAF_SHARE * K), LEAF_CAP)))
+def min_leaf_rows(N, K, width=WIDE_SUBSPACE):
+    """Fewest training rows on each side of a split: ``max(floor, min(N // (LEAF_SHARE
+    K), LEAF_CAP))`` = ``max(floor, min(N // (4 K), 8))``, floor = 2 when the narrowest
+    subspace has ``width >= 4`` columns, else 1 (at K = 16: the floor below N = 128 or 192,
+    8 from N = 512). A bucket with no split that keeps that many rows on both sides stays
+    whole (its other leaf stays empty), so with N < 2 K rows fewer than K buckets are used."""
+    floor = LEAF_FLOOR if width >= WIDE_SUBSPACE else 1
+    return int(max(floor, min(N // (LEAF_SHARE * K), LEAF_CAP)))
 
 
 def ridge_rule(N, C, K):
@@ -147,7 +153,8 @@ class Maddness(TreeStrategy):
     trees' depth (the paper's 4: 16 buckets per codebook; deeper trees give 2**depth
     buckets, a finer partition of each subspace for a LUT 2**(depth-4) times as large,
     at the same lookup cost). With few training rows (issue 17) two rules follow from N:
-    leaves keep at least :func:`min_leaf_rows` rows (``max(2, min(N // (4 K), 8))``), and
+    leaves keep at least :func:`min_leaf_rows` rows (``max(2, min(N // (4 K), 8))``; floor 1
+    with subspaces of fewer than 4 columns), and
     ``ridge="auto"`` cross-validates the ridge penalty and a pull towards the mean while
     N < 8 C K (:func:`ridge_rule`); neither is a knob to set.
 
@@ -171,7 +178,8 @@ class Maddness(TreeStrategy):
         unexplained, over all D columns); a pass is kept only if it lowers the
         training reconstruction error
     min_leaf : int >= 1 or None, fewest training rows on each side of a split; None
-        (default): :func:`min_leaf_rows`, ``max(2, min(N // (4 K), 8))``
+        (default): :func:`min_leaf_rows`, ``max(2, min(N // (4 K), 8))`` (floor 1
+        instead of 2 with fewer than 4 columns a subspace)
     clip : float in [0, 0.49], learn from training rows clipped per column to their
         clip and 1 - clip quantiles, so that heavy tails cannot make a bucket of
         a few extreme rows (0 turns it off)
@@ -219,8 +227,8 @@ class Maddness(TreeStrategy):
         A = winsorize(A, self.clip)
         C = self.ncodebooks
         self.starts_ = subspace_starts(A.shape[1], C)
-        self.min_leaf_ = (min_leaf_rows(A.shape[0], self.nbuckets) if self.min_leaf is None
-                          else int(self.min_leaf))
+        self.min_leaf_ = (min_leaf_rows(A.shape[0], self.nbuckets, A.shape[1] // C)
+                          if self.min_leaf is None else int(self.min_leaf))
         with progress_bar(C, "maddness trees", self.verbose) as bar:
             dims, thr, codes = learn_trees(A, self.starts_, self.split, self.max_candidates,
                                            progress=bar.update, depth=self.depth,

@@ -28,6 +28,12 @@ def _lowrank(rng, n, D=64, M=12, r=4):
     (512, 16, 8), (20000, 16, 8), (300, 4, 8), (300, 256, 2)])
 def test_min_leaf_rows_rule(N, K, expected):
     assert mad.min_leaf_rows(N, K) == expected
+    assert mad.min_leaf_rows(N, K, width=4) == expected
+
+
+@pytest.mark.parametrize("N, expected", [(16, 1), (100, 1), (128, 2), (192, 3), (600, 8)])
+def test_min_leaf_rows_floor_is_one_for_narrow_subspaces(N, expected):
+    assert mad.min_leaf_rows(N, 16, width=3) == expected
 
 
 def test_maddness_leaves_keep_the_minimum_rows(rng):
@@ -53,7 +59,13 @@ def test_joint_leaf_rule_follows_maddness(rng):
     codes = op.encode(A)
     for c in range(8):
         counts = np.bincount(codes[:, c], minlength=16)
-        assert counts[counts > 0].min() >= mad.min_leaf_rows(300, 16)
+        assert counts[counts > 0].min() >= mad.min_leaf_rows(300, 16, 64 // 8)
+
+
+def test_narrow_subspaces_get_floor_one(rng):
+    A, B = _lowrank(rng, 100, D=16)
+    assert nimbus.fit(A, B, "maddness", 8).min_leaf_ == 1       # 2 columns a subspace
+    assert nimbus.fit(A, B, "maddness", 4).min_leaf_ == 2       # 4 columns a subspace
 
 
 # ------------------------------------------------------------------- ridge from N
