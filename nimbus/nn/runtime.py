@@ -15,8 +15,9 @@ The plan is a list of steps, built once from the modules' ``inference_steps()``:
   one array operation.
 
 No autograd, no per-layer validation: the input is checked once at the entry (dtype, shape,
-one finite check: on the GPU a flag the first kernel sets, read with the one sync the call
-needs; ``check_finite=False`` skips it and the call only queues work).
+one finite check, made by the first kernel as it reads the rows: on the CPU a flag per task,
+on the GPU a flag read with the one sync the call needs; ``check_finite=False`` skips it and
+a GPU call only queues work).
 
 This module imports no training code (no autograd, optimizers, layers or strategies: a test
 holds it to that); ``nimbus.save(compiled, path)`` writes only what inference needs (8-bit
@@ -154,16 +155,20 @@ class CompiledModel:
         -------
         (N, n_outputs) float32 array of X's library (and device); a fresh array per call
         """
-        X, lib = self._entry(X)
+        if (type(X) is np.ndarray and X.dtype == np.float32 and X.ndim == 2
+                and X.flags.c_contiguous and X.shape[1] == self.n_features_in
+                and X.shape[0] > 0):
+            lib = "numpy"                 # the common case, checked in a few attribute reads
+        else:
+            X, lib = self._entry(X)
         first = True
         for op, item in self._plan(lib):
-            if op == "chain":
+            if op == "chain":          # the kernels scan X for NaN/Inf as they read it
                 if lib == "cupy":
                     X = item(X, check_finite=check_finite and first)
                 else:
-                    if check_finite and first:
-                        _finite_or_raise(X)
-                    X = item(X, out=np.empty((X.shape[0], item.m_out), dtype=np.float32))
+                    X = item(X, out=np.empty((X.shape[0], item.m_out), dtype=np.float32),
+                             check_finite=check_finite and first)
             else:
                 if check_finite and first:
                     _finite_or_raise(X)

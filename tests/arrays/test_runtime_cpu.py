@@ -276,3 +276,19 @@ def test_plain_loops_alone_without_simd(tmp_path):
           "scale": np.ones(4, np.float32), "bias": np.zeros(4, np.float32)}]
     X = np.load(tmp_path / "x.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), reference_chain(L, X))
+
+
+@pytest.mark.parametrize("simd", SIMD_PATHS)
+def test_check_finite_scans_every_row(simd):
+    rng = np.random.default_rng(5)
+    layers, X = make_chain(rng, 70, (33, 10), (4, 5), (18, 9), 200)
+    chain = rc.ChainCPU(layers, d_in=70, simd=simd)
+    for N in (1, 7, 200):
+        np.testing.assert_array_equal(chain(X[:N], check_finite=True),
+                                      reference_chain(layers, X[:N]))
+        for v in (np.nan, np.inf, -np.inf):
+            bad = X[:N].copy()
+            bad[int(rng.integers(N)), int(rng.integers(70))] = v
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                chain(bad, check_finite=True)
+            chain(bad)                    # unchecked: runs (the caller promised finite rows)

@@ -376,8 +376,9 @@ def chain(layers, in_features, library="numpy"):
 
     Returns
     -------
-    callable ``chain(X) -> Y``: X (N, D0) float32 C-contiguous of that library (finite: the
-    NumPy chain does not check; the CuPy one takes ``check_finite=``), Y (N, M_last) float32
+    callable ``chain(X, check_finite=...) -> Y``: X (N, D0) float32 C-contiguous of that
+    library, Y (N, M_last) float32; ``check_finite`` raises ValueError on NaN/Inf in X (the
+    kernel scans the rows it reads)
     """
     op = OP_TABLE["chain"]
     if library == "cupy":

@@ -232,6 +232,18 @@ def _dequant(nb, meta, l, sb, acc16, acc32, wide, dst, d0):
 
 
 @njit(inline="always")
+def _nonfinite(Xbits, n0, nb):
+    # 1 if rows n0..n0+nb of X (its float32 bits) hold a NaN or Inf (exponent all ones):
+    # an integer OR over the rows, which LLVM vectorises (a float test would not be)
+    D = Xbits.shape[1]
+    hit = np.uint32(0)
+    for r in range(n0, n0 + nb):
+        for d in range(D):
+            hit |= np.uint32((Xbits[r, d] & 0x7F800000) == 0x7F800000)
+    return hit
+
+
+@njit(inline="always")
 def _run_block(X, out, n0, nb, meta, dims, thr, lut, sb, buf0, buf1, codes, acc16, acc32):
     # every layer of rows n0..n0+nb; activations ping-pong between buf0 and buf1
     L = meta.shape[0]
@@ -268,27 +280,36 @@ def _scratch(meta):
 
 
 @njit(cache=True, nogil=True)
-def _chain_serial(X, out, meta, dims, thr, lut, sb):
-    # one thread, no parallel region to start: small batches pay only the call
+def _chain_serial(X, Xbits, out, meta, dims, thr, lut, sb, check):
+    # one thread, no parallel region to start: small batches pay only the call.
+    # check: scan each block for NaN/Inf as it is read; returns 1 if one was found
     N = X.shape[0]
+    bad = 0
     buf0, buf1, codes, acc16, acc32 = _scratch(meta)
     for n0 in range(0, N, BLOCK):
         nb = min(BLOCK, N - n0)
+        if check and _nonfinite(Xbits, n0, nb):
+            bad = 1
         _run_block(X, out, n0, nb, meta, dims, thr, lut, sb, buf0, buf1, codes, acc16, acc32)
+    return bad
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks):
+def _chain_parallel(X, Xbits, out, meta, dims, thr, lut, sb, check, ntasks):
     # ntasks tasks, each with its own scratch, take the blocks t, t + ntasks, ...
     N = X.shape[0]
     nblocks = (N + BLOCK - 1) // BLOCK
+    bad = np.zeros(ntasks, dtype=np.int64)
     for t in prange(ntasks):
         buf0, buf1, codes, acc16, acc32 = _scratch(meta)
         for b in range(t, nblocks, ntasks):
             n0 = b * BLOCK
             nb = min(BLOCK, N - n0)
+            if check and _nonfinite(Xbits, n0, nb):
+                bad[t] = 1
             _run_block(X, out, n0, nb, meta, dims, thr, lut, sb, buf0, buf1, codes,
                        acc16, acc32)
+    return bad.max()
 
 
 # ----------------------------------------------------------------------------- SIMD path
@@ -974,27 +995,35 @@ def _simd_block(X, out, n0, nb, meta, dims, loc, thr, lutP, sb, bufA, bufB, idx)
 
 
 @njit(cache=True, nogil=True)
-def _simd_serial(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf):
+def _simd_serial(X, Xbits, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, check):
     # fbuf (tasks, 2, D, BLOCK_SIMD) float32, ibuf (tasks, groups * 4 * BLOCK_SIMD) uint8:
     # scratch kept by the caller across calls (allocating these 100s of KB per call went
     # through mmap and page faults: half the time of a batch of one)
     N = X.shape[0]
+    bad = 0
     for n0 in range(0, N, BLOCK_SIMD):
         nb = min(BLOCK_SIMD, N - n0)
+        if check and _nonfinite(Xbits, n0, nb):
+            bad = 1
         _simd_block(X, out, n0, nb, meta, dims, loc, thr, lutP, sb, fbuf[0, 0], fbuf[0, 1],
                     ibuf[0])
+    return bad
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _simd_parallel(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, ntasks):
+def _simd_parallel(X, Xbits, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, check, ntasks):
     # ntasks tasks, each with its own scratch, take the blocks t, t + ntasks, ...
     N = X.shape[0]
     nblocks = (N + BLOCK_SIMD - 1) // BLOCK_SIMD
+    bad = np.zeros(ntasks, dtype=np.int64)
     for t in prange(ntasks):
         for b in range(t, nblocks, ntasks):
             n0 = b * BLOCK_SIMD
+            if check and _nonfinite(Xbits, n0, min(BLOCK_SIMD, N - n0)):
+                bad[t] = 1
             _simd_block(X, out, n0, min(BLOCK_SIMD, N - n0), meta, dims, loc, thr, lutP, sb,
                         fbuf[t, 0], fbuf[t, 1], ibuf[t])
+    return bad.max()
 
 
 def _pack_simd(layers, meta, ndims):
@@ -1141,25 +1170,32 @@ def _threads():
     return numba.get_num_threads()
 
 
-def _run(X, out, meta, dims, thr, lut, sb):
+def _run(X, out, meta, dims, thr, lut, sb, check=False):
     N = X.shape[0]
+    Xbits = X.view(np.uint32)
     # one block: no thread count to read (get_num_threads costs 0.7 us, 7% of a batch of 1)
     if N <= BLOCK or _threads() <= 1:
-        _chain_serial(X, out, meta, dims, thr, lut, sb)
+        bad = _chain_serial(X, Xbits, out, meta, dims, thr, lut, sb, check)
     else:
         ntasks = min(_threads(), (N + BLOCK - 1) // BLOCK)
-        _chain_parallel(X, out, meta, dims, thr, lut, sb, ntasks)
+        bad = _chain_parallel(X, Xbits, out, meta, dims, thr, lut, sb, check, ntasks)
+    if bad:
+        raise ValueError("X holds NaN or Inf")
     return out
 
 
-def _run_simd(X, out, meta, dims, loc, thr, lutP, sb, scratch):
+def _run_simd(X, out, meta, dims, loc, thr, lutP, sb, scratch, check=False):
     N = X.shape[0]
     ntasks = 1 if N <= BLOCK_SIMD else min(_threads(), (N + BLOCK_SIMD - 1) // BLOCK_SIMD)
     fbuf, ibuf = scratch(ntasks)
+    Xbits = X.view(np.uint32)
     if ntasks == 1:
-        _simd_serial(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf)
+        bad = _simd_serial(X, Xbits, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, check)
     else:
-        _simd_parallel(X, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, ntasks)
+        bad = _simd_parallel(X, Xbits, out, meta, dims, loc, thr, lutP, sb, fbuf, ibuf, check,
+                             ntasks)
+    if bad:
+        raise ValueError("X holds NaN or Inf")
     return out
 
 
@@ -1232,7 +1268,10 @@ class ChainCPU:
                                                                          dtype=np.float32))
         return self
 
-    def __call__(self, X, out=None):
+    def __call__(self, X, out=None, check_finite=False):
+        """Y (N, M_last) float32 for X (N, d_in) float32 C-contiguous; ``check_finite``:
+        raise ValueError "X holds NaN or Inf" (each block of X is scanned as the kernel
+        reads it; the outputs are then meaningless)."""
         _check_X(X, self.d_in)
         N = X.shape[0]
         if out is None:
@@ -1245,8 +1284,8 @@ class ChainCPU:
                              f"({N}, {self.m_out})")
         if self.simd and N > self.small_n:
             return _run_simd(X, out, self.meta_simd, self.dims, self.loc, self.thr,
-                             self.lut_simd, self.sb, self._scratch)
-        return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb)
+                             self.lut_simd, self.sb, self._scratch, check_finite)
+        return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb, check_finite)
 
 
 def encode_lookup_q_cpu(A, dims, thresholds, lut, scale, bias, out=None):
