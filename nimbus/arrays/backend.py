@@ -34,7 +34,10 @@ def cupy():
 
 def is_cupy(x) -> bool:
     """True when ``x`` is a CuPy array (decided by its type's module; never imports CuPy)."""
-    return type(x).__module__.split(".", 1)[0] == "cupy"
+    t = type(x)
+    if t is np.ndarray:               # the common case first: this runs on every op call
+        return False
+    return t.__module__.split(".", 1)[0] == "cupy"
 
 
 def namespace(*arrays):
@@ -94,8 +97,13 @@ def is_array(x) -> bool:
     return isinstance(x, np.ndarray) or is_cupy(x)
 
 
+_HOST = ("numpy", -1)
+
+
 def place(x):
     """(library name, device id) of an array: -1 for NumPy's host memory."""
+    if type(x) is np.ndarray:
+        return _HOST
     return library_name(x), (x.device.id if is_cupy(x) else -1)
 
 

@@ -193,6 +193,8 @@ class Strategy:
     def _learned(self, name, like):
         """Learned array ``name`` in the library/device of ``like`` (converted once, cached)."""
         arr = getattr(self, name)
+        if type(arr) is np.ndarray and type(like) is np.ndarray:
+            return arr                     # both on the host: the per-call common case
         where = backend.place(like)
         if backend.place(arr) == where:
             return arr

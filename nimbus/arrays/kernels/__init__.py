@@ -258,7 +258,39 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     if _wide(dims=dims) and backend.is_cupy(A):
         Y = lookup_q(encode_tree(A, dims, thresholds), lut_q, scale, bias)
         return Y.astype(out_dtype, copy=False)
+    if not backend.is_cupy(A):
+        fast = _cpu_chain(A, dims, thresholds, lut_q, scale, bias)
+        if fast is not None:        # the byte-permute kernel (K = 16/32/64 on AVX-512 VBMI)
+            return fast(A, out=np.empty((A.shape[0], lut_q.shape[2]), dtype=np.float32),
+                        check_finite=True)
     return _checked("encode_lookup_q", A)(A, dims, thresholds, lut_q, scale, bias, out_dtype)
+
+
+_CHAINS = {}            # one-layer CPU chains of fitted ops, keyed on their arrays' identity
+_CHAINS_MAX = 64
+
+
+def _cpu_chain(A, dims, thresholds, lut_q, scale, bias):
+    """A cached one-layer :class:`.runtime_cpu.ChainCPU` for these arrays when its SIMD
+    path applies (faster than cpu.encode_lookup_q at every size measured), else None."""
+    K = int(lut_q.shape[1])
+    if K not in (16, 32, 64) or A.dtype != np.float32 or not A.flags.c_contiguous:
+        return None
+    arrays = (dims, thresholds, lut_q, scale, bias)
+    key = tuple(id(a) for a in arrays) + (int(A.shape[1]),)
+    hit = _CHAINS.get(key)
+    if hit is not None and hit[0][0] is dims and hit[0][1] is thresholds and \
+            hit[0][2] is lut_q and hit[0][3] is scale and hit[0][4] is bias:
+        return hit[1]
+    runtime_cpu = importlib.import_module(f"{__name__}.runtime_cpu")
+    if not runtime_cpu.simd_supported():
+        return None
+    layer = dict(zip(("dims", "thresholds", "lut", "scale", "bias"), arrays))
+    chain = runtime_cpu.ChainCPU([layer], d_in=int(A.shape[1]), simd=True)
+    if len(_CHAINS) >= _CHAINS_MAX:
+        _CHAINS.pop(next(iter(_CHAINS)))        # the oldest: the arrays it holds may go
+    _CHAINS[key] = (arrays, chain)              # the arrays stay alive: their ids stay theirs
+    return chain
 
 
 def lookup(codes, lut):

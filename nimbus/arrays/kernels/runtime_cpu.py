@@ -1170,11 +1170,17 @@ def _threads():
     return numba.get_num_threads()
 
 
-def _run(X, out, meta, dims, thr, lut, sb, check=False):
+# rows x sum_l C_l * M_l (byte lookups) below which a batch runs on one thread: starting a
+# parallel region costs about as much as ~2^22 lookups (tens of microseconds when the other
+# cores are busy), so a small layer (digits: C * M = 320) stays serial at 400 rows
+_PARALLEL_WORK = 1 << 22
+
+
+def _run(X, out, meta, dims, thr, lut, sb, check=False, serial_rows=0):
     N = X.shape[0]
     Xbits = X.view(np.uint32)
     # one block: no thread count to read (get_num_threads costs 0.7 us, 7% of a batch of 1)
-    if N <= BLOCK or _threads() <= 1:
+    if N <= max(BLOCK, serial_rows) or _threads() <= 1:
         bad = _chain_serial(X, Xbits, out, meta, dims, thr, lut, sb, check)
     else:
         ntasks = min(_threads(), (N + BLOCK - 1) // BLOCK)
@@ -1184,9 +1190,10 @@ def _run(X, out, meta, dims, thr, lut, sb, check=False):
     return out
 
 
-def _run_simd(X, out, meta, dims, loc, thr, lutP, sb, scratch, check=False):
+def _run_simd(X, out, meta, dims, loc, thr, lutP, sb, scratch, check=False, serial_rows=0):
     N = X.shape[0]
-    ntasks = 1 if N <= BLOCK_SIMD else min(_threads(), (N + BLOCK_SIMD - 1) // BLOCK_SIMD)
+    ntasks = (1 if N <= max(BLOCK_SIMD, serial_rows)
+              else min(_threads(), (N + BLOCK_SIMD - 1) // BLOCK_SIMD))
     fbuf, ibuf = scratch(ntasks)
     Xbits = X.view(np.uint32)
     if ntasks == 1:
@@ -1228,6 +1235,8 @@ class ChainCPU:
             raise ValueError(f"simd must be None (pick), True or False; got {simd!r}")
         self.meta, self.dims, self.thr, self.lut, self.sb, self.d_in = _pack(layers, d_in)
         self.m_out = int(self.meta[-1, _M])
+        work = int((self.meta[:, _C] * self.meta[:, _M]).sum())
+        self._serial_rows = _PARALLEL_WORK // max(work, 1)
         fits = all(int(k) + 1 in _SIMD_K for k in self.meta[:, _NN])
         if simd and not (_SIMD and fits):
             raise ValueError("simd=True needs a CPU with AVX-512 VBMI and VNNI "
@@ -1284,8 +1293,10 @@ class ChainCPU:
                              f"({N}, {self.m_out})")
         if self.simd and N > self.small_n:
             return _run_simd(X, out, self.meta_simd, self.dims, self.loc, self.thr,
-                             self.lut_simd, self.sb, self._scratch, check_finite)
-        return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb, check_finite)
+                             self.lut_simd, self.sb, self._scratch, check_finite,
+                             self._serial_rows)
+        return _run(X, out, self.meta, self.dims, self.thr, self.lut, self.sb, check_finite,
+                    self._serial_rows)
 
 
 def encode_lookup_q_cpu(A, dims, thresholds, lut, scale, bias, out=None):
