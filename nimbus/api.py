@@ -89,9 +89,7 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
     Table with one row per (method, C): ``method``, ``C`` (None for "exact"),
     ``nmse`` (test, ``mean((Y - Y_hat)**2) / var(Y)`` with ``Y = A_test @ B``),
     ``fit_s`` (seconds to fit, LUT included), ``apply_s`` (median seconds of
-    encode + lookup of A_test), ``lut_bytes`` (LUT size at inference; B for "exact"),
-    ``chose`` (for "joint": "joint" or "maddness", the fit it kept after checking both
-    on held-out training rows, its ``choice_``; None for the other methods).
+    encode + lookup of A_test), ``lut_bytes`` (LUT size at inference; B for "exact").
     Its text repr is an aligned table, ``_repr_html_`` an HTML table;
     :func:`nimbus.plotting.plot_tradeoff` draws it.
     """
@@ -144,9 +142,8 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
             fit_s = time.perf_counter() - t0
             apply_s, Y_hat = time_call(op, A_test, repeat=repeat)
             rows.append({"method": m, "C": C, "nmse": nmse(Y, Y_hat), "fit_s": fit_s,
-                         "apply_s": apply_s, "lut_bytes": op.lut_bytes,
-                         "chose": getattr(op, "choice_", None)})
+                         "apply_s": apply_s, "lut_bytes": op.lut_bytes})
             bar.update()
-    return Table(rows, ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes", "chose"],
+    return Table(rows, ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes"],
                  title=f"test NMSE and times: train {tuple(A_train.shape)}, test "
                        f"{tuple(A_test.shape)}, B {tuple(B.shape)}")

@@ -6,10 +6,6 @@ that ``B`` ignores cost nothing, directions it amplifies cost a lot, and what
 the other codebooks already explain costs nothing either. Joint bucketing
 learns every tree against that error directly:
 
-0. Selection: the joint fit is a richer model than MADDNESS and with few training rows
-   it can fit noise. So joint bucketing also fits plain MADDNESS and keeps the joint
-   fit only where it predicts ``A @ B`` better on rows it was not fitted on (see
-   :class:`Joint`, ``select``); ``choice_`` says which was kept.
 1. Start: the tree of subspace c minimises the within-bucket SSE of the partial
    product ``A_c @ B_c`` (computed exactly in few dimensions: with ``B_c = U S
    V^T``, ``A_c @ B_c`` has the same SSE as ``A_c @ U S``; more than ``rank``
@@ -50,20 +46,6 @@ from ..arrays.validate import code_dtype
 from ._lut import CodeRidge, bucket_sums, ridge_reg
 from ._trees import bin_columns, learn_tree, top_directions
 from .base import TreeStrategy, subspace_starts
-from .maddness import CV_ROWS_PER_BUCKET, min_leaf_rows
-from ._lut import ridge_cv, shrink_to_mean
-
-
-# Choosing between the joint fit and a MADDNESS fit (issue 17): with fewer than CV_ROWS
-# training rows, CV_FOLDS-fold cross-validation (the fits are cheap there, and one small
-# hold-out is too noisy to rank two models); from CV_ROWS rows on, a HOLDOUT share of the
-# rows is held out and both are fit on the rest (half: the check costs about half a
-# joint fit and half a MADDNESS fit, so the whole fit stays under twice a joint fit,
-# and a half-size joint fit is if anything the weaker, so MADDNESS wins the doubts).
-# The winner is then refit on all rows.
-CV_ROWS = 1000
-CV_FOLDS = 3
-HOLDOUT = 0.5
 
 
 # ----------------------------------------------------------------- strategy
@@ -90,19 +72,12 @@ class Joint(TreeStrategy):
     tol : float >= 0, stop the passes once one lowers the loss by less than
         this fraction
     ridge : float >= 0, ridge penalty of the joint LUT refit, relative to the mean
-        bucket size (0: least squares with a tiny jitter). With fewer than 8 training
-        rows per bucket on average (N < 8 C K) the final LUT's penalty is instead
-        picked by 5-fold cross-validation from ``_lut.RIDGE_GRID`` (``ridge_chosen_``;
-        ``inf``: the partial-product bucket means), jointly with a pull towards the
-        training mean (``shrink_chosen_``, :func:`._lut.ridge_cv`); the trees are
-        learned with ``ridge``
+        bucket size (0: least squares with a tiny jitter)
     rank : int >= 1, dimensions the targets of a tree are projected to (their top
         principal directions) when M or the subspace width is larger; bounds
         the learning cost for wide B
     min_leaf : int >= 1 or None, fewest training rows on either side of a split;
-        None: the larger of N // 500 and MADDNESS's rule from N
-        (:func:`.maddness.min_leaf_rows`, ``max(2, min(N // (4 K), 8))``, floor 1 with
-        fewer than 4 columns a subspace). Splits are also scored by their
+        None: N // 500 (at least 1). Splits are also scored by their
         leave-one-out SSE, so small leaves must pay for their noise.
     max_candidates : int >= 1 or None, columns searched per tree level when the
         subspace is wider (those whose within-bucket linear fit to the targets
@@ -110,15 +85,6 @@ class Joint(TreeStrategy):
         Fashion-MNIST input layer, 49 columns a subspace, 32 candidates fitted
         as well as all 49)
     quantize : bool, 8-bit LUT (True) or float32 LUT
-    select : bool (default True): fit plain MADDNESS too (``Maddness(ncodebooks,
-        depth=depth)`` defaults) and keep the joint fit only if its test error on
-        held-out training rows is lower: 3-fold cross-validation below 1000 rows, else
-        one hold-out of half the rows (both fit on the other half); the winner is then
-        refit on all rows. False: the joint fit, unchecked. Needs
-        ``N >= 1.5 K`` rows to validate (24 at K = 16): with fewer (but at least K), the
-        documented fallback is MADDNESS, unchecked (``choice_ = "maddness"``,
-        ``selection_ = "too few rows to validate"``). Fit time: about 3.5
-        joint fits below 1000 rows, 1.7 above
     random_state : unused (learning is deterministic); kept for the interface
     verbose : bool, progress bar over trees
 
@@ -131,12 +97,6 @@ class Joint(TreeStrategy):
     train_loss_ : (passes + 1,) float64 host array, training loss (float LUT,
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
-    choice_ : "joint" or "maddness", the fit kept (always "joint" with select=False)
-    selection_ : str, how it was chosen: "3-fold CV", "50% hold-out", "off" or
-        "too few rows to validate"
-    selection_nmse_ : (2,) float64 host array, held-out NMSE of (joint, maddness)
-        pooled over the folds (NaN without a check)
-    train_loss_ is that of the joint fit when it was kept, else absent.
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
         (8-bit with an offset per codebook and output column and a scale per column,
         :func:`._lut.quantize_lut_per_column`: each column's step is set by its own
@@ -147,7 +107,7 @@ class Joint(TreeStrategy):
     LUT_QUANTIZER = "column"
 
     def __init__(self, ncodebooks=16, *, split="node", depth=4, refine=20, tol=1e-3, ridge=1e-2,
-                 rank=16, min_leaf=None, max_candidates=32, select=True, quantize=True,
+                 rank=16, min_leaf=None, max_candidates=32, quantize=True,
                  random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
@@ -158,7 +118,6 @@ class Joint(TreeStrategy):
         self.rank = rank
         self.min_leaf = min_leaf
         self.max_candidates = max_candidates
-        self.select = select
         self.verbose = verbose
 
     def _check_params(self):
@@ -172,91 +131,12 @@ class Joint(TreeStrategy):
             validate.check_int(self.min_leaf, "min_leaf", lo=1)
         if self.max_candidates is not None:
             validate.check_int(self.max_candidates, "max_candidates", lo=1)
-        if not isinstance(self.select, (bool, np.bool_)):
-            raise TypeError(f"select must be True or False, got {self.select!r}")
 
     # ---------------------------------------------------------------- fitting
     def _fit(self, A, rng, B):
         if B is None:
             raise ValueError("joint bucketing learns its trees from the product A @ B: "
                              "call fit(A, B) with the (D, M) matrix B")
-        if not self.select:
-            self._fit_joint(A, rng, B)
-            self.choice_, self.selection_ = "joint", "off"
-            self.selection_nmse_ = np.full(2, np.nan)
-            return
-        self._fit_selected(A, B)
-
-    # -------------------------------------------------------- joint or maddness
-    def _candidates(self):
-        """(name, unfitted strategy) of the two models, joint first."""
-        from .maddness import Maddness
-        params = self.get_params()
-        params.update(select=False, verbose=False)
-        return [("joint", Joint(**params)),
-                ("maddness", Maddness(self.ncodebooks, depth=self.depth, quantize=self.quantize))]
-
-    def _fit_selected(self, A, B):
-        """Fit joint and MADDNESS, keep the one better on held-out rows (module notes)."""
-        xp = backend.namespace(A)
-        N, K = A.shape[0], self.nbuckets
-        B = backend.like(B, A)
-        perm = xp.asarray(np.random.RandomState(0).permutation(N))  # deterministic fit
-        if N < CV_ROWS:
-            folds = [perm[f::CV_FOLDS] for f in range(CV_FOLDS)]
-            scheme = f"{CV_FOLDS}-fold CV"
-        else:
-            folds = [perm[:int(N * HOLDOUT)]]
-            scheme = f"{int(HOLDOUT * 100)}% hold-out"
-        if N - max(len(f) for f in folds) < K:
-            # a fold would fit fewer rows than buckets: nothing can be validated
-            self._adopt(self._candidates()[1][1].fit(A, B))
-            self.choice_ = "maddness"
-            self.selection_ = "too few rows to validate"
-            self.selection_nmse_ = np.full(2, np.nan)
-            return
-        err = {"joint": 0.0, "maddness": 0.0}
-        yss = 0.0
-        for va in folds:
-            keep = xp.ones(N, dtype=bool)
-            keep[va] = False
-            tr = xp.nonzero(keep)[0]
-            Y = A[va] @ B
-            yss += float(((Y - Y.mean(axis=0)).astype(np.float64) ** 2).sum())
-            for name, op in self._candidates():
-                op.fit(A[tr], B)
-                err[name] += float(((op(A[va]) - Y).astype(np.float64) ** 2).sum())
-        choice = "joint" if err["joint"] < err["maddness"] else "maddness"
-        # the winner refit on all rows: a fit on part of them is a different model (on
-        # 1000 low-rank rows the joint trees of 800 rows were 18 % worse than those of all)
-        self._adopt(dict(self._candidates())[choice].fit(A, B))
-        self.choice_ = choice
-        self.selection_ = scheme
-        self.selection_nmse_ = np.array([err["joint"], err["maddness"]]) / max(yss, 1e-300)
-
-    def _adopt(self, op):
-        """Take the trees and prototypes of a fitted Joint or Maddness ``op``."""
-        self.starts_ = op.starts_
-        self.dims_, self.thresholds_ = op.dims_, op.thresholds_
-        self.prototypes_ = op.prototypes_
-        for k in ("train_loss_", "ridge_chosen_", "shrink_chosen_"):
-            if hasattr(op, k):
-                setattr(self, k, getattr(op, k))
-
-    def _prior_of(self, A, B):
-        """prior_of(c, leaves) -> (K, M) float64: bucket means of the partial product
-        A_c @ B_c over codebook c's leaves (what the LUT ridge shrinks towards)."""
-        xp = backend.namespace(A)
-        K, starts = self.nbuckets, self.starts_
-
-        def prior_of(c, leaves):
-            s, e = int(starts[c]), int(starts[c + 1])
-            n, sums = bucket_sums(leaves, K, A[:, s:e])
-            return (sums / xp.maximum(n, 1)[:, None]) @ B[s:e].astype(np.float64)
-        return prior_of
-
-    def _fit_joint(self, A, rng, B):
-        """The joint fit itself (steps 1-3 of the module docstring)."""
         xp = backend.namespace(A)
         B = backend.like(B, A)
         self.starts_ = subspace_starts(A.shape[1], self.ncodebooks)
@@ -280,23 +160,6 @@ class Joint(TreeStrategy):
         # columns): P @ B is the refit against Y = A @ B, as the solution is linear
         # in the targets and the prior
         self.prototypes_ = ridge.solve(A, self._own_means(A, ridge.codes))
-        if A.shape[0] < CV_ROWS_PER_BUCKET * self.ncodebooks * self.nbuckets:
-            # few rows per bucket: the LUT penalty by 5-fold CV against Y (inf: the
-            # partial-product bucket means), then the same penalty in A's space
-            codes = ridge.codes
-            prior = xp.stack([self._prior_of(A, B)(c, codes[:, c])
-                              for c in range(self.ncodebooks)])
-            _, lam, shrink = ridge_cv(codes, Y, prior, nbuckets=self.nbuckets)
-            self.ridge_chosen_, self.shrink_chosen_ = lam, shrink
-            own = self._own_means(A, codes)
-            if np.isfinite(lam):
-                reg = ridge_reg(lam, A.shape[0], self.ncodebooks, self.nbuckets)
-                P = CodeRidge(codes, Y, reg, self._prior_of(A, B),
-                              self.nbuckets).solve(A, own)
-            else:
-                P = own
-            # the same pull towards the mean, in A's space (the LUT is P @ B)
-            self.prototypes_ = shrink_to_mean(P, codes, own, shrink, self.nbuckets)
         self.train_loss_ = np.asarray(history, dtype=np.float64)
 
     def _own_means(self, A, codes):
@@ -331,9 +194,7 @@ class Joint(TreeStrategy):
         thr = np.full((C, K - 1), np.inf, dtype=np.float32)
         codes = xp.empty((N, C), dtype=code_dtype(K))
         # a leaf of a few rows has a mean that heavy tails can throw far off
-        # and with few rows (issue 17) MADDNESS's rule from N and K
-        min_leaf = self.min_leaf if self.min_leaf is not None else max(
-            N // 500, min_leaf_rows(N, K, A.shape[1] // C))
+        min_leaf = self.min_leaf if self.min_leaf is not None else max(1, N // 500)
 
         def learn(c, T):
             s, e = int(starts[c]), int(starts[c + 1])

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..arrays import backend, validate
 from ..arrays.validate import code_dtype
-from ._lut import MAX_DENSE_UNKNOWNS, bucket_means, ridge_cv, ridge_on_codes
+from ._lut import MAX_DENSE_UNKNOWNS, bucket_means, ridge_auto, ridge_on_codes
 from ._trees import learn_tree, top_directions
 from ._clip import winsorize
 from .base import TreeStrategy, subspace_starts
@@ -20,43 +20,7 @@ def _reconstruction_sse(A, codes, P):
     return float((R ** 2).sum())
 
 
-# Rules from the number of training rows N (issue 17: no knob a user must set).
-# A leaf keeps at least N / (LEAF_SHARE * K) rows, capped at LEAF_CAP, and never fewer
-# than LEAF_FLOOR where subspaces have at least WIDE_SUBSPACE columns: with 100 rows and
-# 16 leaves, greedy splits otherwise cut leaves of one row whose means are noise in every
-# other column; with one to three columns a one-row leaf still holds a value that other
-# rows share (digits at N = 50, C = 32/64: 1.1-1.9x worse with the floor); with many
-# rows the cap leaves the trees about as they were.
-LEAF_SHARE = 4
-LEAF_CAP = 8
-LEAF_FLOOR = 2
-WIDE_SUBSPACE = 4
-# ridge="auto": the penalty is cross-validated (5 folds, :func:`._lut.ridge_cv`) while
-# the mean bucket holds fewer than CV_ROWS_PER_BUCKET rows; above, every prototype is
-# well determined and the fixed RIDGE_MANY_ROWS is used (the former default).
-CV_ROWS_PER_BUCKET = 8
-RIDGE_MANY_ROWS = 1e-2
-
-
-def min_leaf_rows(N, K, width=WIDE_SUBSPACE):
-    """Fewest training rows on each side of a split: ``max(floor, min(N // (LEAF_SHARE
-    K), LEAF_CAP))`` = ``max(floor, min(N // (4 K), 8))``, floor = 2 when the narrowest
-    subspace has ``width >= 4`` columns, else 1 (at K = 16: the floor below N = 128 or 192,
-    8 from N = 512). A bucket with no split that keeps that many rows on both sides stays
-    whole (its other leaf stays empty), so with N < 2 K rows fewer than K buckets are used."""
-    floor = LEAF_FLOOR if width >= WIDE_SUBSPACE else 1
-    return int(max(floor, min(N // (LEAF_SHARE * K), LEAF_CAP)))
-
-
-def ridge_rule(N, C, K):
-    """What ``ridge="auto"`` does with N rows, C codebooks of K buckets: ``"cv"`` (5-fold
-    cross-validation over :data:`._lut.RIDGE_GRID`) when ``N < CV_ROWS_PER_BUCKET * C *
-    K``, else the fixed penalty ``RIDGE_MANY_ROWS``."""
-    return "cv" if N < CV_ROWS_PER_BUCKET * C * K else RIDGE_MANY_ROWS
-
-
-def learn_trees(X, starts, split="level", max_candidates=16, progress=None, depth=4,
-                min_leaf=1):
+def learn_trees(X, starts, split="level", max_candidates=16, progress=None, depth=4):
     """One tree per subspace, each minimising the SSE of its own subspace's columns.
 
     Parameters
@@ -65,7 +29,6 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None, dept
     starts : (C + 1,) int, subspace column boundaries
     progress : callable() called after each tree, optional
     depth : int in 1..10, levels of every tree
-    min_leaf : int >= 1, fewest training rows on each side of a split
 
     Returns
     -------
@@ -79,15 +42,14 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None, dept
     codes = xp.empty((X.shape[0], C), dtype=code_dtype(2 ** depth))
     for c in range(C):
         dims[c], thr[c], codes[:, c] = learn_tree(
-            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth,
-            min_leaf=min_leaf)
+            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth)
         if progress is not None:
             progress()
     return xp.asarray(dims), xp.asarray(thr), codes
 
 
 def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=32,
-                 progress=None, depth=4, min_leaf=1):
+                 progress=None, depth=4):
     """One pass of block coordinate descent over the trees.
 
     With every other codebook's prototypes fixed, codebook c's tree is relearned
@@ -106,7 +68,6 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
     prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit),
         K = 2**depth
     depth : int in 1..10, levels of every tree
-    min_leaf : int >= 1, fewest training rows on each side of a split
 
     Returns
     -------
@@ -125,8 +86,7 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
         s, e = int(starts[c]), int(starts[c + 1])
         Rc = R + lookup(c)                             # what codebook c should explain
         T = Rc if V is None else xp.concatenate([Rc @ V, Rc[:, s:e]], axis=1)
-        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates, depth,
-                                             min_leaf=min_leaf)
+        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates, depth)
         codes[:, c] = leaves
         P[c] = bucket_means(leaves[:, None], Rc, 2 ** depth)[0]
         R = Rc - lookup(c)
@@ -152,34 +112,23 @@ class Maddness(TreeStrategy):
     ``split="node"`` lets every node choose its own column, and ``depth`` sets the
     trees' depth (the paper's 4: 16 buckets per codebook; deeper trees give 2**depth
     buckets, a finer partition of each subspace for a LUT 2**(depth-4) times as large,
-    at the same lookup cost). With few training rows (issue 17) two rules follow from N:
-    leaves keep at least :func:`min_leaf_rows` rows (``max(2, min(N // (4 K), 8))``; floor 1
-    with subspaces of fewer than 4 columns), and
-    ``ridge="auto"`` cross-validates the ridge penalty and a pull towards the mean while
-    N < 8 C K (:func:`ridge_rule`); neither is a knob to set.
+    at the same lookup cost).
 
     Parameters
     ----------
     ncodebooks : int, C (1 <= C <= D)
     split : "level" (paper) or "node"
     depth : int in 1..10, levels of every tree (K = 2**depth buckets per codebook)
-    ridge : "auto" (default) or float >= 0, ridge penalty relative to the mean bucket
-        size, shrinking the all-column prototypes towards each codebook's plain bucket
-        means; "auto" follows :func:`ridge_rule`: with fewer than 8 training rows per
-        bucket on average (N < 8 C K) it is picked from ``_lut.RIDGE_GRID`` by 5-fold
-        cross-validation (never worse there than no ridge step at all, the
-        ``inf`` of the grid; ``ridge_chosen_`` says which), jointly with a pull of the
-        prototypes towards the training mean (``shrink_chosen_`` in
-        ``_lut.SHRINK_GRID``, 1: none; see :func:`._lut.ridge_cv`), else 1e-2; 0 is
-        plain least squares. Skipped when C * 2**depth exceeds 4096 (the step solves for
+    ridge : "auto" or float >= 0, ridge penalty relative to the mean bucket size,
+        shrinking the all-column prototypes towards each codebook's plain bucket
+        means; "auto" picks it from a grid on 20% held-out rows (never worse there
+        than no ridge step at all; noisy on small training sets); 0 is plain
+        least squares. Skipped when C * 2**depth exceeds 4096 (the step solves for
         all C*K prototypes at once): the prototypes are then the bucket means
     refine : int >= 0, passes of block coordinate descent over the trees after the
         first ridge fit (each tree relearned against what the other codebooks leave
         unexplained, over all D columns); a pass is kept only if it lowers the
         training reconstruction error
-    min_leaf : int >= 1 or None, fewest training rows on each side of a split; None
-        (default): :func:`min_leaf_rows`, ``max(2, min(N // (4 K), 8))`` (floor 1
-        instead of 2 with fewer than 4 columns a subspace)
     clip : float in [0, 0.49], learn from training rows clipped per column to their
         clip and 1 - clip quantiles, so that heavy tails cannot make a bucket of
         a few extreme rows (0 turns it off)
@@ -199,16 +148,14 @@ class Maddness(TreeStrategy):
 
     name = "maddness"
 
-    def __init__(self, ncodebooks=16, *, split="level", depth=4, ridge="auto", max_candidates=16,
-                 refine=1, min_leaf=None, clip=1e-3, quantize=True, random_state=None,
-                 verbose=False):
+    def __init__(self, ncodebooks=16, *, split="level", depth=4, ridge=1e-2, max_candidates=16,
+                 refine=1, clip=1e-3, quantize=True, random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
         self.depth = depth
         self.ridge = ridge
         self.max_candidates = max_candidates
         self.refine = refine
-        self.min_leaf = min_leaf
         self.clip = clip
         self.verbose = verbose
 
@@ -219,27 +166,22 @@ class Maddness(TreeStrategy):
             validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.max_candidates, "max_candidates", lo=1)
         validate.check_int(self.refine, "refine", lo=0)
-        if self.min_leaf is not None:
-            validate.check_int(self.min_leaf, "min_leaf", lo=1)
         validate.check_float(self.clip, "clip", 0.0, 0.49)
 
     def _fit(self, A, rng, B):
         A = winsorize(A, self.clip)
         C = self.ncodebooks
         self.starts_ = subspace_starts(A.shape[1], C)
-        self.min_leaf_ = (min_leaf_rows(A.shape[0], self.nbuckets, A.shape[1] // C)
-                          if self.min_leaf is None else int(self.min_leaf))
         with progress_bar(C, "maddness trees", self.verbose) as bar:
             dims, thr, codes = learn_trees(A, self.starts_, self.split, self.max_candidates,
-                                           progress=bar.update, depth=self.depth,
-                                           min_leaf=self.min_leaf_)
+                                           progress=bar.update, depth=self.depth)
         P = self._ridge(codes, A, rng)
         err = _reconstruction_sse(A, codes, P)
         for _ in range(self.refine):
             with progress_bar(C, "maddness refine", self.verbose) as bar:
                 dims2, thr2, codes2 = refine_trees(A, self.starts_, codes, P, self.split,
                                                    self.max_candidates, progress=bar.update,
-                                                   depth=self.depth, min_leaf=self.min_leaf_)
+                                                   depth=self.depth)
             P2 = self._ridge(codes2, A, rng)
             err2 = _reconstruction_sse(A, codes2, P2)
             if err2 >= err:       # greedy trees on projected targets can lose: keep the better
@@ -261,12 +203,7 @@ class Maddness(TreeStrategy):
             # the step would be the blockwise solve; the paper's prototypes before its
             # ridge step are kept instead
             return prior.astype(np.float32)
-        lam = self.ridge
-        if lam == "auto":
-            lam = ridge_rule(A.shape[0], codes.shape[1], K)
-            if lam == "cv":
-                P, self.ridge_chosen_, self.shrink_chosen_ = ridge_cv(codes, A, prior,
-                                                                      nbuckets=K)
-                return P
-        self.ridge_chosen_, self.shrink_chosen_ = float(lam), 1.0
-        return ridge_on_codes(codes, A, lam, K, prior=prior)
+        if self.ridge == "auto":
+            P, self.ridge_chosen_ = ridge_auto(codes, A, prior, rng, nbuckets=K)
+            return P
+        return ridge_on_codes(codes, A, self.ridge, K, prior=prior)

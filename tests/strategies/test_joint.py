@@ -113,8 +113,6 @@ def test_bin_columns_cut_between_distinct_values(rng):
 
 
 # -------------------------------------------------------------- the strategy
-# Tests of the joint fit's own internals (its LUT refit, training loss) pass select=False:
-# with the default check against MADDNESS (issue 17) the kept fit may be MADDNESS's.
 def test_fit_apply_shapes_and_library(xp, rng):
     A = xp.asarray(_lowrank(rng, 700, 12))
     B = xp.asarray(rng.standard_normal((12, 5)).astype(np.float32))
@@ -135,7 +133,7 @@ def test_lut_is_the_joint_ridge_refit(rng, split):
     # partial-product bucket means (the reference formula in _lut.ridge_on_codes)
     A = np.maximum(_lowrank(rng, 1500, 16, noise=0.3), 0)
     B = rng.standard_normal((16, 6)).astype(np.float32)
-    op = Joint(5, split=split, quantize=False, refine=3, select=False).fit(A, B)
+    op = Joint(5, split=split, quantize=False, refine=3).fit(A, B)
     codes = op.encode(A)
     prior = _own_means_lut(op, codes, A, B)
     ref = ridge_on_codes(codes, A @ B, op.ridge, prior=prior)
@@ -145,7 +143,7 @@ def test_lut_is_the_joint_ridge_refit(rng, split):
 def test_build_lut_for_a_new_B(rng):
     A = _lowrank(rng, 1200, 20)
     B, B2 = (rng.standard_normal((20, m)).astype(np.float32) for m in (7, 3))
-    op = Joint(5, quantize=False, select=False).fit(A, B)
+    op = Joint(5, quantize=False).fit(A, B)
     lut_B = op.lut_.copy()
     op.build_lut(B2)
     codes = op.encode(A)
@@ -159,8 +157,8 @@ def test_build_lut_for_a_new_B(rng):
 def test_training_loss_never_increases_and_node_beats_level(rng):
     A = _lowrank(rng, 2000, 24)
     B = rng.standard_normal((24, 8)).astype(np.float32)
-    node = Joint(6, split="node", tol=0.0, refine=5, select=False).fit(A, B)
-    level = Joint(6, split="level", tol=0.0, refine=5, select=False).fit(A, B)
+    node = Joint(6, split="node", tol=0.0, refine=5).fit(A, B)
+    level = Joint(6, split="level", tol=0.0, refine=5).fit(A, B)
     for op in (node, level):
         assert (np.diff(op.train_loss_) <= 1e-9).all(), op.train_loss_
     # split="node" runs the per-level path too and keeps the lower training loss
@@ -186,7 +184,7 @@ def test_exact_on_columns_with_few_values(rng):
     # so a float LUT reproduces A @ B exactly (up to the tiny ridge)
     A = rng.integers(0, 16, size=(4000, 4)).astype(np.float32)
     B = rng.standard_normal((4, 3)).astype(np.float32)
-    op = Joint(4, quantize=False, ridge=0.0, select=False).fit(A, B)
+    op = Joint(4, quantize=False, ridge=0.0).fit(A, B)
     assert nimbus.nmse(A @ B, op(A)) < 1e-6
 
 

@@ -69,12 +69,10 @@ def test_heavy_tails_below_zero_predictor(rng, method):
 
 def test_heavy_tail_draw_that_broke_pq_and_maddness():
     # before winsorized learning (clip=1e-3), this draw gave test NMSE pq 1.63 / 2.31
-    # and maddness 2.28 / 5.54 at C = 16 / 32; clip=0 with leaves of one row (min_leaf=1,
-    # the learner before issue 17's leaf rule, which alone now keeps it below 1) still
-    # shows the failure
+    # and maddness 2.28 / 5.54 at C = 16 / 32; clip=0 still shows the failure
     tr, te, B = _student_t(3)
     for method in ("pq", "maddness"):
         for C in (16, 32):
             assert _nmse(method, C, tr, te, B) < 1.0
-    op = nimbus.fit(tr, B, "maddness", 32, random_state=0, clip=0.0, min_leaf=1)
+    op = nimbus.fit(tr, B, "maddness", 32, random_state=0, clip=0.0)
     assert nimbus.nmse(te @ B, op(te)) > 1.0
