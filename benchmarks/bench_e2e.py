@@ -22,8 +22,11 @@ GPU (``--gpu``, needs CuPy and a CUDA device), batches 1, 16, 256, 4096, 65536:
   calls, one sync at the end, divided by the calls); medians after warm-up.
 
 Each cell: median of per-call times after 3 warm-up calls, with enough calls for at least
-``--min-time`` seconds (0.2 by default); on the CPU the methods' calls take turns in 5
-rounds, so a change in the machine's load falls on all of them alike. Ratios are
+``--min-time`` seconds (0.2 by default); on the CPU the methods' calls take turns in
+``--rounds`` rounds (5), so a change in the machine's load falls on all of them alike.
+On a quiet machine use ``--rounds 1`` with more than one thread: ONNX Runtime's pool
+threads spin-wait after each run (its default) and take the other cores from the next
+method's threads when the methods alternate. Ratios are
 baseline ms / ours ms (> 1: ours is faster). Also printed: each model's test accuracy
 and the fraction of test rows whose argmax equals the float model's. A baseline that
 cannot run (no onnxruntime, no torch, no GPU) is skipped with one printed line.
@@ -354,7 +357,8 @@ def cpu_worker(args):
     for b in args.cpu_batches:
         X = _rows(Xte, b)
         row = {"threads": threads, "batch": b, "repeated_rows": b > Xte.shape[0]}
-        for name, (ms, q25, q75, n) in time_cpu(methods, X, args.min_time).items():
+        for name, (ms, q25, q75, n) in time_cpu(methods, X, args.min_time,
+                                                args.rounds).items():
             row.update({name + "_ms": ms, name + "_q25_ms": q25, name + "_q75_ms": q75,
                         name + "_calls": n})
         rows.append(row)
@@ -622,6 +626,8 @@ def parse(argv):
     p.add_argument("--gpu-batches", type=_int_list, default=list(GPU_BATCHES))
     p.add_argument("--min-time", type=float, default=0.2,
                    help="seconds of timed calls per cell, at least (default 0.2)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="CPU: rounds in which the methods' timed calls take turns (default 5)")
     p.add_argument("--json", metavar="OUT.json", help="write every figure here")
     p.add_argument("--_worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
