@@ -261,8 +261,11 @@ def encode_lookup_q(A, dims, thresholds, lut_q, scale, bias, out_dtype=np.float3
     if not backend.is_cupy(A):
         fast = _cpu_chain(A, dims, thresholds, lut_q, scale, bias)
         if fast is not None:        # the byte-permute kernel (K = 16/32/64 on AVX-512 VBMI)
-            return fast(A, out=np.empty((A.shape[0], lut_q.shape[2]), dtype=np.float32),
-                        check_finite=True)
+            try:
+                return fast(A, out=np.empty((A.shape[0], lut_q.shape[2]), dtype=np.float32),
+                            check_finite=True)
+            except ValueError:      # NaN/Inf in A: the checked kernel below says where
+                pass
     return _checked("encode_lookup_q", A)(A, dims, thresholds, lut_q, scale, bias, out_dtype)
 
 
