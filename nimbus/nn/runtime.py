@@ -122,21 +122,22 @@ class CompiledModel:
         self._plans = {}
 
     # ------------------------------------------------------------------ plan
-    def _plan(self, library):
-        plan = self._plans.get(library)
+    def _plan(self, X):
+        """The plan for arrays of X's library and device (built on first use, then cached)."""
+        where = backend.place(X)
+        plan = self._plans.get(where)
         if plan is None:
             plan = []
             for kind, items in self._groups:
                 if kind == "chain":
                     layers = [{k: s[k] for k in _LUT_KEYS} for s in items]
-                    plan.append(("chain", kernels.chain(layers, int(items[0]["in"]), library)))
+                    plan.append(("chain", kernels.chain(layers, int(items[0]["in"]), where[0])))
                 else:
                     s = items[0]
-                    arrays = {k: (None if s.get(k) is None else
-                                  (backend.to_device(s[k]) if library == "cupy" else s[k]))
+                    arrays = {k: (None if s.get(k) is None else backend.like(s[k], X))
                               for k in _STEP_ARRAYS[s["op"]]}
                     plan.append((s["op"], arrays))
-            self._plans[library] = plan
+            self._plans[where] = plan
         return plan
 
     # --------------------------------------------------------------- calling
@@ -155,20 +156,14 @@ class CompiledModel:
         -------
         (N, n_outputs) float32 array of X's library (and device); a fresh array per call
         """
-        if (type(X) is np.ndarray and X.dtype == np.float32 and X.ndim == 2
+        if not (type(X) is np.ndarray and X.dtype == np.float32 and X.ndim == 2
                 and X.flags.c_contiguous and X.shape[1] == self.n_features_in
-                and X.shape[0] > 0):
-            lib = "numpy"                 # the common case, checked in a few attribute reads
-        else:
-            X, lib = self._entry(X)
+                and X.shape[0] > 0):      # else the common case, checked in a few reads
+            X = self._entry(X)
         first = True
-        for op, item in self._plan(lib):
+        for op, item in self._plan(X):
             if op == "chain":          # the kernels scan X for NaN/Inf as they read it
-                if lib == "cupy":
-                    X = item(X, check_finite=check_finite and first)
-                else:
-                    X = item(X, out=np.empty((X.shape[0], item.m_out), dtype=np.float32),
-                             check_finite=check_finite and first)
+                X = item(X, check_finite=check_finite and first)
             else:
                 if check_finite and first:
                     _finite_or_raise(X)
@@ -194,11 +189,10 @@ class CompiledModel:
         if self.n_features_in is not None and X.shape[1] != self.n_features_in:
             raise ValueError(f"X has {X.shape[1]} features per row; the model takes "
                              f"{self.n_features_in}")
-        lib = backend.library_name(X)
         xp = backend.namespace(X)
         if X.dtype != np.float32 or not X.flags.c_contiguous:
             X = xp.ascontiguousarray(X, dtype=np.float32)
-        return X, lib
+        return X
 
     # ----------------------------------------------------------------- sizes
     @property

@@ -411,13 +411,20 @@ def chain(layers, in_features, library="numpy"):
 
     Returns
     -------
-    callable ``chain(X, check_finite=...) -> Y``: X (N, D0) float32 C-contiguous of that
-    library, Y (N, M_last) float32; ``check_finite`` raises ValueError on NaN/Inf in X (the
-    kernel scans the rows it reads)
+    callable ``chain(X, check_finite=True) -> Y``: X (N, D0) float32 C-contiguous of that
+    library, Y (N, M_last) float32, a fresh array per call; ``check_finite`` raises
+    ValueError on NaN/Inf in X (the kernel scans the rows it reads)
     """
     op = OP_TABLE["chain"]
     if library == "cupy":
         return resolve(op.cuda)(layers, in_features=in_features)
     if library != "numpy":
         raise ValueError(f"library must be 'numpy' or 'cupy', got {library!r}")
-    return resolve(op.cpu)(layers, d_in=in_features)
+    cpu = resolve(op.cpu)(layers, d_in=in_features)
+    m_out = cpu.m_out
+
+    def run(X, check_finite=True):
+        # ChainCPU reuses one output per batch size: the caller gets its own array
+        return cpu(X, out=np.empty((X.shape[0], m_out), dtype=np.float32),
+                   check_finite=check_finite)
+    return run
