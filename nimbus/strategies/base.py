@@ -374,8 +374,8 @@ class Strategy:
         """The fast hard strategy for inference: this one, its LUT re-quantized when
         ``quantize`` (True: 8-bit, False: float) differs from its own; a trainable
         strategy returns a new hard one (None keeps its LUT's precision)."""
-        self._check_fitted("lut_")
         if quantize is not None and bool(quantize) != bool(self.quantize):
+            self._check_fitted("lut_")
             self.quantize = bool(quantize)
             self._set_lut(self.lut_)
         return self

@@ -151,3 +151,15 @@ def test_hard_strategy_refuses_gradients(lut_only):
     with pytest.raises(ValueError, match="passes no gradient"):
         layer(x)
     assert backend.is_array(layer(Xtr[:5]))
+
+
+def test_fold_keeps_a_held_exact_strategy():
+    """fold hardens every held strategy: a hard one without a LUT (exact) stays as it is."""
+    Xtr, _, Xte, _ = nn.data.load_digits(random_state=0)
+    layer = nn.Linear(64, 10, random_state=0)
+    exact = nimbus.strategies.Exact().fit(Xtr, layer.weight.data)
+    layer.use(exact)
+    folded = nn.fold(nn.Sequential(layer))
+    assert folded[0].strategy.harden() is folded[0].strategy
+    np.testing.assert_allclose(folded(Xte), Xte @ layer.weight.data + layer.bias.data,
+                               rtol=1e-5, atol=1e-5)
