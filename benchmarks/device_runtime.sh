@@ -22,9 +22,10 @@ for group in "tests/arrays/test_cuda.py tests/arrays/test_runtime_cuda.py" \
   i=$((i + 1))
 done
 wait
-if [ -f .carry/e2e/converted.npz ]; then
+CONVERTED=${CONVERTED:-.carry/e2e/converted44.npz}   # the default recipe's model
+if [ -f "$CONVERTED" ]; then
   timeout 200 python3 benchmarks/bench_e2e.py --float .carry/e2e/float.npz \
-    --converted .carry/e2e/converted.npz --gpu --no-cpu --json "$OUT/e2e_gpu.json" \
+    --converted "$CONVERTED" --gpu --no-cpu --json "$OUT/e2e_gpu.json" \
     > "$OUT/e2e_gpu.log" 2>&1
 fi
 timeout 120 python3 benchmarks/bench_frontier.py --no-cpu --gpu --points 4x4 5x4 4x2 6x8 \
