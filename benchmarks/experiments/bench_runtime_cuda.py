@@ -165,26 +165,29 @@ def main():
                ("4 dims, K=16", 4, 16), ("2 dims, K=16", 2, 16)]
     if args.quick:
         configs = configs[:1] + configs[3:4]
-    chains = {}
     for label, dpc, K in configs:
-        chain = ChainCUDA(make_layers(rng, dpc, K), in_features=SIZES[0])
-        chains[label] = chain
-        for N in BATCHES:
-            for check in (True, False):
-                d, w = time_calls(cp, lambda: chain(X32[N], check_finite=check), ncalls(N))
-                info = chain.plan_info(N, check_finite=check)
-                rows.append((f"chain {label}" + (" check" if check else ""), N, d, w, info))
+        lay = make_layers(rng, dpc, K)
+        for kernel in ("simt", "mma"):
+            chain = ChainCUDA(lay, in_features=SIZES[0], kernel=kernel)
+            for N in BATCHES:
+                for check in (True, False):
+                    d, w = time_calls(cp, lambda: chain(X32[N], check_finite=check), ncalls(N))
+                    info = chain.plan_info(N, check_finite=check)
+                    rows.append((f"chain {label} {kernel}" + (" check" if check else ""), N, d, w,
+                                 info))
 
     # tile sweep at the largest batch (the default tile is the first row)
     sweep = []
-    lay = make_layers(rng, 8, 16)
-    for r, chunk in ((16, 32768), (32, 32768), (64, 32768), (32, 16384), (64, 16384)):
+    lay = make_layers(rng, 4, 16)
+    for kernel, r, chunk in (("simt", 16, 32768), ("simt", 32, 32768), ("simt", 32, 16384),
+                             ("mma", 32, 0), ("mma", 64, 0), ("mma", 128, 0)):
         try:
-            ch = ChainCUDA(lay, in_features=SIZES[0], rows=r, chunk_bytes=chunk)
+            ch = ChainCUDA(lay, in_features=SIZES[0], rows=r, kernel=kernel,
+                           **({"chunk_bytes": chunk} if chunk else {}))
             d, w = time_calls(cp, lambda: ch(X32[65536], check_finite=False), ncalls(65536))
-            sweep.append((r, chunk, d, w))
+            sweep.append((f"{kernel} {r}", chunk, d, w))
         except Exception as e:
-            sweep.append((r, chunk, float("nan"), float("nan")))
+            sweep.append((f"{kernel} {r}", chunk, float("nan"), float("nan")))
             print("sweep", r, chunk, "failed:", e)
 
     lines = [f"# ChainCUDA vs the float MLP 784-256-256-256-10 on {name}", "",
@@ -219,10 +222,11 @@ def main():
     for what, per in by.items():
         if not what.endswith("check"):
             lines.append(f"- {what}: " + "; ".join(
-                f"N={N}: {per[N][2]['rows']}/{per[N][2]['rpt']}/{per[N][2]['shared_bytes']}/"
+                f"N={N}: {per[N][2]['kernel']} {per[N][2]['rows']}/{per[N][2]['rpt']}/"
+                f"{per[N][2]['shared_bytes']}/"
                 f"{per[N][2]['blocks']}" for N in BATCHES))
-    lines += ["", "Tile sweep, 8 dims K=16, N=65536, check_finite=False:", "",
-              "| rows | chunk bytes | device ms | wall ms |", "|---|---|---|---|"]
+    lines += ["", "Tile sweep, 4 dims K=16 (the default), N=65536, check_finite=False:", "",
+              "| kernel, rows | chunk bytes | device ms | wall ms |", "|---|---|---|---|"]
     for r, chunk, d, w in sweep:
         lines.append(f"| {r} | {chunk} | {d:.4f} | {w:.4f} |")
     text = "\n".join(lines)

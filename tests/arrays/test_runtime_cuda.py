@@ -76,7 +76,10 @@ CHAINS = {  # name: (D0, [(C, depth, M), ...])
     "k512": (64, [(8, 9, 256), (6, 9, 10)]),
     "wideC": (300, [(300, 1, 33), (257, 2, 10)]),
     "one": (17, [(3, 4, 1)]),
+    "odd": (50, [(13, 4, 40), (7, 2, 24), (5, 3, 16)]),     # C K not a multiple of 32
 }
+# chains the tensor-core kernel takes (every depth >= 2)
+MMA_CHAINS = sorted(n for n, (_, specs) in CHAINS.items() if min(d for _, d, _ in specs) >= 2)
 
 
 @pytest.mark.parametrize("name", sorted(CHAINS))
@@ -124,16 +127,58 @@ def test_small_chunks_many_stages():
         np.testing.assert_array_equal(got.get(), want)
 
 
+@pytest.mark.parametrize("kernel", ["simt", "auto"])
 @pytest.mark.parametrize("name", ["mlp8", "k512"])
-def test_large_batch(name):
+def test_large_batch(name, kernel):
     cp = _cp()
     rng = np.random.default_rng(70000 + len(name))
     D0, specs = CHAINS[name]
     X = _x(rng, 70000, D0)
     layers = make_chain(rng, X[:2000], specs)
     want = chain_ref(X, layers)
-    chain = _chain_cls()(layers, in_features=D0)
+    chain = _chain_cls()(layers, in_features=D0, kernel=kernel)
+    assert chain.plan_info(70000)["kernel"] == ("mma" if kernel == "auto" else "simt")
     np.testing.assert_array_equal(chain(cp.asarray(X)).get(), want)
+
+
+@pytest.mark.parametrize("name", MMA_CHAINS)
+@pytest.mark.parametrize("rows", [32, 64, 128])
+@pytest.mark.parametrize("N", [1, 45, 300])
+def test_mma_kernel_matches_reference(name, rows, N):
+    """The tensor-core kernel (one-hot codes x LUT by mma.sync) bit for bit against the
+    reference: partial tiles, C K padded to a multiple of 32, K = 4 .. 512."""
+    cp = _cp()
+    rng = np.random.default_rng(zlib.crc32(f"mma/{name}/{rows}/{N}".encode()))
+    D0, specs = CHAINS[name]
+    X = _x(rng, max(N, 64), D0)
+    layers = make_chain(rng, X, specs)
+    X = X[:N]
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, in_features=D0, kernel="mma", rows=rows)
+    info = chain.plan_info(N)
+    assert info["kernel"] == "mma" and info["rows"] == rows
+    got = chain(cp.asarray(X))
+    np.testing.assert_array_equal(got.get().view(np.uint32), want.view(np.uint32))
+    np.testing.assert_array_equal(chain(cp.asarray(X), check_finite=False).get(), want)
+
+
+def test_mma_kernel_wide_layers_and_many_chunks():
+    """500 outputs (8 column groups of 64) and a 600-codebook layer of depth 2 (many LUT
+    chunks); rows=128 would need 32 warp tasks (16 at most) and says so."""
+    cp = _cp()
+    rng = np.random.default_rng(12)
+    X = _x(rng, 700, 64)
+    layers = make_chain(rng, X, [(16, 4, 500), (600, 2, 24), (6, 4, 10)])
+    want = chain_ref(X, layers)
+    ChainCUDA = _chain_cls()
+    got = ChainCUDA(layers, kernel="mma")(cp.asarray(X))
+    np.testing.assert_array_equal(got.get(), want)
+    with pytest.raises(ValueError, match="mma"):
+        ChainCUDA(layers, kernel="mma", rows=128)(cp.asarray(X))
+    with pytest.raises(ValueError, match="depth"):
+        ChainCUDA(make_chain(rng, X, [(4, 1, 8)]), kernel="mma")
+    with pytest.raises(ValueError, match="kernel"):
+        ChainCUDA(layers, kernel="tensor")
 
 
 def test_cupy_layers_and_float16_input():

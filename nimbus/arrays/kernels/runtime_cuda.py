@@ -44,6 +44,13 @@ _MAX_DEPTH = 10                # trees of depth 1..10 (K = 2 .. 1024 leaves)
 _ROWS_MAX = 32                 # default tile: RPT = 2 at 256 outputs (119 registers, 2 blocks/SM)
 _CHUNK_BYTES = 32 * 1024       # LUT bytes per staged chunk (two buffers)
 _RING = 64                     # pinned parameter slots in flight (check_finite=False calls)
+# chain_mma_kernel's tiles: rows per block -> threads per block (cuda/runtime.cu's NTM;
+# 512 threads: one block per SM, 256: two, so that one block's encode overlaps the other's
+# products)
+_MMA_TILES = {128: 512, 64: 256, 32: 256}
+_MMA_ROWS_AUTO = (128, 64, 32)  # tiles kernel="auto" tries, the first that gives every SM work
+_MMA_MIN_BATCH = 1024          # kernel="auto" takes the tensor cores from this batch size
+_MMA_CHUNK_MAX = 64 * 1024     # LUT bytes per staged chunk of chain_mma_kernel
 _SOURCE = None
 _modules = {}                  # (device id, RPT) -> cupy.RawModule
 
@@ -63,15 +70,35 @@ def _source():
     return _SOURCE
 
 
-def _function(dev_id, rpt):
-    """``chain_kernel`` compiled for device ``dev_id`` with RPT pairs per thread (cached)."""
-    key = (int(dev_id), int(rpt))
+def _function(dev_id, rpt, name="chain_kernel", ntm=512):
+    """``name`` (chain_kernel or chain_mma_kernel) compiled for device ``dev_id`` with RPT
+    pairs per thread and NTM threads per block of chain_mma_kernel (cached)."""
+    key = (int(dev_id), int(rpt), int(ntm))
     mod = _modules.get(key)
     if mod is None:
         cp = _cp()
-        mod = cp.RawModule(code=f"#define NT {NT}\n#define RPT {int(rpt)}\n" + _source())
+        mod = cp.RawModule(code=f"#define NT {NT}\n#define RPT {int(rpt)}\n#define NTM {int(ntm)}\n"
+                           + _source())
         _modules[key] = mod
-    return mod.get_function("chain_kernel")
+    return mod.get_function(name)
+
+
+def _mma_lut(lut, C, K, Mp):
+    """A layer's LUT (C, K, Mp) uint8 in chain_mma_kernel's operand order.
+
+    The k = c K + code axis is zero-padded to kpad (a multiple of 32) and cut into steps of
+    32; per step, per pair p of 8-column tiles, per lane (g, t) of a warp, 16 bytes:
+    lut[k, n] for n = 16 p + 8 jj + g, k = 32 s + 16 h + 4 t + e, in the order (jj, h, e),
+    i.e. the mma.m16n8k32 B registers {b0, b1} of tile 2p, then of tile 2p + 1.
+
+    Returns (kpad / 32 * Mp * 32,) uint8 and kpad.
+    """
+    kpad = -(-C * K // 32) * 32
+    Lk = np.zeros((kpad, Mp), dtype=np.uint8)
+    Lk[:C * K] = lut.reshape(C * K, Mp)
+    S, P = kpad // 32, Mp // 16
+    B = Lk.reshape(S, 2, 4, 4, P, 2, 8).transpose(0, 4, 6, 2, 5, 1, 3)
+    return np.ascontiguousarray(B).reshape(-1), kpad
 
 
 def _host(a, name):
@@ -150,7 +177,7 @@ def _check_layer(i, layer, D):
 class _Plan:
     """What one (N, D0, check) call shape needs: the graph and its parameter block."""
 
-    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk")
+    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk", "kernel")
 
 
 class ChainCUDA:
@@ -165,25 +192,36 @@ class ChainCUDA:
         Layer l + 1 reads layer l's M outputs, so its dims must lie in [0, M_l).
     in_features : int or None, the width D0 of X. None: any X with more columns than the
         largest column the first layer tests.
-    rows : int or None, rows per block (a power of two, 1..64; None: chosen per batch size).
-        Tiles of at least K rows stage the LUT through shared memory; smaller ones read it
-        directly. A benchmark knob.
-    chunk_bytes : int, bytes of LUT per staged chunk (multiple of 16; two are kept).
+    rows : int or None, rows per block (None: chosen per batch size). chain_kernel: a power
+        of two 1..64; tiles of at least K rows stage the LUT through shared memory, smaller
+        ones read it directly. chain_mma_kernel: 32, 64 or 128. A benchmark knob.
+    chunk_bytes : int, bytes of LUT per staged chunk of chain_kernel (multiple of 16; two
+        are kept).
+    kernel : "auto", "simt" or "mma". "simt": chain_kernel (integer byte sums on the CUDA
+        cores, any depth). "mma": chain_mma_kernel (the sums as one-hot x LUT products on
+        the tensor cores; compute capability 8.0 or later, every tree of depth >= 2, layers
+        of at most 1024 outputs). "auto": "mma" where it applies and the batch has at
+        least ``_MMA_MIN_BATCH`` rows, else "simt". Both give the same bits.
 
     The arrays are copied to the current CuPy device once; later changes to the caller's
     arrays do not reach the chain.
     """
 
-    def __init__(self, layers, *, in_features=None, rows=None, chunk_bytes=_CHUNK_BYTES):
+    def __init__(self, layers, *, in_features=None, rows=None, chunk_bytes=_CHUNK_BYTES,
+                 kernel="auto"):
         cp = _cp()
+        if kernel not in ("auto", "simt", "mma"):
+            raise ValueError(f"kernel must be 'auto', 'simt' or 'mma'; got {kernel!r}")
         if not isinstance(layers, (list, tuple)) or not layers:
             raise ValueError("layers must be a non-empty list of layer dicts")
         if in_features is not None:
             if isinstance(in_features, bool) or int(in_features) != in_features or in_features < 1:
                 raise ValueError(f"in_features must be a positive int; got {in_features!r}")
             in_features = int(in_features)
-        if rows is not None and (isinstance(rows, bool) or rows not in (1, 2, 4, 8, 16, 32, 64)):
-            raise ValueError(f"rows must be a power of two from 1 to 64 or None; got {rows!r}")
+        if rows is not None and (isinstance(rows, bool) or rows not in (1, 2, 4, 8, 16, 32, 64, 128)):
+            raise ValueError(f"rows must be a power of two from 1 to 128 or None; got {rows!r}")
+        if rows == 128 and kernel != "mma":
+            raise ValueError("rows=128 is a tile of kernel='mma' only")
         if int(chunk_bytes) != chunk_bytes or chunk_bytes < 0 or chunk_bytes % 16:
             raise ValueError(f"chunk_bytes must be a non-negative multiple of 16; got {chunk_bytes!r}")
         self._dev = cp.cuda.Device().id
@@ -194,15 +232,39 @@ class ChainCUDA:
         self._arrays = []           # device arrays, kept alive for the descriptors
         desc = np.zeros((len(layers), 8), dtype=np.uint64)
         meta = []
+        checked = []
         for i, layer in enumerate(layers):
-            tree, lut, sc, bi, C, depth, M, Mp, hi = _check_layer(i, layer, D)
+            checked.append(_check_layer(i, layer, D))
+            D = checked[-1][6]
+        major = cp.cuda.runtime.getDeviceProperties(self._dev)["major"]
+        why = None
+        if major < 8:
+            why = f"the device has compute capability {major}.x; mma needs 8.0 or later"
+        elif min(c[5] for c in checked) < 2:
+            why = "a layer has trees of depth 1; mma needs depth >= 2"
+        elif max(c[7] for c in checked) > 1024:
+            why = "a layer has more than 1024 outputs; mma takes at most 1024"
+        if kernel == "mma" and why is not None:
+            raise ValueError(f"kernel='mma' does not apply: {why}")
+        self._mma_ok = why is None and kernel != "simt"
+        self._kernel = kernel
+        self._Cs_mma = 1
+        D = in_features
+        for i, (tree, lut, sc, bi, C, depth, M, Mp, hi) in enumerate(checked):
             if i == 0:
                 self._min_width = hi + 1
-            dev = [cp.asarray(a) for a in (tree, lut, sc, bi)]
+            arrs = [tree, lut, sc, bi]
+            kpad = 0
+            if self._mma_ok:
+                lutb, kpad = _mma_lut(lut, C, 1 << depth, Mp)
+                arrs.append(lutb)
+                self._Cs_mma = max(self._Cs_mma, -(-kpad >> depth))
+            dev = [cp.asarray(a) for a in arrs]
             self._arrays.extend(dev)
-            desc[i, :4] = [a.data.ptr for a in dev]
+            desc[i, :4] = [a.data.ptr for a in dev[:4]]
             ints = desc[i, 4:].view(np.int32)
-            ints[:] = [C, depth, M, Mp, -1 if D is None else D, 0, 0, 0]
+            ints[:6] = [C, depth, M, Mp, -1 if D is None else D, kpad]
+            desc[i, 7] = dev[4].data.ptr if self._mma_ok else 0
             meta.append((C, depth, M, Mp))
             D = M
         self._desc = cp.asarray(desc.view(np.uint8).reshape(-1))
@@ -212,6 +274,8 @@ class ChainCUDA:
         # activations between layers: the widest hidden width, a whole number of 16 bytes
         hidden = [m[2] for m in meta[:-1]]
         self._Hs = -(-max(hidden) // 4) * 4 if hidden else 0
+        # chain_mma_kernel's activation rows: 8 mod 32 floats (bank-spread float2 stores)
+        self._Hs_mma = (-(-max(m[3] for m in meta[:-1]) // 32) * 32 if hidden else 0) + 8
         self._plans = {}
         # pinned parameter slots {X, Y, flag}: the copy before each replay reads one; a slot
         # is reused only after the event recorded behind its copy has passed
@@ -249,6 +313,66 @@ class ChainCUDA:
         smem = 2 * chunk + R * self._Hs * 4 + codes + part
         return rpt, smem, chunk
 
+    def _mma_fit(self, R, optin, per_sm):
+        """(shared bytes, chunk bytes) of chain_mma_kernel at R rows, or None if it does not
+        fit: R/32 x ceil(Mp/64) warp tasks at most one per warp, one k32 step per chunk at
+        least; two blocks per SM where a tile of 256 threads fits twice, else one."""
+        ntm = _MMA_TILES[R]
+        if max(R // 32 * -(-m[3] // 64) for m in self._meta) > ntm // 32:
+            return None
+        rest = R * self._Hs_mma * 4 + -(-(self._Cs_mma * (R + 2) * 2) // 16) * 16
+        step = max(m[3] * 32 for m in self._meta)
+        for blocks in sorted({512 // ntm, 1}, reverse=True):
+            budget = min(optin, per_sm // blocks - 1024)
+            chunk = min(_MMA_CHUNK_MAX, (budget - rest) // 32 * 16)
+            if chunk >= step:
+                return 2 * chunk + rest, chunk
+        return None
+
+    def _plan_mma(self, N, D0, check, sms, optin, per_sm):
+        """The chain_mma_kernel plan for N rows, or None where it does not apply."""
+        if not self._mma_ok or (self._kernel == "auto" and N < _MMA_MIN_BATCH):
+            return None
+        if self._rows is not None:
+            fits = [(self._rows, self._mma_fit(self._rows, optin, per_sm))] \
+                if self._rows in _MMA_TILES else []
+        else:   # the largest tile that still gives every SM two blocks' work
+            fits = [(R, self._mma_fit(R, optin, per_sm)) for R in _MMA_ROWS_AUTO
+                    if R == 32 or N >= R * sms * 2]
+        fits = [(R, f) for R, f in fits if f is not None]
+        if not fits:
+            if self._kernel == "mma":
+                raise ValueError(
+                    f"kernel='mma' does not fit this chain at rows={self._rows or 32}: a block "
+                    f"holds at most {_MMA_TILES.get(self._rows, 512) // 32} warp tasks of 32 rows x 64 outputs, and its "
+                    f"activations, codes and two LUT steps must fit {optin} shared bytes")
+            return None
+        R, (smem, chunk) = fits[0]
+        kern = _function(self._dev, 1, "chain_mma_kernel", _MMA_TILES[R])
+        if smem > 48 * 1024:
+            kern.max_dynamic_shared_size_bytes = int(smem)
+        plan = _Plan()
+        plan.params = _cp().zeros(4, dtype=np.uint64)
+        plan.rows, plan.rpt, plan.smem, plan.chunk, plan.kernel = R, 0, smem, chunk, "mma"
+        plan.grid = -(-N // R)
+        args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
+                np.int32(R), np.int32(self._Hs_mma), np.int32(self._Cs_mma), np.int32(chunk),
+                np.int32(bool(check)))
+        plan.graph = self._capture(kern, plan.grid, _MMA_TILES[R], args, smem)
+        return plan
+
+    def _capture(self, kern, grid, threads, args, smem):
+        cp = _cp()
+        stream = cp.cuda.Stream(non_blocking=True)
+        with stream:
+            stream.begin_capture()
+            try:
+                kern((grid,), (threads,), args, shared_mem=int(smem))
+            finally:
+                graph = stream.end_capture()
+        stream.synchronize()
+        return graph
+
     def _plan(self, N, D0, check):
         cp = _cp()
         key = (N, D0, bool(check))
@@ -258,6 +382,11 @@ class ChainCUDA:
         rt = cp.cuda.runtime
         sms = rt.deviceGetAttribute(16, self._dev)          # multiprocessors
         optin = rt.deviceGetAttribute(97, self._dev)        # opt-in shared bytes per block
+        per_sm = rt.deviceGetAttribute(81, self._dev)       # shared bytes per SM
+        plan = self._plan_mma(N, D0, check, sms, optin, per_sm)
+        if plan is not None:
+            self._plans[key] = plan
+            return plan
         R, (rpt, smem, chunk) = self._tile(N, sms)
         while smem > optin and R > 1 and self._rows is None:
             R //= 2
@@ -270,20 +399,12 @@ class ChainCUDA:
             kern.max_dynamic_shared_size_bytes = int(smem)
         plan = _Plan()
         plan.params = cp.zeros(4, dtype=np.uint64)          # {X, Y, flag|pad, unused}
-        plan.rows, plan.rpt, plan.smem, plan.chunk = R, rpt, smem, chunk
+        plan.rows, plan.rpt, plan.smem, plan.chunk, plan.kernel = R, rpt, smem, chunk, "simt"
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs), np.int32(self._Cs), np.int32(chunk),
                 np.int32(bool(check)))
-        stream = cp.cuda.Stream(non_blocking=True)
-        with stream:
-            stream.begin_capture()
-            try:
-                kern((plan.grid,), (NT,), args, shared_mem=int(smem))
-            finally:
-                graph = stream.end_capture()
-        stream.synchronize()
-        plan.graph = graph
+        plan.graph = self._capture(kern, plan.grid, NT, args, smem)
         self._plans[key] = plan
         return plan
 
@@ -356,10 +477,11 @@ class ChainCUDA:
         return Y
 
     def plan_info(self, N, D0=None, check_finite=True):
-        """The launch of a batch of N rows: dict rows, rpt, shared_bytes, blocks (builds
-        the plan if needed)."""
+        """The launch of a batch of N rows: dict kernel, rows, rpt, shared_bytes, blocks,
+        chunk (builds the plan if needed)."""
         D0 = self.in_features if D0 is None else D0
         if D0 is None:
             raise ValueError("give D0 (the chain was built without in_features)")
         p = self._plan(int(N), int(D0), check_finite)
-        return dict(rows=p.rows, rpt=p.rpt, shared_bytes=p.smem, blocks=p.grid, chunk=p.chunk)
+        return dict(kernel=p.kernel, rows=p.rows, rpt=p.rpt, shared_bytes=p.smem, blocks=p.grid,
+                    chunk=p.chunk)

@@ -49,7 +49,8 @@ struct Layer {
     const float* scale;    // (Mp,)
     const float* bias;     // (Mp,)
     int C, depth, M, Mp;   // codebooks, tree depth (K = 2^depth), outputs, outputs padded to 16
-    int D, pad0, pad1, pad2;   // input columns
+    int D, kpad;           // input columns; C K rounded up to 32 (chain_mma_kernel)
+    const u8* lutb;        // chain_mma_kernel's LUT in operand order (kpad / 32 steps)
 };
 
 // What changes per call (24 bytes, written before each launch).
@@ -285,5 +286,254 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
             }
         }
         __syncthreads();          // act complete, part and the LUT buffers free
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// chain_mma_kernel: the same chain, the lookup sums on the tensor cores (sm_80 and later).
+//
+// A layer's sums isum[n, m] = sum_c lut[c, code[n, c], m] are the product of the one-hot
+// matrix of the codes, (rows, C K) with one 1 per codebook, and the LUT as a (C K, M)
+// matrix. The kernel builds the one-hot operand in registers from the codes (never
+// stored) and multiplies it by the LUT with mma.sync m16n8k32 u8 x u8 -> s32: exact
+// integers, the same sums as the reference in any order. K = 2^depth >= 4, so each group
+// of 4 consecutive k of an operand register lies in one codebook.
+//
+// Thread mapping: NTM threads (512 or 256: 16 or 8 warps, one or two blocks per SM) per
+// block of R rows (32, 64 or 128). Encode: thread t walks the (row, tree) pairs t, t + NTM,
+// ... four at a time (independent loads in flight), trees fastest; the first layer reads
+// X from shared memory, where groups of rows are first copied (coalesced 16-byte loads,
+// the NaN/Inf check on the way) into the activation buffer, which is free until the first
+// layer's outputs. Lookup: warp w owns the task (row group w % (R/32), column group
+// w / (R/32)): 32 rows (two m16 tiles) x 64 columns (eight n8 tiles) over every k;
+// R/32 x ceil(Mp/64) <= NTM/32 tasks (the host picks R so). The LUT reaches shared memory in
+// chunks of k32 steps by cp.async, double buffered, already in the operand order (see
+// runtime_cuda._mma_lut): per step, per pair of n8 tiles, per lane, 16 bytes {b0, b1 of
+// tile 2p, b0, b1 of tile 2p + 1}, so each lane's operands for two tiles are one 16-byte
+// load and a warp's loads are 512 contiguous bytes (no bank conflict).
+// Codes live in shared memory as codes[c * Rs + r] (Rs = R + 2: the encoder's writes,
+// consecutive c, fall in distinct banks; the operand reads, 8 consecutive rows, too).
+
+#ifndef NTM
+#define NTM 512
+#endif
+
+__device__ __forceinline__ void stage_n(u8* dst, const u8* __restrict__ src, int nbytes) {
+    for (int i = threadIdx.x; i < (nbytes >> 4); i += NTM) copy16(dst + 16 * i, src + 16 * i);
+    async_commit();
+}
+
+// 4 one-hot bytes for k = 4 w .. 4 w + 3 of one codebook: byte (code & 3) is 1 iff the
+// code lies in that group.
+__device__ __forceinline__ u32 onehot4(u32 code, u32 w) {
+    return (code >> 2) == w ? (1u << ((code & 3u) << 3)) : 0u;
+}
+
+__device__ __forceinline__ void mma_u8(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+// Codes of rows [0, nr) under the layer's trees into codes[c * Rs + r]; x from X (global,
+// row stride D0) when GLOBAL, else from act (shared, row stride Hs).
+template <bool GLOBAL>
+__device__ __forceinline__ void encode4(const Layer& ly, const float* __restrict__ x, int stride,
+                                        int nr, u16* codes, int Rs) {
+    const int C = ly.C, depth = ly.depth, nodes = (1 << depth) - 1, total = nr * C;
+    for (int q0 = threadIdx.x; q0 < total; q0 += 4 * NTM) {
+        int node[4], r[4], c[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const int q = min(q0 + u * NTM, total - 1);
+            r[u] = q / C; c[u] = q - r[u] * C; node[u] = 0;
+        }
+        for (int lev = 0; lev < depth; ++lev) {
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const int2 e = __ldg(ly.tree + (unsigned long long)c[u] * nodes + node[u]);
+                const float v = GLOBAL ? __ldg(x + (long long)r[u] * stride + e.x)
+                                       : x[r[u] * stride + e.x];
+                node[u] = 2 * node[u] + 1 + (v > __int_as_float(e.y) ? 1 : 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (q0 + u * NTM < total) codes[c[u] * Rs + r[u]] = (u16)(node[u] - nodes);
+    }
+}
+
+// Grid: ceil(N / R) blocks of NTM threads. Dynamic shared memory: 2 * chunk_bytes (LUT
+// chunks), R x Hs floats (activations; Hs = 8 mod 32 so that the epilogue's float2 stores
+// of 8 rows fall in distinct banks), Cs x Rs uint16 codes.
+extern "C" __global__ void __launch_bounds__(NTM, 512 / NTM)
+chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R,
+                 int Hs, int Cs, int chunk_bytes, int check)
+{
+    extern __shared__ __align__(16) u8 smem[];
+    u8* lutbuf = smem;
+    float* act = (float*)(smem + 2 * chunk_bytes);
+    u16* codes = (u16*)(act + R * Hs);
+    const int Rs = R + 2;
+
+    const float* __restrict__ X = prm->X;
+    float* __restrict__ Y = prm->Y;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const long long r0 = (long long)blockIdx.x * R;
+    const int nr = (int)((long long)N - r0 < R ? (long long)N - r0 : R);
+
+    // rows of X per group copied into the activation buffer (0: X too wide, read in place)
+    const int XR = min(R, (R * Hs) / D0);
+    if (check && XR == 0) {
+        const float* xs = X + r0 * D0;
+        const int n = nr * D0;
+        u32 bad = 0;
+        int done = 0;
+        if ((((u64)xs) & 15u) == 0) {
+            const int n4 = n >> 2;
+            for (int i = tid; i < n4; i += NTM) {
+                const float4 v = __ldg((const float4*)xs + i);
+                bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+            }
+            done = n4 << 2;
+        }
+        for (int i = done + tid; i < n; i += NTM) bad |= nonfinite(__ldg(xs + i));
+        if (bad) atomicOr(&prm->flag, 1);
+    }
+
+    const int nrg = R >> 5;
+    for (int l = 0; l < L; ++l) {
+        const Layer ly = layers[l];
+        const int depth = ly.depth, Mp = ly.Mp, M = ly.M;
+        const int nsteps = ly.kpad >> 5;
+        const int step_bytes = Mp * 32;
+        const int SB = min(nsteps, chunk_bytes / step_bytes);
+        const int nch = (nsteps + SB - 1) / SB;
+        stage_n(lutbuf, ly.lutb, SB * step_bytes);       // chunk 0 lands during the encode
+        if (l > 0) {
+            encode4<false>(ly, act, Hs, nr, codes, Rs);
+        } else if (XR == 0) {
+            encode4<true>(ly, X + r0 * D0, D0, nr, codes, Rs);
+        } else {
+            u32 bad = 0;
+            for (int x0 = 0; x0 < nr; x0 += XR) {
+                const int xn = min(XR, nr - x0);
+                const float* xs = X + (r0 + x0) * D0;
+                const int n = xn * D0;
+                int done = 0;
+                if ((((u64)xs) & 15u) == 0) {
+                    const int n4 = n >> 2;
+                    for (int i = tid; i < n4; i += NTM) {
+                        const float4 v = __ldg((const float4*)xs + i);
+                        if (check)
+                            bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                        ((float4*)act)[i] = v;
+                    }
+                    done = n4 << 2;
+                }
+                for (int i = done + tid; i < n; i += NTM) {
+                    const float v = __ldg(xs + i);
+                    if (check) bad |= nonfinite(v);
+                    act[i] = v;
+                }
+                __syncthreads();                        // the rows have landed
+                encode4<false>(ly, act, D0, xn, codes + x0, Rs);
+                __syncthreads();                        // read before the next group lands
+            }
+            if (bad) atomicOr(&prm->flag, 1);
+        }
+
+        const int ncg = (Mp + 63) >> 6;
+        const bool busy = warp < nrg * ncg;
+        const int rb = (warp % nrg) * 32, cg = warp / nrg;
+        const int ntl = busy ? min(8, (Mp - cg * 64) >> 3) : 0;     // n8 tiles (even)
+        int acc[2][8][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][j][e] = 0;
+
+        for (int ch = 0; ch < nch; ++ch) {
+            const int s0 = ch * SB, sn = min(SB, nsteps - s0);
+            if (ch + 1 < nch) {
+                stage_n(lutbuf + ((ch + 1) & 1) * chunk_bytes,
+                        ly.lutb + (unsigned long long)(s0 + SB) * step_bytes,
+                        min(SB, nsteps - s0 - SB) * step_bytes);
+                async_wait_prev();
+            } else {
+                async_wait_all();
+            }
+            __syncthreads();      // chunk ch (and, at ch 0, the codes) visible to every warp
+            if (busy) {
+                const u8* buf = lutbuf + (ch & 1) * chunk_bytes + (cg * 4 * 32 + lane) * 16;
+                for (int ss = 0; ss < sn; ++ss) {
+                    const int k0 = (s0 + ss) * 32 + 4 * t, k1 = k0 + 16;
+                    const int c0 = k0 >> depth, c1 = k1 >> depth;
+                    const u32 w0 = (k0 & ((1 << depth) - 1)) >> 2, w1 = (k1 & ((1 << depth) - 1)) >> 2;
+                    u32 a[2][4];
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        const int ra = rb + 16 * i + g;
+                        a[i][0] = onehot4(codes[c0 * Rs + ra], w0);
+                        a[i][1] = onehot4(codes[c0 * Rs + ra + 8], w0);
+                        a[i][2] = onehot4(codes[c1 * Rs + ra], w1);
+                        a[i][3] = onehot4(codes[c1 * Rs + ra + 8], w1);
+                    }
+                    const uint4* bp = (const uint4*)(buf + ss * step_bytes);
+#pragma unroll
+                    for (int p = 0; p < 4; ++p) {
+                        if (2 * p < ntl) {
+                            const uint4 b = bp[p * 32];
+#pragma unroll
+                            for (int i = 0; i < 2; ++i) {
+                                mma_u8(acc[i][2 * p], a[i], b.x, b.y);
+                                mma_u8(acc[i][2 * p + 1], a[i], b.z, b.w);
+                            }
+                        }
+                    }
+                }
+            }
+            __syncthreads();      // done with this buffer before it is refilled
+        }
+
+        // y = float(isum) * scale + bias, into act (the next layer's input) or Y
+        const bool last = l == L - 1;
+        if (busy) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                if (j < ntl) {
+                    const int m = cg * 64 + 8 * j + 2 * t;
+                    const float s0f = __ldg(ly.scale + m), s1f = __ldg(ly.scale + m + 1);
+                    const float b0f = __ldg(ly.bias + m), b1f = __ldg(ly.bias + m + 1);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            const int row = rb + 16 * i + g + 8 * h;
+                            const float y0 = __fadd_rn(__fmul_rn(__int2float_rn(acc[i][j][2 * h]), s0f), b0f);
+                            const float y1 = __fadd_rn(__fmul_rn(__int2float_rn(acc[i][j][2 * h + 1]), s1f), b1f);
+                            if (last) {
+                                if (row < nr) {
+                                    float* dst = Y + (r0 + row) * M + m;
+                                    if (m < M) dst[0] = y0;
+                                    if (m + 1 < M) dst[1] = y1;
+                                }
+                            } else {
+                                *(float2*)(act + row * Hs + m) = make_float2(y0, y1);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();          // act complete before the next layer's encoder reads it
     }
 }
