@@ -89,7 +89,10 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
     Table with one row per (method, C): ``method``, ``C`` (None for "exact"),
     ``nmse`` (test, ``mean((Y - Y_hat)**2) / var(Y)`` with ``Y = A_test @ B``),
     ``fit_s`` (seconds to fit, LUT included), ``apply_s`` (median seconds of
-    encode + lookup of A_test), ``lut_bytes`` (LUT size at inference; B for "exact").
+    encode + lookup of A_test), ``lut_bytes`` (LUT size at inference; B for "exact"),
+    ``chose`` (for "joint": "joint" or "maddness", the fit it kept, its ``choice_``:
+    with fewer than 1024 training rows it checks its fit against MADDNESS by
+    cross-validation; None for the other methods).
     Its text repr is an aligned table, ``_repr_html_`` an HTML table;
     :func:`nimbus.plotting.plot_tradeoff` draws it.
     """
@@ -142,8 +145,9 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
             fit_s = time.perf_counter() - t0
             apply_s, Y_hat = time_call(op, A_test, repeat=repeat)
             rows.append({"method": m, "C": C, "nmse": nmse(Y, Y_hat), "fit_s": fit_s,
-                         "apply_s": apply_s, "lut_bytes": op.lut_bytes})
+                         "apply_s": apply_s, "lut_bytes": op.lut_bytes,
+                         "chose": getattr(op, "choice_", None)})
             bar.update()
-    return Table(rows, ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes"],
+    return Table(rows, ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes", "chose"],
                  title=f"test NMSE and times: train {tuple(A_train.shape)}, test "
                        f"{tuple(A_test.shape)}, B {tuple(B.shape)}")

@@ -84,6 +84,40 @@ def top_directions(R, rank, max_rows=8192, dtype=None):
     return vecs[:, ::-1][:, :rank]
 
 
+# Leaf size with few training rows (issue 17, N < _lut.SMALL_ROWS): greedy splits on a
+# hundred rows cut leaves of one or two rows, whose means are noise in every column the
+# split did not look at. Each side of a split then keeps at least N / (LEAF_SHARE * K)
+# rows, capped at LEAF_CAP, and never fewer than LEAF_FLOOR where subspaces have at
+# least WIDE_SUBSPACE columns (with one to three columns a one-row leaf still holds a
+# value that other rows share: pixels, small alphabets).
+LEAF_SHARE = 4
+LEAF_CAP = 8
+LEAF_FLOOR = 2
+WIDE_SUBSPACE = 4
+
+
+def small_data_min_leaf(N, K, width):
+    """Fewest training rows on each side of a split with N < SMALL_ROWS training rows.
+
+    ``max(floor, min(N // (4 K), 8))``, floor 2 when the narrowest subspace has at least
+    4 columns, else 1 (at K = 16: the floor below N = 128 or 192, then N // 64 up to 8).
+    A bucket with no split that keeps that many rows on both sides stays whole (its
+    sibling leaf stays empty), so with fewer than 2 K * floor rows fewer than K leaves
+    are used.
+
+    Parameters
+    ----------
+    N : int, training rows; K : int, leaves per tree; width : int, columns of the
+        narrowest subspace
+
+    Returns
+    -------
+    int >= 1
+    """
+    floor = LEAF_FLOOR if width >= WIDE_SUBSPACE else 1
+    return int(max(floor, min(int(N) // (LEAF_SHARE * int(K)), LEAF_CAP)))
+
+
 def bin_columns(Xc, max_bins=MAX_BINS):
     """Bin every column at cuts that fall only between distinct values.
 

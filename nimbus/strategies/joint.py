@@ -43,9 +43,20 @@ import numpy as np
 from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
 from ..arrays.validate import code_dtype
-from ._lut import CodeRidge, bucket_sums, ridge_reg
-from ._trees import bin_columns, learn_tree, top_directions
+from ._clip import winsorize
+from ._lut import (LOO_GRID, SMALL_ROWS, CodeRidge, bucket_sums, is_small, onehot, ridge_loo,
+                   ridge_reg, small_data_clip)
+from ._trees import bin_columns, learn_tree, small_data_min_leaf, top_directions
 from .base import TreeStrategy, subspace_starts
+
+# The check against MADDNESS with few rows (N < SMALL_ROWS): CV_FOLDS_FEW-fold
+# cross-validation below CV_FEW_ROWS rows (the fits are cheap there and a small
+# fold is noisy), else CV_FOLDS; it needs SELECT_MIN_BUCKET_ROWS * K rows (48 at K = 16)
+CV_FOLDS_FEW = 5
+CV_FEW_ROWS = 250
+CV_FOLDS = 3
+SELECT_MIN_BUCKET_ROWS = 3
+SELECT_MARGIN = 0.02
 
 
 # ----------------------------------------------------------------- strategy
@@ -106,8 +117,8 @@ class Joint(TreeStrategy):
     name = "joint"
     LUT_QUANTIZER = "column"
 
-    def __init__(self, ncodebooks=16, *, split="node", depth=4, refine=20, tol=1e-3, ridge=1e-2,
-                 rank=16, min_leaf=None, max_candidates=32, quantize=True,
+    def __init__(self, ncodebooks=16, *, split="node", depth=4, refine=20, tol=1e-3, ridge="auto",
+                 rank=16, min_leaf=None, max_candidates=32, select=True, quantize=True,
                  random_state=None, verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
@@ -118,6 +129,7 @@ class Joint(TreeStrategy):
         self.rank = rank
         self.min_leaf = min_leaf
         self.max_candidates = max_candidates
+        self.select = select
         self.verbose = verbose
 
     def _check_params(self):
@@ -125,21 +137,115 @@ class Joint(TreeStrategy):
         validate.check_choice(self.split, "split", ("level", "node"))
         validate.check_int(self.refine, "refine", lo=0)
         validate.check_float(self.tol, "tol", lo=0.0)
-        validate.check_float(self.ridge, "ridge", lo=0.0)
+        if self.ridge != "auto":
+            validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.rank, "rank", lo=1)
         if self.min_leaf is not None:
             validate.check_int(self.min_leaf, "min_leaf", lo=1)
         if self.max_candidates is not None:
             validate.check_int(self.max_candidates, "max_candidates", lo=1)
+        if not isinstance(self.select, (bool, np.bool_)):
+            raise TypeError(f"select must be True or False, got {self.select!r}")
 
     # ---------------------------------------------------------------- fitting
     def _fit(self, A, rng, B):
         if B is None:
             raise ValueError("joint bucketing learns its trees from the product A @ B: "
                              "call fit(A, B) with the (D, M) matrix B")
+        N = A.shape[0]
+        if not (self.select and is_small(N)):
+            self._fit_joint(A, B, self.refine)
+            self.choice_ = "joint"
+            self.selection_ = ("off (select=False)" if not self.select else
+                               f"none needed: N = {N} >= {SMALL_ROWS} rows")
+            return
+        self._fit_selected(A, B, rng)
+
+    # ------------------------------------------------------- joint or maddness
+    def _candidate(self, name):
+        """An unfitted candidate of the check: "joint" (this joint fit without passes and
+        without the check) or "maddness" (MADDNESS at its defaults, same C and depth)."""
+        from .maddness import Maddness
+        if name == "maddness":
+            return Maddness(self.ncodebooks, depth=self.depth, quantize=self.quantize)
+        params = self.get_params()
+        params.update(refine=0, select=False, verbose=False)
+        return Joint(**params)
+
+    def _fit_selected(self, A, B, rng):
+        """With few rows: k-fold CV of the joint fit against MADDNESS, winner refit."""
+        xp = backend.namespace(A)
+        N, K = A.shape[0], self.nbuckets
+        B = backend.like(B, A)
+        if N < SELECT_MIN_BUCKET_ROWS * K:
+            # documented fallback: folds would fit fewer than 2.4 rows a leaf
+            self._adopt(self._candidate("maddness").fit(A, B))
+            self.choice_ = "maddness"
+            self.selection_ = (f"fallback: {N} rows are too few to check the joint fit "
+                               f"(it needs {SELECT_MIN_BUCKET_ROWS * K} = "
+                               f"{SELECT_MIN_BUCKET_ROWS} K); MADDNESS, unchecked")
+            self.cv_nmse_ = np.full(2, np.nan)
+            return
+        k = CV_FOLDS_FEW if N < CV_FEW_ROWS else CV_FOLDS
+        # folds from random_state where one is given, else fixed: the fit stays
+        # deterministic, as the learners are
+        order = (rng if self.random_state is not None else np.random.RandomState(0)).permutation(N)
+        fold = np.empty(N, dtype=np.int64)
+        fold[order] = np.arange(N) % k
+        fold = xp.asarray(fold)
+        err = {"joint": 0.0, "maddness": 0.0}
+        yss = 0.0
+        for f in range(k):
+            va = xp.nonzero(fold == f)[0]
+            tr = xp.nonzero(fold != f)[0]
+            Y = (A[va] @ B).astype(np.float64)
+            yss += float(((Y - Y.mean(axis=0)) ** 2).sum())
+            for name in err:
+                op = self._candidate(name).fit(A[tr], B)
+                err[name] += float(((op(A[va]).astype(np.float64) - Y) ** 2).sum())
+        # the richer model must win by SELECT_MARGIN (ties and near-ties go to the simpler
+        # one: on folds of 30-300 rows a difference of a percent or two is noise)
+        choice = "joint" if err["joint"] < (1 - SELECT_MARGIN) * err["maddness"] else "maddness"
+        if choice == "joint":
+            self._fit_joint(A, B, 0)
+        else:
+            self._adopt(self._candidate("maddness").fit(A, B))
+        self.choice_ = choice
+        self.selection_ = f"{k}-fold CV ({N} rows < {SMALL_ROWS})"
+        self.cv_nmse_ = np.array([err["joint"], err["maddness"]]) / max(yss, 1e-300)
+
+    def _adopt(self, op):
+        """Take the trees and prototypes of a fitted MADDNESS ``op``."""
+        for k in ("starts_", "dims_", "thresholds_", "prototypes_", "ridge_chosen_",
+                  "min_leaf_", "clip_"):
+            if hasattr(op, k):
+                setattr(self, k, getattr(op, k))
+
+    def report(self):
+        """What the fit chose, as a dict: ``choice`` ("joint" or "maddness"), ``selection``
+        (how: CV, fallback, or none needed), ``cv_nmse`` (held-out NMSE of joint and
+        MADDNESS pooled over the folds, where they were compared), and the rules taken
+        from N: ``min_leaf``, ``ridge``, ``clip``."""
+        self._check_fitted("choice_")
+        out = {"choice": self.choice_, "selection": self.selection_}
+        if hasattr(self, "cv_nmse_"):
+            out["cv_nmse"] = {"joint": float(self.cv_nmse_[0]),
+                              "maddness": float(self.cv_nmse_[1])}
+        for k in ("min_leaf_", "ridge_chosen_", "clip_"):
+            if hasattr(self, k):
+                out[k[:-1] if k != "ridge_chosen_" else "ridge"] = getattr(self, k)
+        return out
+
+    def _fit_joint(self, A, B, refine):
+        """The joint fit itself (steps 1-3 of the module docstring) with ``refine`` passes."""
         xp = backend.namespace(A)
         B = backend.like(B, A)
         self.starts_ = subspace_starts(A.shape[1], self.ncodebooks)
+        N = A.shape[0]
+        if is_small(N):
+            # few rows: learn from columns clipped at 2 rows a tail (see Maddness.clip)
+            self.clip_ = small_data_clip(0.0, N)
+            A = winsorize(A, self.clip_)
         Y = (A @ B).astype(np.float32)
         binned = {}              # subspace -> bin_columns(A_c), shared by both paths
         # split="node": the per-level trees are node trees too, and the coordinate
@@ -147,13 +253,16 @@ class Joint(TreeStrategy):
         # than from per-level ones, so both paths run and the lower training loss wins
         modes = ("node", "level") if self.split == "node" else ("level",)
         best = None
-        with progress_bar(len(modes) * self.ncodebooks * (1 + self.refine), "joint trees",
+        with progress_bar(len(modes) * self.ncodebooks * (1 + refine), "joint trees",
                           self.verbose) as bar:
             for mode in modes:
-                out = self._fit_path(A, B, Y, mode, binned, bar)
-                if best is None or out[0][-1] < best[0][-1]:
+                out = self._fit_path(A, B, Y, mode, binned, bar, refine)
+                if best is None or out[-1] < best[-1]:
                     best = out
-        history, dims, thr, ridge = best
+        history, dims, thr, ridge, self.ridge_chosen_, score = best
+        self.min_leaf_ = self._min_leaf(A.shape[0])
+        if is_small(A.shape[0]) and self.ridge == "auto":
+            self.loo_nmse_ = score / max(float(((Y - Y.mean(axis=0)).astype(np.float64) ** 2).sum()), 1e-300)
         self.dims_ = xp.asarray(dims)
         self.thresholds_ = xp.asarray(thr)
         # The same ridge in A's space (prior: each codebook's bucket means of its own
@@ -174,7 +283,7 @@ class Joint(TreeStrategy):
             out[c, :, s:e] = sums / xp.maximum(n, 1)[:, None]
         return out
 
-    def _fit_path(self, A, B, Y, mode, binned, bar):
+    def _fit_path(self, A, B, Y, mode, binned, bar, refine):
         """Start + refine passes with trees of one split mode.
 
         Returns
@@ -189,12 +298,14 @@ class Joint(TreeStrategy):
         starts = self.starts_
         y_ss = float(((Y - Y.mean(axis=0)).astype(np.float64) ** 2).sum())
         K = self.nbuckets
-        reg = ridge_reg(self.ridge, N, C, K)
+        small = is_small(N)
+        lam = 1e-2 if self.ridge == "auto" else self.ridge
+        reg = ridge_reg(lam, N, C, K)
         dims = np.zeros((C, K - 1), dtype=np.int32)
         thr = np.full((C, K - 1), np.inf, dtype=np.float32)
         codes = xp.empty((N, C), dtype=code_dtype(K))
         # a leaf of a few rows has a mean that heavy tails can throw far off
-        min_leaf = self.min_leaf if self.min_leaf is not None else max(1, N // 500)
+        min_leaf = self._min_leaf(N)
 
         def learn(c, T):
             s, e = int(starts[c]), int(starts[c + 1])
@@ -238,6 +349,11 @@ class Joint(TreeStrategy):
             bar.update()
         # 2. joint ridge refit of all LUTs against Y
         ridge = CodeRidge(codes, Y, reg, prior_of, K)
+        if small and self.ridge == "auto":
+            # few rows: the penalty of least leave-one-out error on these trees, kept
+            # for the passes (a fixed small penalty interpolates where N ~ C K)
+            lam = self._loo_lam(codes, Y, ridge.prior)
+            reg = ridge.reg = ridge_reg(lam, N, C, K)
         lut, recon = refit()
         history = [loss_of(lut, recon)]
         # 3. block-coordinate passes in product space; every step lowers the loss.
@@ -246,7 +362,7 @@ class Joint(TreeStrategy):
         # fewer passes to converge, and a lower optimum, than one refit per pass.
         # (blockwise refits are sweeps over all codebooks: one per pass is enough)
         every = max(1, C // 32) if ridge.dense else C
-        for done in range(self.refine):
+        for done in range(refine):
             for c in range(C):
                 own = lut[c][codes[:, c].astype(np.int64)]
                 R = Y - recon + own                                    # tree c's job
@@ -267,6 +383,35 @@ class Joint(TreeStrategy):
             lut, recon = refit()
             history.append(loss_of(lut, recon))
             if history[-2] - history[-1] <= self.tol * history[-2]:
-                bar.update(C * (self.refine - done - 1))
+                bar.update(C * (refine - done - 1))
                 break                       # converged: later passes change little
-        return history, dims, thr, ridge
+        # the path's score: its training loss, or with few rows the leave-one-out error
+        # of its LUT refit (training losses at different penalties do not compare)
+        score = history[-1]
+        if small and self.ridge == "auto":
+            score = float(self._loo_errors(codes, Y, ridge.prior, (lam,))[0])
+        return history, dims, thr, ridge, lam, score
+
+    def _min_leaf(self, N):
+        """Fewest rows on either side of a split for N training rows (see ``min_leaf``)."""
+        if self.min_leaf is not None:
+            return int(self.min_leaf)
+        if is_small(N):       # few rows (issue 17): leaves of a few rows are noise
+            return small_data_min_leaf(N, self.nbuckets, int(np.diff(self.starts_).min()))
+        return max(1, N // 500)
+
+    # few rows: the penalty for a grid of LOO_GRID with inf replaced by LAM_PRIOR
+    # (effectively the prior, which the solver cannot take as inf)
+    LAM_PRIOR = 1e4
+
+    def _loo_errors(self, codes, Y, prior, grid):
+        """Leave-one-out errors of the LUT refit on ``codes`` for the penalties ``grid``."""
+        K = self.nbuckets
+        C = codes.shape[1]
+        G = onehot(codes, K, np.float64)
+        resid = Y.astype(np.float64) - G @ prior.reshape(C * K, -1)
+        return ridge_loo(codes, resid, K, grid)
+
+    def _loo_lam(self, codes, Y, prior):
+        grid = tuple(lam if np.isfinite(lam) else self.LAM_PRIOR for lam in LOO_GRID)
+        return grid[int(np.argmin(self._loo_errors(codes, Y, prior, grid)))]

@@ -5,8 +5,9 @@ import numpy as np
 
 from ..arrays import backend, validate
 from ..arrays.validate import code_dtype
-from ._lut import MAX_DENSE_UNKNOWNS, bucket_means, ridge_auto, ridge_on_codes
-from ._trees import learn_tree, top_directions
+from ._lut import (LOO_GRID, MAX_DENSE_UNKNOWNS, bucket_means, is_small, onehot, ridge_loo,
+                   ridge_on_codes, small_data_clip)
+from ._trees import learn_tree, small_data_min_leaf, top_directions
 from ._clip import winsorize
 from .base import TreeStrategy, subspace_starts
 from .._progress import progress_bar
@@ -20,7 +21,8 @@ def _reconstruction_sse(A, codes, P):
     return float((R ** 2).sum())
 
 
-def learn_trees(X, starts, split="level", max_candidates=16, progress=None, depth=4):
+def learn_trees(X, starts, split="level", max_candidates=16, progress=None, depth=4,
+                min_leaf=1):
     """One tree per subspace, each minimising the SSE of its own subspace's columns.
 
     Parameters
@@ -29,6 +31,7 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None, dept
     starts : (C + 1,) int, subspace column boundaries
     progress : callable() called after each tree, optional
     depth : int in 1..10, levels of every tree
+    min_leaf : int >= 1, fewest training rows on each side of a split
 
     Returns
     -------
@@ -42,14 +45,15 @@ def learn_trees(X, starts, split="level", max_candidates=16, progress=None, dept
     codes = xp.empty((X.shape[0], C), dtype=code_dtype(2 ** depth))
     for c in range(C):
         dims[c], thr[c], codes[:, c] = learn_tree(
-            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth)
+            X, range(int(starts[c]), int(starts[c + 1])), None, split, max_candidates, depth,
+            min_leaf=min_leaf)
         if progress is not None:
             progress()
     return xp.asarray(dims), xp.asarray(thr), codes
 
 
 def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16, rank=32,
-                 progress=None, depth=4):
+                 progress=None, depth=4, min_leaf=1):
     """One pass of block coordinate descent over the trees.
 
     With every other codebook's prototypes fixed, codebook c's tree is relearned
@@ -68,6 +72,7 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
     prototypes : (C, K, D) float32 current prototypes (e.g. from the ridge fit),
         K = 2**depth
     depth : int in 1..10, levels of every tree
+    min_leaf : int >= 1, fewest training rows on each side of a split
 
     Returns
     -------
@@ -86,7 +91,8 @@ def refine_trees(X, starts, codes, prototypes, split="level", max_candidates=16,
         s, e = int(starts[c]), int(starts[c + 1])
         Rc = R + lookup(c)                             # what codebook c should explain
         T = Rc if V is None else xp.concatenate([Rc @ V, Rc[:, s:e]], axis=1)
-        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates, depth)
+        dims[c], thr[c], leaves = learn_tree(X, range(s, e), T, split, max_candidates, depth,
+                                             min_leaf=min_leaf)
         codes[:, c] = leaves
         P[c] = bucket_means(leaves[:, None], Rc, 2 ** depth)[0]
         R = Rc - lookup(c)
@@ -119,19 +125,28 @@ class Maddness(TreeStrategy):
     ncodebooks : int, C (1 <= C <= D)
     split : "level" (paper) or "node"
     depth : int in 1..10, levels of every tree (K = 2**depth buckets per codebook)
-    ridge : "auto" or float >= 0, ridge penalty relative to the mean bucket size,
-        shrinking the all-column prototypes towards each codebook's plain bucket
-        means; "auto" picks it from a grid on 20% held-out rows (never worse there
-        than no ridge step at all; noisy on small training sets); 0 is plain
-        least squares. Skipped when C * 2**depth exceeds 4096 (the step solves for
+    ridge : "auto" (default) or float >= 0, ridge penalty relative to the mean bucket
+        size, shrinking the all-column prototypes towards each codebook's plain bucket
+        means; 0 is plain least squares. "auto": 1e-2 (the former default) from
+        ``_lut.SMALL_ROWS`` (1000) training rows on; with fewer, the penalty of
+        ``_lut.LOO_GRID`` with the least leave-one-out error (closed form,
+        :func:`._lut.ridge_loo`; measured on ``A @ B`` when ``fit`` is given B, else on
+        A; ``inf``, the bucket means themselves, is in the grid), so that the fit does
+        not interpolate where N is near C * K. ``ridge_chosen_`` says which.
+        Skipped when C * 2**depth exceeds 4096 (the step solves for
         all C*K prototypes at once): the prototypes are then the bucket means
+    min_leaf : int >= 1 or None (default), fewest training rows on each side of a
+        split; None: 1 (the paper's learner) from 1000 training rows on, and with
+        fewer :func:`._trees.small_data_min_leaf`, ``max(2, min(N // (4 K), 8))``
+        (floor 1 with subspaces of fewer than 4 columns); ``min_leaf_`` says which
     refine : int >= 0, passes of block coordinate descent over the trees after the
         first ridge fit (each tree relearned against what the other codebooks leave
         unexplained, over all D columns); a pass is kept only if it lowers the
         training reconstruction error
     clip : float in [0, 0.49], learn from training rows clipped per column to their
         clip and 1 - clip quantiles, so that heavy tails cannot make a bucket of
-        a few extreme rows (0 turns it off)
+        a few extreme rows (0 turns it off); with fewer than 1024 training rows at
+        least 2 rows a tail, ``max(clip, 2 / N)`` (``clip_`` says which)
     max_candidates : int, columns tried per tree level
     quantize : bool, 8-bit LUT (True) or float32 LUT
     random_state : unused by the learner (it is deterministic); kept for the interface
@@ -143,19 +158,24 @@ class Maddness(TreeStrategy):
     starts_ : (C+1,) int64 subspace boundaries
     dims_ : (C, K - 1) int32, thresholds_ : (C, K - 1) float32 (heap-ordered nodes)
     prototypes_ : (C, K, D) float32
+    min_leaf_ : int, the leaf size the trees kept; clip_ : float, the clip used
+    ridge_chosen_ : float, the ridge penalty used (``inf``: the bucket means; absent
+        where the ridge step is skipped)
     lut_ : (C, K, M) float32; lut_q_, lut_scale_, lut_bias_ when quantized
     """
 
     name = "maddness"
 
-    def __init__(self, ncodebooks=16, *, split="level", depth=4, ridge=1e-2, max_candidates=16,
-                 refine=1, clip=1e-3, quantize=True, random_state=None, verbose=False):
+    def __init__(self, ncodebooks=16, *, split="level", depth=4, ridge="auto", max_candidates=16,
+                 refine=1, min_leaf=None, clip=1e-3, quantize=True, random_state=None,
+                 verbose=False):
         super().__init__(ncodebooks, quantize=quantize, random_state=random_state)
         self.split = split
         self.depth = depth
         self.ridge = ridge
         self.max_candidates = max_candidates
         self.refine = refine
+        self.min_leaf = min_leaf
         self.clip = clip
         self.verbose = verbose
 
@@ -166,30 +186,46 @@ class Maddness(TreeStrategy):
             validate.check_float(self.ridge, "ridge", lo=0.0)
         validate.check_int(self.max_candidates, "max_candidates", lo=1)
         validate.check_int(self.refine, "refine", lo=0)
+        if self.min_leaf is not None:
+            validate.check_int(self.min_leaf, "min_leaf", lo=1)
         validate.check_float(self.clip, "clip", 0.0, 0.49)
 
     def _fit(self, A, rng, B):
-        A = winsorize(A, self.clip)
+        N = A.shape[0]
+        self.clip_ = (small_data_clip(self.clip, N) if is_small(N) and self.clip > 0
+                      else self.clip)
+        A = winsorize(A, self.clip_)
         C = self.ncodebooks
         self.starts_ = subspace_starts(A.shape[1], C)
+        self.min_leaf_ = self._min_leaf(A.shape[0])
         with progress_bar(C, "maddness trees", self.verbose) as bar:
             dims, thr, codes = learn_trees(A, self.starts_, self.split, self.max_candidates,
-                                           progress=bar.update, depth=self.depth)
-        P = self._ridge(codes, A, rng)
+                                           progress=bar.update, depth=self.depth,
+                                           min_leaf=self.min_leaf_)
+        P = self._ridge(codes, A, B)
         err = _reconstruction_sse(A, codes, P)
         for _ in range(self.refine):
             with progress_bar(C, "maddness refine", self.verbose) as bar:
                 dims2, thr2, codes2 = refine_trees(A, self.starts_, codes, P, self.split,
                                                    self.max_candidates, progress=bar.update,
-                                                   depth=self.depth)
-            P2 = self._ridge(codes2, A, rng)
+                                                   depth=self.depth, min_leaf=self.min_leaf_)
+            P2 = self._ridge(codes2, A, B)
             err2 = _reconstruction_sse(A, codes2, P2)
             if err2 >= err:       # greedy trees on projected targets can lose: keep the better
                 break
             dims, thr, codes, P, err = dims2, thr2, codes2, P2, err2
         self.dims_, self.thresholds_, self.prototypes_ = dims, thr, P
 
-    def _ridge(self, codes, A, rng):
+    def _min_leaf(self, N):
+        """The leaf size for N training rows (see ``min_leaf``)."""
+        if self.min_leaf is not None:
+            return int(self.min_leaf)
+        if not is_small(N):
+            return 1
+        widths = np.diff(subspace_starts(self.n_features_in_, self.ncodebooks))
+        return small_data_min_leaf(N, self.nbuckets, int(widths.min()))
+
+    def _ridge(self, codes, A, B=None):
         """Prototypes over all D columns, shrunk towards the plain bucket means of each
         codebook's own subspace (the paper's prototypes before its ridge step)."""
         K = self.nbuckets
@@ -203,7 +239,21 @@ class Maddness(TreeStrategy):
             # the step would be the blockwise solve; the paper's prototypes before its
             # ridge step are kept instead
             return prior.astype(np.float32)
-        if self.ridge == "auto":
-            P, self.ridge_chosen_ = ridge_auto(codes, A, prior, rng, nbuckets=K)
-            return P
-        return ridge_on_codes(codes, A, self.ridge, K, prior=prior)
+        lam = self.ridge
+        if lam == "auto":
+            lam = self._auto_ridge(codes, A, B, prior)
+        self.ridge_chosen_ = float(lam)
+        return ridge_on_codes(codes, A, lam, K, prior=prior)
+
+    def _auto_ridge(self, codes, A, B, prior):
+        """``ridge="auto"``: 1e-2 from SMALL_ROWS rows on; with fewer, the penalty of
+        LOO_GRID of least leave-one-out error of the product (of A without B)."""
+        if not is_small(A.shape[0]):
+            return 1e-2
+        K = self.nbuckets
+        C = codes.shape[1]
+        G = onehot(codes, K, np.float64)
+        resid = A.astype(np.float64) - G @ prior.reshape(C * K, -1).astype(np.float64)
+        errors = ridge_loo(codes, resid, K, LOO_GRID,
+                           None if B is None else backend.like(B, A))
+        return LOO_GRID[int(np.argmin(errors))]

@@ -29,7 +29,7 @@ def test_compare_defaults_include_joint_and_match_direct_fits(rng):
     assert [(r["method"], r["C"]) for r in t] == [
         ("exact", None), ("pq", 4), ("pq", 8), ("maddness", 4), ("maddness", 8),
         ("joint", 4), ("joint", 8)]
-    assert t.columns == ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes"]
+    assert t.columns == ["method", "C", "nmse", "fit_s", "apply_s", "lut_bytes", "chose"]
     for r in t:
         if r["method"] == "exact":
             assert r["nmse"] < 1e-10 and r["lut_bytes"] == 16 * 6 * 4
@@ -39,6 +39,23 @@ def test_compare_defaults_include_joint_and_match_direct_fits(rng):
         op = nimbus.fit(tr, B, r["method"], r["C"], random_state=0)
         assert r["nmse"] == pytest.approx(nimbus.nmse(te @ B, op(te)), rel=1e-6)
         assert r["lut_bytes"] == r["C"] * 16 * 6 and r["fit_s"] > 0 and r["apply_s"] > 0
+        # joint says which fit it kept (1200 rows: no check needed, its own), the others
+        # nothing
+        assert r["chose"] == ("joint" if r["method"] == "joint" else None)
+
+
+def test_compare_prints_what_joint_chose_with_few_rows(rng):
+    # 150 training rows: joint checks itself against MADDNESS by CV and the table says
+    # which it kept, the same as the fitted op's choice_
+    A = _lowrank(rng, 350, 16)
+    B = rng.standard_normal((16, 6)).astype(np.float32)
+    t = nimbus.compare(A[:150], A[150:], B, methods=["maddness", "joint"], ncodebooks=4,
+                       random_state=0, repeat=1)
+    op = nimbus.fit(A[:150], B, "joint", 4, random_state=0)
+    assert op.selection_.startswith("5-fold CV")
+    assert t.where(method="joint")[0]["chose"] == op.choice_ in ("joint", "maddness")
+    assert t.where(method="maddness")[0]["chose"] is None
+    assert "chose" in str(t)
 
 
 def test_compare_passes_params_and_checks_input(rng):

@@ -136,7 +136,7 @@ def test_lut_is_the_joint_ridge_refit(rng, split):
     op = Joint(5, split=split, quantize=False, refine=3).fit(A, B)
     codes = op.encode(A)
     prior = _own_means_lut(op, codes, A, B)
-    ref = ridge_on_codes(codes, A @ B, op.ridge, prior=prior)
+    ref = ridge_on_codes(codes, A @ B, op.ridge_chosen_, prior=prior)
     np.testing.assert_allclose(op.lut_, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
 
 
@@ -147,7 +147,7 @@ def test_build_lut_for_a_new_B(rng):
     lut_B = op.lut_.copy()
     op.build_lut(B2)
     codes = op.encode(A)
-    ref = ridge_on_codes(codes, A @ B2, op.ridge, prior=_own_means_lut(op, codes, A, B2))
+    ref = ridge_on_codes(codes, A @ B2, op.ridge_chosen_, prior=_own_means_lut(op, codes, A, B2))
     np.testing.assert_allclose(op.lut_, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
     assert op(A).shape == (1200, 3) and nimbus.nmse(A @ B2, op(A)) < 0.5
     op.build_lut(B)                               # back to B: the fitted LUT again
