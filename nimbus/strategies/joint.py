@@ -22,6 +22,16 @@ learns every tree against that error directly:
    ``||Y - sum_c LUT_c[codes_c]||^2 + reg ||LUT||^2``; the passes stop early
    once a pass gains less than ``tol`` of it.
 
+With few training rows (N < ``_lut.SMALL_ROWS`` = 1024; issue 17) the richer model can
+fit noise, so the fit is checked: the start trees plus the LUT refit (no passes: on a few
+hundred rows they fit noise) against MADDNESS at its defaults, by k-fold cross-validation
+of the product's error on held-out training rows (5 folds below 250 rows, else 3); the
+joint fit is kept only if it wins by ``SELECT_MARGIN`` (2 %), else MADDNESS's own fit is
+adopted. ``choice_`` and ``report()`` say which. With few rows the leaf size, the LUT
+penalty (leave-one-out, :func:`._lut.ridge_loo`) and a clip of the training columns
+also follow from N. From 1024 rows on none of this runs (the network conversion's
+initial trees are fitted on 1347-8192 rows, unchanged).
+
 The LUT is stored as prototypes in A's space, ``P = ridge(onehot(codes), A)``
 (C, K, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
 joint ridge refit against ``Y = A @ B``, and ``build_lut(B_new)`` gives the
@@ -82,21 +92,32 @@ class Joint(TreeStrategy):
         partial-product trees plus the joint ridge refit only)
     tol : float >= 0, stop the passes once one lowers the loss by less than
         this fraction
-    ridge : float >= 0, ridge penalty of the joint LUT refit, relative to the mean
-        bucket size (0: least squares with a tiny jitter)
+    ridge : "auto" (default) or float >= 0, ridge penalty of the joint LUT refit,
+        relative to the mean bucket size (0: least squares with a tiny jitter). "auto":
+        1e-2 from 1024 training rows on; with fewer, the penalty of ``_lut.LOO_GRID``
+        (inf read as 1e4, the prior) with the least leave-one-out error of the refit on
+        the start trees (``ridge_chosen_``)
     rank : int >= 1, dimensions the targets of a tree are projected to (their top
         principal directions) when M or the subspace width is larger; bounds
         the learning cost for wide B
     min_leaf : int >= 1 or None, fewest training rows on either side of a split;
-        None: N // 500 (at least 1). Splits are also scored by their
+        None: N // 500 (at least 1) from 1024 rows on, with fewer
+        :func:`._trees.small_data_min_leaf` (``max(2, min(N // (4 K), 8))``, floor 1
+        with subspaces of under 4 columns); ``min_leaf_`` says which. Splits are also scored by their
         leave-one-out SSE, so small leaves must pay for their noise.
     max_candidates : int >= 1 or None, columns searched per tree level when the
         subspace is wider (those whose within-bucket linear fit to the targets
         is best); None: all columns (the cost grows with D / C; on the
         Fashion-MNIST input layer, 49 columns a subspace, 32 candidates fitted
         as well as all 49)
+    select : bool (default True), with fewer than 1024 training rows check the joint fit
+        against MADDNESS by cross-validation and keep the better (module docstring).
+        Needs 3 K rows (48 at depth 4); with K to 3 K rows the documented fallback is
+        MADDNESS, unchecked (``selection_`` and ``report()`` say so). Fewer than K rows
+        is a ValueError naming the minimum. False: the joint fit, unchecked
     quantize : bool, 8-bit LUT (True) or float32 LUT
-    random_state : unused (learning is deterministic); kept for the interface
+    random_state : None or seed: the CV folds of the check (None: a fixed permutation,
+        so that the fit stays deterministic); the learners themselves are deterministic
     verbose : bool, progress bar over trees
 
     Learned attributes
@@ -108,6 +129,11 @@ class Joint(TreeStrategy):
     train_loss_ : (passes + 1,) float64 host array, training loss (float LUT,
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
+    choice_ : "joint" or "maddness", the fit kept; selection_ : str, how it was chosen
+    cv_nmse_ : (2,) float64 host array, held-out NMSE of (joint, MADDNESS) pooled over
+        the folds (NaN in the fallback; absent where no check ran)
+    min_leaf_, ridge_chosen_ (and clip_ with few rows): the rules used
+    train_loss_ is absent where MADDNESS was kept.
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
         (8-bit with an offset per codebook and output column and a scale per column,
         :func:`._lut.quantize_lut_per_column`: each column's step is set by its own
