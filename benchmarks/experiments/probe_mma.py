@@ -15,16 +15,15 @@ import nimbus.arrays.kernels.runtime_cuda as rc  # noqa: E402
 
 CUTS = {
     "full": [],
-    "no encode": [("        if (l == 0) encode4<true>", "        if (0) encode4<true>"),
-                  ("        else encode4<false>(ly, act", "        else if (0) encode4<false>(ly, act")],
-    "no mma": [("                                mma_u8(acc[i][2 * p], a[i], b.x, b.y);\n"
-                "                                mma_u8(acc[i][2 * p + 1], a[i], b.z, b.w);",
-                "                                acc[i][2 * p][0] += a[i][0] ^ b.x ^ b.y;\n"
-                "                                acc[i][2 * p + 1][0] += a[i][1] ^ b.z ^ b.w;")],
-    "no lut wait": [("                async_wait_prev();\n            } else {\n                async_wait_all();\n            }\n            __syncthreads();      // chunk ch",
-                     "            }\n            __syncthreads();      // chunk ch")],
+    "no encode": [("if (ts) encode_pairs<false, true>(ly, act, XS, xn, codes + 2 * x0, Rs, tbuf);", "if (ts) {}"),
+                  ("if (ts) encode_pairs<false, true>(ly, act, Hs, nr, codes, Rs, tbuf);", "if (ts) {}")],
     "no mma loop": [("            if (busy) {\n                const u8* buf", "            if (0) {\n                const u8* buf")],
+    "no lut copy": [("        stage_n(lutbuf, ly.lutb, SB * step_bytes);", ""),
+                    ("                stage_n(lutbuf + ((ch + 1) & 1) * chunk_bytes,",
+                     "                if (0) stage_n(lutbuf + ((ch + 1) & 1) * chunk_bytes,")],
+    "no lut copy, no mma loop": [],
 }
+CUTS["no lut copy, no mma loop"] = CUTS["no lut copy"] + CUTS["no mma loop"]
 
 
 def main():
@@ -41,17 +40,15 @@ def main():
             C = l["dims"].shape[0]
             D = C * dpc
             l["dims"] = (np.arange(C)[:, None] * dpc + rng.integers(0, dpc, l["dims"].shape)) % D
-        for tag, layers in (("random trees", lay), ("local trees", loc)):
+        for tag, layers in (("local trees", loc),):
             for name, cuts in CUTS.items():
-                if name in ("no mma", "no lut wait"):
-                    continue
                 s = src
                 for a, b in cuts:
                     assert s.count(a) == 1, (name, a)
                     s = s.replace(a, b)
                 rc._SOURCE = s
                 rc._modules.clear()
-                for rows in ((128, 64, 32) if name == "full" else (128, 64)):
+                for rows in (128,):
                     ch = rc.ChainCUDA(layers, in_features=SIZES[0], kernel="mma", rows=rows)
                     d, w = time_calls(cp, lambda: ch(X, check_finite=False), 20)
                     print(f"{dpc} dims/cb, {tag}, rows {rows}, {name}: {d:.4f} ms", flush=True)
@@ -66,7 +63,7 @@ def kernels_only():
     lay = make_layers(rng, 4, 16)
     for kernel in ("simt", "mma"):
         ch = rc.ChainCUDA(lay, in_features=SIZES[0], kernel=kernel)
-        for N in (1, 256, 4096, 65536):
+        for N in ((1, 16, 256, 4096) if kernel == "simt" else (4096, 65536)):
             X = cp.asarray(rng.standard_normal((N, SIZES[0])).astype(np.float32))
             for _ in range(3):
                 ch(X)

@@ -50,7 +50,8 @@ _RING = 64                     # pinned parameter slots in flight (check_finite=
 _MMA_TILES = {128: 512, 64: 256, 32: 256}
 _MMA_ROWS_AUTO = (128, 64, 32)  # tiles kernel="auto" tries, the first that gives every SM work
 _MMA_MIN_BATCH = 1024          # kernel="auto" takes the tensor cores from this batch size
-_MMA_CHUNK_MAX = 64 * 1024     # LUT bytes per staged chunk of chain_mma_kernel
+_MMA_CHUNK_MAX = 64 * 1024
+_X_STAGE_MAX = 48 * 1024       # chain_kernel copies a tile of X this small into shared memory     # LUT bytes per staged chunk of chain_mma_kernel
 _SOURCE = None
 _modules = {}                  # (device id, RPT) -> cupy.RawModule
 
@@ -81,6 +82,20 @@ def _function(dev_id, rpt, name="chain_kernel", ntm=512):
                            + _source())
         _modules[key] = mod
     return mod.get_function(name)
+
+
+def _compact_tree(tree):
+    """A layer's trees (C, K-1, 2) int32 {column, threshold bits} as chain_mma_kernel stages
+    them in shared memory: (C, K-1) float32 thresholds, then (C, K-1) uint16 columns, each
+    part zero-padded to 16 bytes. (uint8,) flat; the columns are cut to 16 bits, so the
+    caller uses it only where every column is below 65536."""
+    n = tree.shape[0] * tree.shape[1]
+    a = -(-n * 4 // 16) * 16
+    b = -(-n * 2 // 16) * 16
+    out = np.zeros(a + b, dtype=np.uint8)
+    out[:n * 4] = np.ascontiguousarray(tree[:, :, 1]).reshape(-1).view(np.uint8)
+    out[a:a + n * 2] = tree[:, :, 0].reshape(-1).astype(np.uint16).view(np.uint8)
+    return out
 
 
 def _mma_lut(lut, C, K, Mp):
@@ -230,7 +245,7 @@ class ChainCUDA:
         self._chunk = int(chunk_bytes)
         D = in_features
         self._arrays = []           # device arrays, kept alive for the descriptors
-        desc = np.zeros((len(layers), 8), dtype=np.uint64)
+        desc = np.zeros((len(layers), 10), dtype=np.uint64)   # cuda/runtime.cu's Layer
         meta = []
         checked = []
         for i, layer in enumerate(layers):
@@ -258,13 +273,18 @@ class ChainCUDA:
             if self._mma_ok:
                 lutb, kpad = _mma_lut(lut, C, 1 << depth, Mp)
                 arrs.append(lutb)
-                self._Cs_mma = max(self._Cs_mma, -(-kpad >> depth))
+                arrs.append(_compact_tree(tree))
+                # codebooks the kernel reads (C K padded to 32), in pairs (uint16 pairs)
+                self._Cs_mma = max(self._Cs_mma, -(-(-(-kpad >> depth)) // 2) * 2)
             dev = [cp.asarray(a) for a in arrs]
             self._arrays.extend(dev)
             desc[i, :4] = [a.data.ptr for a in dev[:4]]
             ints = desc[i, 4:].view(np.int32)
             ints[:6] = [C, depth, M, Mp, -1 if D is None else D, kpad]
-            desc[i, 7] = dev[4].data.ptr if self._mma_ok else 0
+            if self._mma_ok:
+                desc[i, 7] = dev[4].data.ptr
+                desc[i, 8] = dev[5].data.ptr
+                desc[i, 9:].view(np.int32)[0] = dev[5].size if hi < 65536 else 0
             meta.append((C, depth, M, Mp))
             D = M
         self._desc = cp.asarray(desc.view(np.uint8).reshape(-1))
@@ -274,8 +294,9 @@ class ChainCUDA:
         # activations between layers: the widest hidden width, a whole number of 16 bytes
         hidden = [m[2] for m in meta[:-1]]
         self._Hs = -(-max(hidden) // 4) * 4 if hidden else 0
-        # chain_mma_kernel's activation rows: 8 mod 32 floats (bank-spread float2 stores)
-        self._Hs_mma = (-(-max(m[3] for m in meta[:-1]) // 32) * 32 if hidden else 0) + 8
+        # chain_mma_kernel's activation rows: 1 mod 32 floats (the walks of 32 rows read
+        # distinct banks)
+        self._Hs_mma = (-(-max(m[3] for m in meta[:-1]) // 32) * 32 if hidden else 0) + 1
         self._plans = {}
         # pinned parameter slots {X, Y, flag}: the copy before each replay reads one; a slot
         # is reused only after the event recorded behind its copy has passed
@@ -391,6 +412,12 @@ class ChainCUDA:
         while smem > optin and R > 1 and self._rows is None:
             R //= 2
             rpt, smem, chunk = self._tile_fit(R)
+        # the tile of X copied into shared memory once (the first layer's walks then read
+        # shared memory) where it is small and fits
+        xst = -(-R * D0 // 4) * 4
+        if xst * 4 > _X_STAGE_MAX or smem + xst * 4 > optin:
+            xst = 0
+        smem += xst * 4
         if smem > optin:
             raise ValueError(f"the chain needs {smem} bytes of shared memory per block at "
                              f"{R} rows; the device allows {optin} (layers too wide)")
@@ -403,7 +430,7 @@ class ChainCUDA:
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs), np.int32(self._Cs), np.int32(chunk),
-                np.int32(bool(check)))
+                np.int32(bool(check)), np.int32(xst))
         plan.graph = self._capture(kern, plan.grid, NT, args, smem)
         self._plans[key] = plan
         return plan

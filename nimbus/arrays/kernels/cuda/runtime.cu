@@ -51,6 +51,9 @@ struct Layer {
     int C, depth, M, Mp;   // codebooks, tree depth (K = 2^depth), outputs, outputs padded to 16
     int D, kpad;           // input columns; C K rounded up to 32 (chain_mma_kernel)
     const u8* lutb;        // chain_mma_kernel's LUT in operand order (kpad / 32 steps)
+    const u8* treeb;       // the trees compact for chain_mma_kernel: (C, K-1) float thresholds,
+                           // then (C, K-1) uint16 columns, each part padded to 16 bytes
+    int tree_bytes, pad3;  // bytes of treeb (0: none)
 };
 
 // What changes per call (24 bytes, written before each launch).
@@ -117,6 +120,61 @@ __device__ __forceinline__ void widen(u32 (&t)[16], u32 (&a)[8]) {
     }
 }
 
+// Leaf of one row under one tree of depth D <= 4: the whole tree is read in one round of
+// independent loads, then walked in registers (one load latency instead of D dependent
+// ones; small tiles, where nothing else hides that latency). X_GLOBAL: xr in global memory.
+// e[LO + idx] for idx < 2^LEV, by a tree of selects on idx's bits (constant indices only,
+// so that e stays in registers).
+template <int LO, int LEV>
+struct Pick {
+    static __device__ __forceinline__ int2 get(const int2 (&e)[15], int idx) {
+        const int half = 1 << (LEV - 1);
+        const int2 hi = Pick<LO + half, LEV - 1>::get(e, idx);
+        const int2 lo = Pick<LO, LEV - 1>::get(e, idx);
+        return (idx & half) ? hi : lo;
+    }
+};
+template <int LO>
+struct Pick<LO, 0> {
+    static __device__ __forceinline__ int2 get(const int2 (&e)[15], int) { return e[LO]; }
+};
+
+template <int D, bool X_GLOBAL>
+__device__ __forceinline__ int walk_whole(const int2* __restrict__ t, const float* xr) {
+    int2 e[15];
+#pragma unroll
+    for (int i = 0; i < (1 << D) - 1; ++i) e[i] = __ldg(t + i);
+    int node = 0;
+#define NIMBUS_LEVEL(LEV)                                                                    \
+    if (LEV < D) {                                                                           \
+        const int2 f = Pick<(1 << LEV) - 1, LEV>::get(e, node - ((1 << LEV) - 1));            \
+        const float v = X_GLOBAL ? __ldg(xr + f.x) : xr[f.x];                                \
+        node = 2 * node + 1 + (v > __int_as_float(f.y) ? 1 : 0);                             \
+    }
+    NIMBUS_LEVEL(0) NIMBUS_LEVEL(1) NIMBUS_LEVEL(2) NIMBUS_LEVEL(3)
+#undef NIMBUS_LEVEL
+    return node - ((1 << D) - 1);
+}
+
+// Leaf of one row under one tree (heap order, right iff x > threshold).
+template <bool X_GLOBAL>
+__device__ __forceinline__ int walk(const int2* __restrict__ t, int depth, const float* xr) {
+    switch (depth) {
+        case 1: return walk_whole<1, X_GLOBAL>(t, xr);
+        case 2: return walk_whole<2, X_GLOBAL>(t, xr);
+        case 3: return walk_whole<3, X_GLOBAL>(t, xr);
+        case 4: return walk_whole<4, X_GLOBAL>(t, xr);
+        default: break;
+    }
+    int node = 0;
+    for (int lev = 0; lev < depth; ++lev) {
+        const int2 e = __ldg(t + node);
+        const float v = X_GLOBAL ? __ldg(xr + e.x) : xr[e.x];
+        node = 2 * node + 1 + (v > __int_as_float(e.y) ? 1 : 0);
+    }
+    return node - ((1 << depth) - 1);
+}
+
 // Sums of codebooks c0 + s, c0 + s + S, ... (< c0 + cn, cn <= 256) for this thread's pairs.
 // SHARED: `lut` is the staged chunk (codebook c0 at its start); else the layer's LUT in
 // global memory.
@@ -131,7 +189,9 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
 #pragma unroll
         for (int j = 0; j < 8; ++j) a[i][j] = 0u;
     const u8* base = SHARED ? lut : lut + (unsigned long long)c0 * K * Mp;
-#pragma unroll 2
+    // direct reads go to L2: more of them in flight where a thread has one pair
+    constexpr int UNROLL = (SHARED || RPT > 1) ? 2 : 8;
+#pragma unroll UNROLL
     for (int cc = s; cc < cn; cc += S) {
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
@@ -148,17 +208,19 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
 
 // Grid: ceil(N / R) blocks of NT threads; block b runs rows [b R, b R + R) through every
 // layer. Dynamic shared memory: 2 * chunk_bytes (LUT chunks; 0 when no layer stages), R x Hs
-// floats (activations), R x Cs uint16 codes (rounded to 16 bytes), then R x Mp uint32
-// partial sums for the layers with P < NT.
+// floats (activations), R x Cs uint16 codes (rounded to 16 bytes), xst floats (the tile of
+// X, R x D0, copied in once where the host found room, else 0: read in place), then R x Mp
+// uint32 partial sums for the layers with P < NT.
 extern "C" __global__ void __launch_bounds__(NT)
 chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R, int Hs,
-             int Cs, int chunk_bytes, int check)
+             int Cs, int chunk_bytes, int check, int xst)
 {
     extern __shared__ __align__(16) u8 smem[];
     u8* lutbuf = smem;
     float* act = (float*)(smem + 2 * chunk_bytes);
     u16* codes = (u16*)(act + R * Hs);
-    u32* part = (u32*)(codes + ((R * Cs + 7) & ~7));
+    float* xbuf = (float*)(codes + ((R * Cs + 7) & ~7));
+    u32* part = (u32*)(xbuf + xst);
 
     const float* __restrict__ X = prm->X;
     float* __restrict__ Y = prm->Y;
@@ -166,7 +228,7 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
     const long long r0 = (long long)blockIdx.x * R;
     const int nr = (int)((long long)N - r0 < R ? (long long)N - r0 : R);
 
-    if (check) {       // this tile of X, read once in full (it also warms L1 for the encode)
+    if (check || xst) {   // this tile of X, read once in full (into xbuf where it has room)
         const float* xs = X + r0 * D0;
         const int n = nr * D0;
         u32 bad = 0;
@@ -176,11 +238,17 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
             for (int i = tid; i < n4; i += NT) {
                 const float4 v = __ldg((const float4*)xs + i);
                 bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                if (xst) ((float4*)xbuf)[i] = v;
             }
             done = n4 << 2;
         }
-        for (int i = done + tid; i < n; i += NT) bad |= nonfinite(__ldg(xs + i));
-        if (bad) atomicOr(&prm->flag, 1);
+        for (int i = done + tid; i < n; i += NT) {
+            const float v = __ldg(xs + i);
+            bad |= nonfinite(v);
+            if (xst) xbuf[i] = v;
+        }
+        if (check && bad) atomicOr(&prm->flag, 1);
+        if (xst) __syncthreads();
     }
 
     for (int l = 0; l < L; ++l) {
@@ -200,21 +268,11 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
         for (int q = tid; q < nr * C; q += NT) {
             const int r = q / C, c = q - r * C;
             const int2* __restrict__ t = ly.tree + (unsigned long long)c * nodes;
-            int node = 0;
-            if (l == 0) {
-                const float* xr = X + (r0 + r) * D0;
-                for (int lev = 0; lev < ly.depth; ++lev) {
-                    const int2 e = __ldg(t + node);
-                    node = 2 * node + 1 + (__ldg(xr + e.x) > __int_as_float(e.y) ? 1 : 0);
-                }
-            } else {
-                const float* xr = act + r * Hs;
-                for (int lev = 0; lev < ly.depth; ++lev) {
-                    const int2 e = __ldg(t + node);
-                    node = 2 * node + 1 + (xr[e.x] > __int_as_float(e.y) ? 1 : 0);
-                }
-            }
-            codes[r * Cs + c] = (u16)(node - nodes);
+            int leaf;
+            if (l > 0) leaf = walk<false>(t, ly.depth, act + r * Hs);
+            else if (xst) leaf = walk<false>(t, ly.depth, xbuf + r * D0);
+            else leaf = walk<true>(t, ly.depth, X + (r0 + r) * D0);
+            codes[r * Cs + c] = (u16)leaf;
         }
         __syncthreads();
 
@@ -311,8 +369,11 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
 // runtime_cuda._mma_lut): per step, per pair of n8 tiles, per lane, 16 bytes {b0, b1 of
 // tile 2p, b0, b1 of tile 2p + 1}, so each lane's operands for two tiles are one 16-byte
 // load and a warp's loads are 512 contiguous bytes (no bank conflict).
-// Codes live in shared memory as codes[c * Rs + r] (Rs = R + 2: the encoder's writes,
-// consecutive c, fall in distinct banks; the operand reads, 8 consecutive rows, too).
+// Codes live in shared memory as 8 x code in uint16 pairs: word (c / 2) * Rs + r holds
+// codebooks c & ~1 (low half) and c | 1 of row r (Rs = R + 2), so that one 32-bit read
+// gives both codebooks of a K = 16 step, and 8 rows' reads fall in distinct banks. The
+// operand word of 4 one-hot bytes is then one shift: 1 << (8 code - 32 w), which PTX's
+// shl clamps to 0 when the code lies outside the group (the amount, as unsigned, >= 32).
 
 #ifndef NTM
 #define NTM 512
@@ -323,10 +384,13 @@ __device__ __forceinline__ void stage_n(u8* dst, const u8* __restrict__ src, int
     async_commit();
 }
 
-// 4 one-hot bytes for k = 4 w .. 4 w + 3 of one codebook: byte (code & 3) is 1 iff the
-// code lies in that group.
-__device__ __forceinline__ u32 onehot4(u32 code, u32 w) {
-    return (code >> 2) == w ? (1u << ((code & 3u) << 3)) : 0u;
+// 4 one-hot bytes for k = 4 w .. 4 w + 3 of one codebook, from code8 = 8 code and
+// w32 = 32 w: byte (code & 3) is 1 iff code lies in that group (PTX shl gives 0 for
+// amounts >= 32, which a negative difference is as unsigned).
+__device__ __forceinline__ u32 onehot4(u32 code8, u32 w32) {
+    u32 r;
+    asm("shl.b32 %0, 1, %1;" : "=r"(r) : "r"(code8 - w32));
+    return r;
 }
 
 __device__ __forceinline__ void mma_u8(int (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
@@ -340,37 +404,54 @@ __device__ __forceinline__ void mma_u8(int (&d)[4], const u32 (&a)[4], u32 b0, u
 #endif
 }
 
-// Codes of rows [0, nr) under the layer's trees into codes[c * Rs + r]; x from X (global,
-// row stride D0) when GLOBAL, else from act (shared, row stride Hs).
-template <bool GLOBAL>
-__device__ __forceinline__ void encode4(const Layer& ly, const float* __restrict__ x, int stride,
-                                        int nr, u16* codes, int Rs) {
+// Codes of rows [0, nr) under the layer's trees into the code pairs (see above); x from X
+// (global, row stride D0) when GLOBAL, else from shared memory (row stride `stride`).
+// Each thread walks 4 (row, tree) pairs at once: 4 independent chains of loads in flight.
+// Rows fastest: a warp's 32 lanes walk one tree for 32 rows, so its node loads touch one or
+// two sectors (trees fastest, 32 trees, they touched 32) and, with an odd row stride, its
+// input reads fall in distinct banks.
+// TREES_SHARED: the compact trees (ly.treeb's layout) are at `tbuf` in shared memory;
+// else the nodes are read from ly.tree (L1/L2).
+template <bool GLOBAL, bool TREES_SHARED>
+__device__ __forceinline__ void encode_pairs(const Layer& ly, const float* __restrict__ x,
+                                             int stride, int nr, u16* codes, int Rs,
+                                             const u8* tbuf) {
+    constexpr int U = 4;
+    const float* tthr = (const float*)tbuf;
+    const u16* tdim = (const u16*)(tbuf + ((ly.C * ((1 << ly.depth) - 1) * 4 + 15) & ~15));
     const int C = ly.C, depth = ly.depth, nodes = (1 << depth) - 1, total = nr * C;
-    for (int q0 = threadIdx.x; q0 < total; q0 += 4 * NTM) {
-        int node[4], r[4], c[4];
+    for (int q0 = threadIdx.x; q0 < total; q0 += U * NTM) {
+        int node[U], r[U], c[U];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) {
+        for (int u = 0; u < U; ++u) {
             const int q = min(q0 + u * NTM, total - 1);
-            r[u] = q / C; c[u] = q - r[u] * C; node[u] = 0;
+            c[u] = q / nr; r[u] = q - c[u] * nr; node[u] = 0;
         }
         for (int lev = 0; lev < depth; ++lev) {
 #pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int2 e = __ldg(ly.tree + (unsigned long long)c[u] * nodes + node[u]);
+            for (int u = 0; u < U; ++u) {
+                int2 e;
+                if (TREES_SHARED) {
+                    const int at = c[u] * nodes + node[u];
+                    e = make_int2(tdim[at], __float_as_int(tthr[at]));
+                } else {
+                    e = __ldg(ly.tree + (unsigned long long)c[u] * nodes + node[u]);
+                }
                 const float v = GLOBAL ? __ldg(x + (long long)r[u] * stride + e.x)
                                        : x[r[u] * stride + e.x];
                 node[u] = 2 * node[u] + 1 + (v > __int_as_float(e.y) ? 1 : 0);
             }
         }
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-            if (q0 + u * NTM < total) codes[c[u] * Rs + r[u]] = (u16)(node[u] - nodes);
+        for (int u = 0; u < U; ++u)
+            if (q0 + u * NTM < total)
+                codes[2 * ((c[u] >> 1) * Rs + r[u]) + (c[u] & 1)] = (u16)((node[u] - nodes) << 3);
     }
 }
 
 // Grid: ceil(N / R) blocks of NTM threads. Dynamic shared memory: 2 * chunk_bytes (LUT
-// chunks), R x Hs floats (activations; Hs = 8 mod 32 so that the epilogue's float2 stores
-// of 8 rows fall in distinct banks), Cs x Rs uint16 codes.
+// chunks), R x Hs floats (activations; Hs = 1 mod 32 so that the walks of 32 rows read
+// distinct banks), ceil(Cs / 2) x Rs uint16 pairs of codes.
 extern "C" __global__ void __launch_bounds__(NTM, 512 / NTM)
 chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R,
                  int Hs, int Cs, int chunk_bytes, int check)
@@ -388,8 +469,10 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
     const long long r0 = (long long)blockIdx.x * R;
     const int nr = (int)((long long)N - r0 < R ? (long long)N - r0 : R);
 
-    // rows of X per group copied into the activation buffer (0: X too wide, read in place)
-    const int XR = min(R, (R * Hs) / D0);
+    // rows of X per group copied into the activation buffer, row stride XS = 1 mod 32
+    // (distinct banks for the walks of 32 rows); 0: X too wide, read in place
+    const int XS = D0 + ((33 - (D0 & 31)) & 31);
+    const int XR = min(R, (R * Hs) / XS);
     if (check && XR == 0) {
         const float* xs = X + r0 * D0;
         const int n = nr * D0;
@@ -415,40 +498,58 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
         const int step_bytes = Mp * 32;
         const int SB = min(nsteps, chunk_bytes / step_bytes);
         const int nch = (nsteps + SB - 1) / SB;
-        stage_n(lutbuf, ly.lutb, SB * step_bytes);       // chunk 0 lands during the encode
+        // the trees into the second LUT buffer where they fit (it is free until the first
+        // chunk after chunk 0), then chunk 0, which lands during the encode
+        u8* tbuf = lutbuf + chunk_bytes;
+        const bool ts = ly.tree_bytes > 0 && ly.tree_bytes <= chunk_bytes;
+        if (ts) stage_n(tbuf, ly.treeb, ly.tree_bytes);
+        stage_n(lutbuf, ly.lutb, SB * step_bytes);
+        if (ts) {
+            async_wait_prev();
+            __syncthreads();                            // the trees have landed
+        }
         if (l > 0) {
-            encode4<false>(ly, act, Hs, nr, codes, Rs);
+            if (ts) encode_pairs<false, true>(ly, act, Hs, nr, codes, Rs, tbuf);
+            else encode_pairs<false, false>(ly, act, Hs, nr, codes, Rs, tbuf);
         } else if (XR == 0) {
-            encode4<true>(ly, X + r0 * D0, D0, nr, codes, Rs);
+            if (ts) encode_pairs<true, true>(ly, X + r0 * D0, D0, nr, codes, Rs, tbuf);
+            else encode_pairs<true, false>(ly, X + r0 * D0, D0, nr, codes, Rs, tbuf);
         } else {
             u32 bad = 0;
             for (int x0 = 0; x0 < nr; x0 += XR) {
                 const int xn = min(XR, nr - x0);
-                const float* xs = X + (r0 + x0) * D0;
-                const int n = xn * D0;
-                int done = 0;
-                if ((((u64)xs) & 15u) == 0) {
-                    const int n4 = n >> 2;
-                    for (int i = tid; i < n4; i += NTM) {
-                        const float4 v = __ldg((const float4*)xs + i);
-                        if (check)
-                            bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
-                        ((float4*)act)[i] = v;
+                // warp w copies rows w, w + NTM/32, ...: coalesced 16-byte reads that pass L1
+                // (__ldcg: streamed once; L1 keeps the trees), scalar stores at stride XS
+                for (int rr = warp; rr < xn; rr += NTM / 32) {
+                    const float* xs = X + (r0 + x0 + rr) * D0;
+                    float* dst = act + rr * XS;
+                    int done = 0;
+                    if ((((u64)xs) & 15u) == 0) {
+                        const int n4 = D0 >> 2;
+                        for (int i = lane; i < n4; i += 32) {
+                            const float4 v = __ldcg((const float4*)xs + i);
+                            if (check)
+                                bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                            dst[4 * i] = v.x; dst[4 * i + 1] = v.y;
+                            dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
+                        }
+                        done = n4 << 2;
                     }
-                    done = n4 << 2;
-                }
-                for (int i = done + tid; i < n; i += NTM) {
-                    const float v = __ldg(xs + i);
-                    if (check) bad |= nonfinite(v);
-                    act[i] = v;
+                    for (int i = done + lane; i < D0; i += 32) {
+                        const float v = __ldcg(xs + i);
+                        if (check) bad |= nonfinite(v);
+                        dst[i] = v;
+                    }
                 }
                 __syncthreads();                        // the rows have landed
-                encode4<false>(ly, act, D0, xn, codes + x0, Rs);
+                if (ts) encode_pairs<false, true>(ly, act, XS, xn, codes + 2 * x0, Rs, tbuf);
+                else encode_pairs<false, false>(ly, act, XS, xn, codes + 2 * x0, Rs, tbuf);
                 __syncthreads();                        // read before the next group lands
             }
             if (bad) atomicOr(&prm->flag, 1);
         }
 
+        if (ts) __syncthreads();   // every walk done before chunk 1 overwrites the trees
         const int ncg = (Mp + 63) >> 6;
         const bool busy = warp < nrg * ncg;
         const int rb = (warp % nrg) * 32, cg = warp / nrg;
@@ -477,15 +578,20 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                 for (int ss = 0; ss < sn; ++ss) {
                     const int k0 = (s0 + ss) * 32 + 4 * t, k1 = k0 + 16;
                     const int c0 = k0 >> depth, c1 = k1 >> depth;
-                    const u32 w0 = (k0 & ((1 << depth) - 1)) >> 2, w1 = (k1 & ((1 << depth) - 1)) >> 2;
+                    const u32 w0 = (k0 & ((1 << depth) - 1)) << 3, w1 = (k1 & ((1 << depth) - 1)) << 3;
+                    const u32 h0 = (c0 & 1) << 4, h1 = (c1 & 1) << 4;
+                    const u32* cw0 = (const u32*)codes + (c0 >> 1) * Rs + rb + g;
+                    const u32* cw1 = (const u32*)codes + (c1 >> 1) * Rs + rb + g;
+                    const bool same = (c0 >> 1) == (c1 >> 1);
                     u32 a[2][4];
 #pragma unroll
                     for (int i = 0; i < 2; ++i) {
-                        const int ra = rb + 16 * i + g;
-                        a[i][0] = onehot4(codes[c0 * Rs + ra], w0);
-                        a[i][1] = onehot4(codes[c0 * Rs + ra + 8], w0);
-                        a[i][2] = onehot4(codes[c1 * Rs + ra], w1);
-                        a[i][3] = onehot4(codes[c1 * Rs + ra + 8], w1);
+                        const u32 pa = cw0[16 * i], pb = cw0[16 * i + 8];
+                        const u32 qa = same ? pa : cw1[16 * i], qb = same ? pb : cw1[16 * i + 8];
+                        a[i][0] = onehot4((pa >> h0) & 0xFFFFu, w0);
+                        a[i][1] = onehot4((pb >> h0) & 0xFFFFu, w0);
+                        a[i][2] = onehot4((qa >> h1) & 0xFFFFu, w1);
+                        a[i][3] = onehot4((qb >> h1) & 0xFFFFu, w1);
                     }
                     const uint4* bp = (const uint4*)(buf + ss * step_bytes);
 #pragma unroll
@@ -527,7 +633,8 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                                     if (m + 1 < M) dst[1] = y1;
                                 }
                             } else {
-                                *(float2*)(act + row * Hs + m) = make_float2(y0, y1);
+                                act[row * Hs + m] = y0;
+                                act[row * Hs + m + 1] = y1;
                             }
                         }
                     }
