@@ -1,9 +1,19 @@
 """GPU inference of a converted network: a chain of LUT layers in one kernel per call.
 
 :class:`ChainCUDA` holds the arrays of every layer on the device (copied once, checked
-once) and runs the whole chain with ``cuda/runtime.cu``'s ``chain_kernel``: one launch,
-one read of X, one write of Y, activations kept in shared memory between layers. The
-launch is captured once per (batch size, input width, check_finite) into a CUDA graph
+once) and runs the whole chain in one kernel of ``cuda/runtime.cu``: one launch, one read
+of X, one write of Y, activations kept in shared memory between layers. Two kernels give
+the same bits:
+
+* ``chain_mma_kernel`` (batches of 1024 rows and more, compute capability >= 8.0, trees of
+  depth >= 2): the sums over codebooks as the product of the one-hot matrix of the codes
+  (built in registers, never stored) and the LUT, on the tensor cores (mma.sync m16n8k32,
+  uint8 x uint8 -> int32: exact); tiles of 128 rows, LUT chunks and the compact trees
+  staged in shared memory by cp.async.
+* ``chain_kernel`` (small batches, any depth): byte sums on the CUDA cores, one row per
+  block at batch <= 264, whole-tree loads for depth <= 4.
+
+The launch is captured once per (batch size, input width, check_finite) into a CUDA graph
 (``cupy.cuda.Stream.begin_capture``) and replayed after. The graph's kernel reads the
 addresses of X and Y and the NaN/Inf flag from a small parameter block in device memory,
 written by one 24-byte host-to-device copy before each replay, so a replay reads the
@@ -22,12 +32,11 @@ Layer semantics (bit for bit those of :func:`.reference.encode_tree` then
 CuPy is imported lazily (through :func:`nimbus.arrays.backend.cupy`). No cuBLAS call is
 made inside the captured graph (CuPy refuses them under capture).
 
-Measured (H100, benchmarks/experiments/bench_runtime_cuda.py, MLP 784-256-256-256-10, 8
-inputs per codebook, K = 16): 0.029 ms per call at batch 1-256 (torch fp16 in a CUDA graph:
-0.023), 0.90 ms at 65536 (cuBLAS fp32: 1.47, fp16: 0.63). The time grows with the number
-of codebooks (4 inputs per codebook: 1.51 ms, 2: 3.39 ms at 65536); the encoder's chain of
-dependent global loads (tree node, then the input value, per level) is the suspected limit
-at large batch, the Python around each replay at small batch.
+Measured (one H100, the default recipe's Fashion-MNIST MLP 784-256-256-256-10, 4 inputs
+per codebook, K = 16; ``benchmarks/bench_e2e.py --gpu``, benchmarks/RESULTS.md): 0.66 ms
+per call at 65536 rows (cuBLAS fp32 1.24 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31
+ms), 0.019-0.026 ms host wall per call at batch 1-256 with ``check_finite=False`` (the
+torch graph: 0.020-0.026), 0.037-0.047 ms with the check (a device sync per call).
 """
 from __future__ import annotations
 
