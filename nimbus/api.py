@@ -92,7 +92,7 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
     encode + lookup of A_test), ``lut_bytes`` (LUT size at inference; B for "exact"),
     ``chose`` (for "joint": "joint" or "maddness", the fit it kept, its ``choice_``:
     with fewer than 1024 training rows it checks its fit against MADDNESS by
-    cross-validation; None for the other methods).
+    leave-one-out errors; None for the other methods).
     Its text repr is an aligned table, ``_repr_html_`` an HTML table;
     :func:`nimbus.plotting.plot_tradeoff` draws it.
     """

@@ -336,12 +336,41 @@ def ridge_loo(codes, resid, nbuckets=NBUCKETS, grid=LOO_GRID, project=None):
     -------
     errors : (len(grid),) float64 host array, summed squared leave-one-out residuals
     """
-    xp = backend.namespace(codes, resid)
-    N, C = codes.shape
-    K = nbuckets
     R = resid.astype(np.float64)
     if project is not None:
         R = R @ project.astype(np.float64)
+    errors = np.empty(len(grid))
+    for i, e in enumerate(_loo_residuals(codes, R, nbuckets, grid)):
+        errors[i] = float((e ** 2).sum())
+    return errors
+
+
+def ridge_loo_residuals(codes, resid, lam, nbuckets=NBUCKETS):
+    """Leave-one-out residuals of the ridge fit over codes at one penalty.
+
+    The fit and its closed form are those of :func:`ridge_loo`; this returns the residuals
+    themselves, row by row, so that a caller can compare two fits row against row (their
+    difference's standard error) or score them against other targets than the fitted
+    ones (the row's target less its residual is its leave-one-out prediction).
+
+    Parameters
+    ----------
+    codes : (N, C) uint8 or uint16
+    resid : (N, P) real, targets less ``G L0`` (the prior's prediction)
+    lam : float >= 0 or inf (inf: the prior, residual ``resid`` itself)
+
+    Returns
+    -------
+    E : (N, P) float64, row n's target less its prediction by the fit on the other rows
+    """
+    return next(_loo_residuals(codes, resid.astype(np.float64), nbuckets, (lam,)))
+
+
+def _loo_residuals(codes, R, K, grid):
+    """Yield the (N, P) float64 leave-one-out residuals of R (N, P) float64 for every
+    penalty of ``grid``, from one eigendecomposition (see :func:`ridge_loo`)."""
+    xp = backend.namespace(codes, R)
+    N, C = codes.shape
     G = onehot(codes, K, np.float64)
     if N <= C * K:
         s, W = xp.linalg.eigh(G @ G.T)            # H = W diag(s / (s + reg)) W^T
@@ -354,16 +383,13 @@ def ridge_loo(codes, resid, nbuckets=NBUCKETS, grid=LOO_GRID, project=None):
         num = xp.ones_like(s)
     W2 = W ** 2
     WR = W.T @ R
-    errors = np.empty(len(grid))
-    for i, lam in enumerate(grid):
+    for lam in grid:
         if not np.isfinite(lam):
-            errors[i] = float((R ** 2).sum())
+            yield R
             continue
         f = num / (s + ridge_reg(lam, N, C, K))
         h = W2 @ f                                              # (N,) leverages
-        e = (R - W @ (f[:, None] * WR)) / xp.maximum(1.0 - h, 1e-9)[:, None]
-        errors[i] = float((e ** 2).sum())
-    return errors
+        yield (R - W @ (f[:, None] * WR)) / xp.maximum(1.0 - h, 1e-9)[:, None]
 
 
 def bucket_means(codes, X, nbuckets=NBUCKETS):

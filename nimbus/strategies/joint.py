@@ -24,13 +24,17 @@ learns every tree against that error directly:
 
 With few training rows (N < ``_lut.SMALL_ROWS`` = 1024; issue 17) the richer model can
 fit noise, so the fit is checked: the start trees plus the LUT refit (no passes: on a few
-hundred rows they fit noise) against MADDNESS at its defaults, by k-fold cross-validation
-of the product's error on held-out training rows (5 folds below 250 rows, else 3); the
-joint fit is kept only if it wins by ``SELECT_MARGIN`` (2 %), else MADDNESS's own fit is
-adopted. ``choice_`` and ``report()`` say which. With few rows the leaf size, the LUT
-penalty (leave-one-out, :func:`._lut.ridge_loo`) and a clip of the training columns
-also follow from N. From 1024 rows on none of this runs (the network conversion's
-initial trees are fitted on 1347-8192 rows, unchanged).
+hundred rows they fit noise) against MADDNESS at its defaults, both fitted on all rows, by
+the leave-one-out error of the product of every training row (the LUT refit without the
+row, in closed form on each fit's trees: :func:`._lut.ridge_loo_residuals`). The joint fit
+is kept only if its error is below ``1 - SELECT_MARGIN`` (0.95) of MADDNESS's by
+``SELECT_Z`` (2) standard errors of the row differences, else MADDNESS's fit is adopted:
+the leave-one-out error of fixed trees flatters trees learned on the product more than
+trees learned on A alone, and a few badly predicted rows make the difference noisy.
+``choice_`` and ``report()`` say which. With few rows the leaf size, the LUT penalty
+(leave-one-out, :func:`._lut.ridge_loo`) and a clip of the training columns also follow
+from N. From 1024 rows on none of this runs (the network conversion's initial trees are
+fitted on 1347-8192 rows, unchanged).
 
 The LUT is stored as prototypes in A's space, ``P = ridge(onehot(codes), A)``
 (C, K, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
@@ -55,18 +59,16 @@ from .._progress import progress_bar
 from ..arrays.validate import code_dtype
 from ._clip import winsorize
 from ._lut import (LOO_GRID, SMALL_ROWS, CodeRidge, bucket_sums, is_small, onehot, ridge_loo,
-                   ridge_reg, small_data_clip)
+                   ridge_loo_residuals, ridge_reg, small_data_clip)
 from ._trees import bin_columns, learn_tree, small_data_min_leaf, top_directions
 from .base import TreeStrategy, subspace_starts
 
-# The check against MADDNESS with few rows (N < SMALL_ROWS): CV_FOLDS_FEW-fold
-# cross-validation below CV_FEW_ROWS rows (the fits are cheap there and a small
-# fold is noisy), else CV_FOLDS; it needs SELECT_MIN_BUCKET_ROWS * K rows (48 at K = 16)
-CV_FOLDS_FEW = 5
-CV_FEW_ROWS = 250
-CV_FOLDS = 3
+# The check against MADDNESS with few rows (N < SMALL_ROWS): the joint fit is kept where
+# its leave-one-out error is below (1 - SELECT_MARGIN) of MADDNESS's by SELECT_Z standard
+# errors of the row differences; it needs SELECT_MIN_BUCKET_ROWS * K rows (48 at K = 16)
 SELECT_MIN_BUCKET_ROWS = 3
-SELECT_MARGIN = 0.02
+SELECT_MARGIN = 0.05
+SELECT_Z = 2.0
 
 
 # ----------------------------------------------------------------- strategy
@@ -111,13 +113,13 @@ class Joint(TreeStrategy):
         Fashion-MNIST input layer, 49 columns a subspace, 32 candidates fitted
         as well as all 49)
     select : bool (default True), with fewer than 1024 training rows check the joint fit
-        against MADDNESS by cross-validation and keep the better (module docstring).
+        against MADDNESS by leave-one-out errors and keep the better (module docstring).
         Needs 3 K rows (48 at depth 4); with K to 3 K rows the documented fallback is
         MADDNESS, unchecked (``selection_`` and ``report()`` say so). Fewer than K rows
         is a ValueError naming the minimum. False: the joint fit, unchecked
     quantize : bool, 8-bit LUT (True) or float32 LUT
-    random_state : None or seed: the CV folds of the check (None: a fixed permutation,
-        so that the fit stays deterministic); the learners themselves are deterministic
+    random_state : unused by the learners (they and the check are deterministic); kept
+        for the interface
     verbose : bool, progress bar over trees
 
     Learned attributes
@@ -130,8 +132,8 @@ class Joint(TreeStrategy):
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
     choice_ : "joint" or "maddness", the fit kept; selection_ : str, how it was chosen
-    cv_nmse_ : (2,) float64 host array, held-out NMSE of (joint, MADDNESS) pooled over
-        the folds (NaN in the fallback; absent where no check ran)
+    cv_nmse_ : (2,) float64 host array, leave-one-out NMSE of the product of (joint,
+        MADDNESS) over the training rows (NaN in the fallback; absent where no check ran)
     min_leaf_, ridge_chosen_ (and clip_ with few rows): the rules used
     train_loss_ is absent where MADDNESS was kept.
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
@@ -199,46 +201,67 @@ class Joint(TreeStrategy):
         return Joint(**params)
 
     def _fit_selected(self, A, B, rng):
-        """With few rows: k-fold CV of the joint fit against MADDNESS, winner refit."""
-        xp = backend.namespace(A)
+        """With few rows: the joint fit against MADDNESS's on leave-one-out errors of the
+        product, row against row (module docstring); the winner is kept as fitted."""
         N, K = A.shape[0], self.nbuckets
         B = backend.like(B, A)
+        mad = self._candidate("maddness").fit(A, B)
         if N < SELECT_MIN_BUCKET_ROWS * K:
-            # documented fallback: folds would fit fewer than 2.4 rows a leaf
-            self._adopt(self._candidate("maddness").fit(A, B))
-            self.choice_ = "maddness"
+            # documented fallback: leaves of 2-3 rows leave no row to check a fit on
+            self._keep_maddness(mad)
             self.selection_ = (f"fallback: {N} rows are too few to check the joint fit "
                                f"(it needs {SELECT_MIN_BUCKET_ROWS * K} = "
                                f"{SELECT_MIN_BUCKET_ROWS} K); MADDNESS, unchecked")
             self.cv_nmse_ = np.full(2, np.nan)
             return
-        k = CV_FOLDS_FEW if N < CV_FEW_ROWS else CV_FOLDS
-        # folds from random_state where one is given, else fixed: the fit stays
-        # deterministic, as the learners are
-        order = (rng if self.random_state is not None else np.random.RandomState(0)).permutation(N)
-        fold = np.empty(N, dtype=np.int64)
-        fold[order] = np.arange(N) % k
-        fold = xp.asarray(fold)
-        err = {"joint": 0.0, "maddness": 0.0}
-        yss = 0.0
-        for f in range(k):
-            va = xp.nonzero(fold == f)[0]
-            tr = xp.nonzero(fold != f)[0]
-            Y = (A[va] @ B).astype(np.float64)
-            yss += float(((Y - Y.mean(axis=0)) ** 2).sum())
-            for name in err:
-                op = self._candidate(name).fit(A[tr], B)
-                err[name] += float(((op(A[va]).astype(np.float64) - Y) ** 2).sum())
-        # the richer model must win by SELECT_MARGIN (ties and near-ties go to the simpler
-        # one: on folds of 30-300 rows a difference of a percent or two is noise)
-        choice = "joint" if err["joint"] < (1 - SELECT_MARGIN) * err["maddness"] else "maddness"
-        if choice == "joint":
-            self._fit_joint(A, B, 0)
+        self._fit_joint(A, B, 0)
+        Y = (A @ B).astype(np.float64)
+        e_joint = self._loo_rows(self, A, B, Y)
+        e_mad = self._loo_rows(mad, A, B, Y)
+        # keep the richer fit only if it wins by SELECT_MARGIN of MADDNESS's error and by
+        # SELECT_Z standard errors of the row differences: a few rows that one fit gets
+        # badly wrong (heavy tails, a leaf of outliers) make the difference noisy, and
+        # the leave-one-out error of a fixed tree flatters the trees learned on the
+        # product more than MADDNESS's (learned on A alone)
+        d = e_joint - e_mad
+        se = float(d.std(ddof=1)) / np.sqrt(N)
+        wins = float(d.mean()) + SELECT_Z * se < -SELECT_MARGIN * float(e_mad.mean())
+        yss = max(float(((Y - Y.mean(axis=0)) ** 2).sum()), 1e-300)
+        self.cv_nmse_ = np.array([float(e_joint.sum()), float(e_mad.sum())]) / yss
+        self.selection_ = f"leave-one-out check ({N} rows < {SMALL_ROWS})"
+        if wins:
+            self.choice_ = "joint"
         else:
-            self._adopt(self._candidate("maddness").fit(A, B))
-        self.choice_ = choice
-        self.selection_ = f"{k}-fold CV ({N} rows < {SMALL_ROWS})"
-        self.cv_nmse_ = np.array([err["joint"], err["maddness"]]) / max(yss, 1e-300)
+            self._keep_maddness(mad)
+
+    def _keep_maddness(self, mad):
+        self._adopt(mad)
+        self.choice_ = "maddness"
+        for k in ("train_loss_", "loo_nmse_"):      # the joint fit's, not kept
+            if hasattr(self, k):
+                delattr(self, k)
+
+    def _loo_rows(self, op, A, B, Y):
+        """(N,) float64 host: each training row's squared error of the product, summed over
+        its M columns, under the LUT refit without that row (closed form,
+        :func:`._lut.ridge_loo_residuals`) on the fitted trees of ``op`` (this joint fit
+        or a MADDNESS one), with its penalty; against ``Y = A @ B`` (N, M) float64 of
+        the unclipped rows, while the refit is that of the clipped rows it was fit on."""
+        xp = backend.namespace(A)
+        K = self.nbuckets
+        Aw = winsorize(A, getattr(op, "clip_", 0.0))
+        codes = op.encode(Aw)
+        C = codes.shape[1]
+        Bf = B.astype(np.float64)
+        Yw = Aw.astype(np.float64) @ Bf
+        R = Yw.copy()
+        for c in range(C):           # less the prior: each codebook's own partial product
+            s, e = int(op.starts_[c]), int(op.starts_[c + 1])
+            n, sums = bucket_sums(codes[:, c], K, Aw[:, s:e])
+            R -= ((sums / xp.maximum(n, 1)[:, None]) @ Bf[s:e])[codes[:, c].astype(np.int64)]
+        lam = getattr(op, "ridge_chosen_", float("inf"))
+        E = ridge_loo_residuals(codes, R, lam, K)
+        return backend.to_host(((Y - Yw + E) ** 2).sum(axis=1))
 
     def _adopt(self, op):
         """Take the trees and prototypes of a fitted MADDNESS ``op``."""
@@ -249,8 +272,8 @@ class Joint(TreeStrategy):
 
     def report(self):
         """What the fit chose, as a dict: ``choice`` ("joint" or "maddness"), ``selection``
-        (how: CV, fallback, or none needed), ``cv_nmse`` (held-out NMSE of joint and
-        MADDNESS pooled over the folds, where they were compared), and the rules taken
+        (how: leave-one-out check, fallback, or none needed), ``cv_nmse`` (leave-one-out
+        NMSE of joint and MADDNESS, where they were compared), and the rules taken
         from N: ``min_leaf``, ``ridge``, ``clip``."""
         self._check_fitted("choice_")
         out = {"choice": self.choice_, "selection": self.selection_}

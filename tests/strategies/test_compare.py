@@ -45,14 +45,14 @@ def test_compare_defaults_include_joint_and_match_direct_fits(rng):
 
 
 def test_compare_prints_what_joint_chose_with_few_rows(rng):
-    # 150 training rows: joint checks itself against MADDNESS by CV and the table says
+    # 150 training rows: joint checks itself against MADDNESS (leave-one-out) and the table says
     # which it kept, the same as the fitted op's choice_
     A = _lowrank(rng, 350, 16)
     B = rng.standard_normal((16, 6)).astype(np.float32)
     t = nimbus.compare(A[:150], A[150:], B, methods=["maddness", "joint"], ncodebooks=4,
                        random_state=0, repeat=1)
     op = nimbus.fit(A[:150], B, "joint", 4, random_state=0)
-    assert op.selection_.startswith("5-fold CV")
+    assert op.selection_.startswith("leave-one-out check")
     assert t.where(method="joint")[0]["chose"] == op.choice_ in ("joint", "maddness")
     assert t.where(method="maddness")[0]["chose"] is None
     assert "chose" in str(t)
