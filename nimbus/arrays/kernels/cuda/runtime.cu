@@ -68,29 +68,6 @@ __device__ __forceinline__ u32 nonfinite(float v) {
     return (__float_as_uint(v) & 0x7F800000u) == 0x7F800000u;
 }
 
-// Reads the n floats at xs with `nthreads` threads (16-byte loads where xs is aligned),
-// copying them to dst unless it is null; nonzero iff this thread saw a NaN or Inf.
-__device__ __forceinline__ u32 read_tile(const float* __restrict__ xs, int n, float* dst,
-                                         int nthreads) {
-    u32 bad = 0;
-    int done = 0;
-    if ((((u64)xs) & 15u) == 0) {
-        const int n4 = n >> 2;
-        for (int i = threadIdx.x; i < n4; i += nthreads) {
-            const float4 v = __ldg((const float4*)xs + i);
-            bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
-            if (dst) ((float4*)dst)[i] = v;
-        }
-        done = n4 << 2;
-    }
-    for (int i = done + threadIdx.x; i < n; i += nthreads) {
-        const float v = __ldg(xs + i);
-        bad |= nonfinite(v);
-        if (dst) dst[i] = v;
-    }
-    return bad;
-}
-
 __device__ __forceinline__ u32 smem_addr(const void* p) {
     u32 a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -252,7 +229,24 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
     const int nr = (int)((long long)N - r0 < R ? (long long)N - r0 : R);
 
     if (check || xst) {   // this tile of X, read once in full (into xbuf where it has room)
-        const u32 bad = read_tile(X + r0 * D0, nr * D0, xst ? xbuf : nullptr, NT);
+        const float* xs = X + r0 * D0;
+        const int n = nr * D0;
+        u32 bad = 0;
+        int done = 0;
+        if ((((u64)xs) & 15u) == 0) {
+            const int n4 = n >> 2;
+            for (int i = tid; i < n4; i += NT) {
+                const float4 v = __ldg((const float4*)xs + i);
+                bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                if (xst) ((float4*)xbuf)[i] = v;
+            }
+            done = n4 << 2;
+        }
+        for (int i = done + tid; i < n; i += NT) {
+            const float v = __ldg(xs + i);
+            bad |= nonfinite(v);
+            if (xst) xbuf[i] = v;
+        }
         if (check && bad) atomicOr(&prm->flag, 1);
         if (xst) __syncthreads();
     }
@@ -479,8 +473,22 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
     // (distinct banks for the walks of 32 rows); 0: X too wide, read in place
     const int XS = D0 + ((33 - (D0 & 31)) & 31);
     const int XR = min(R, (R * Hs) / XS);
-    if (check && XR == 0 && read_tile(X + r0 * D0, nr * D0, nullptr, NTM))
-        atomicOr(&prm->flag, 1);
+    if (check && XR == 0) {
+        const float* xs = X + r0 * D0;
+        const int n = nr * D0;
+        u32 bad = 0;
+        int done = 0;
+        if ((((u64)xs) & 15u) == 0) {
+            const int n4 = n >> 2;
+            for (int i = tid; i < n4; i += NTM) {
+                const float4 v = __ldg((const float4*)xs + i);
+                bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+            }
+            done = n4 << 2;
+        }
+        for (int i = done + tid; i < n; i += NTM) bad |= nonfinite(__ldg(xs + i));
+        if (bad) atomicOr(&prm->flag, 1);
+    }
 
     const int nrg = R >> 5;
     for (int l = 0; l < L; ++l) {
