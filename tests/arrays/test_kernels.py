@@ -320,3 +320,41 @@ def test_encode_lookup_q_any_depth_matches_reference(xp, rng, depth):
     np.testing.assert_allclose(_h(got), _h(want), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_h(ref.encode_lookup_q(A, dims, thr, q, scale, bias)), _h(want),
                                rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the Numba PQ encoder
+def _pq_codes_float64(A, cent, starts):
+    """The Numba encoder's arithmetic in NumPy: per centroid, the float32 squares summed in
+    float64 in column order (cumsum is sequential), the first k at the minimum."""
+    codes = np.empty((A.shape[0], cent.shape[0]), dtype=np.uint8)
+    for c in range(cent.shape[0]):
+        a = A[:, starts[c]:starts[c + 1]]
+        sq = ((a[:, None, :] - cent[c, :, :a.shape[1]][None]) ** 2).astype(np.float64)
+        d = np.cumsum(sq, axis=2)[:, :, -1] if a.shape[1] else np.zeros(sq.shape[:2])
+        codes[:, c] = np.argmin(d, axis=1)
+    return codes
+
+
+@pytest.mark.parametrize("N,D,C,K", [(1, 3, 1, 16), (400, 64, 2, 16), (400, 64, 32, 16),
+                                     (130, 37, 5, 3), (70, 20, 7, 200), (5000, 64, 16, 16)])
+def test_numba_encode_pq_is_bitwise_its_float64_sums(rng, N, D, C, K):
+    # integer data: many exact ties, which must go to the lowest k; (5000, 64, 16, 16) takes
+    # the parallel kernel, the others the serial one
+    from nimbus.arrays.kernels import cpu
+    starts = subspace_starts(D, C)
+    W = int(np.diff(starts).max())
+    A = rng.integers(-3, 4, size=(N, D)).astype(np.float32)
+    A[::2] += (rng.standard_normal((len(A[::2]), D)) * 1e-3).astype(np.float32)
+    cent = rng.integers(-3, 4, size=(C, K, W)).astype(np.float32)
+    cent[:, ::3] += (rng.standard_normal(cent[:, ::3].shape) * 0.5).astype(np.float32)
+    np.testing.assert_array_equal(cpu.encode_pq(A, cent, starts),
+                                  _pq_codes_float64(A, cent, starts))
+
+
+def test_numba_encode_pq_checks_starts(rng):
+    from nimbus.arrays.kernels import cpu
+    A = rng.standard_normal((10, 8)).astype(np.float32)
+    cent = np.zeros((2, 16, 4), dtype=np.float32)
+    for bad in ([0, 4, 9], [0, 5, 8], [1, 0, 4], [0, 4]):
+        with pytest.raises(ValueError, match="starts"):
+            cpu.encode_pq(A, cent, np.array(bad))
