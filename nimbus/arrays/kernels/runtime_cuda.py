@@ -59,8 +59,8 @@ _RING = 64                     # pinned parameter slots in flight (check_finite=
 _MMA_TILES = {128: 512, 64: 256, 32: 256}
 _MMA_ROWS_AUTO = (128, 64, 32)  # tiles kernel="auto" tries, the first that gives every SM work
 _MMA_MIN_BATCH = 1024          # kernel="auto" takes the tensor cores from this batch size
-_MMA_CHUNK_MAX = 64 * 1024
-_X_STAGE_MAX = 48 * 1024       # chain_kernel copies a tile of X this small into shared memory     # LUT bytes per staged chunk of chain_mma_kernel
+_MMA_CHUNK_MAX = 64 * 1024     # LUT bytes per staged chunk of chain_mma_kernel
+_X_STAGE_MAX = 48 * 1024       # chain_kernel copies a tile of X this small into shared memory
 _SOURCE = None
 _modules = {}                  # (device id, RPT) -> cupy.RawModule
 
