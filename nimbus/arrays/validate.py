@@ -191,6 +191,18 @@ def finite_or_raise(arr, name):
                          f"too large for float32); first at index {first}: {value}")
 
 
+def finite_mode(check_finite):
+    """The compiled runtime's ``check_finite`` as the kernels' mode: False -> 0 (X is not
+    looked at), True -> 1 (ValueError "X holds NaN or Inf"; on the GPU read with a sync),
+    "nan" -> 2 (every output of a row whose input holds NaN or Inf is NaN, the other rows
+    are unchanged; on the GPU no sync). Anything else is a ValueError."""
+    if check_finite is True or check_finite is False or isinstance(check_finite, np.bool_):
+        return int(bool(check_finite))
+    if isinstance(check_finite, str) and check_finite == "nan":
+        return 2
+    raise ValueError(f"check_finite must be True, False or 'nan'; got {check_finite!r}")
+
+
 def as_matrix(x, name="A", *, min_rows=1, dtype=np.float32, allow_half=False,
               check_finite=True):
     """``x`` as a C-contiguous 2-D float32 array of the same library.

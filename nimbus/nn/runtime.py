@@ -16,8 +16,9 @@ The plan is a list of steps, built once from the modules' ``inference_steps()``:
 
 No autograd, no per-layer validation: the input is checked once at the entry (dtype, shape,
 one finite check, made by the first kernel as it reads the rows: on the CPU a flag per task,
-on the GPU a flag read with the one sync the call needs; ``check_finite=False`` skips it and
-a GPU call only queues work).
+on the GPU a flag read with the one sync the call needs; ``check_finite="nan"`` makes the rows
+that hold NaN or Inf NaN in the output instead, so a GPU call only queues work and still no
+row's result is silently wrong; ``check_finite=False`` skips the check).
 
 This module imports no training code (no autograd, optimizers, layers or strategies: a test
 holds it to that); ``nimbus.save(compiled, path)`` writes only what inference needs (8-bit
@@ -29,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import io as _io
-from ..arrays import backend, kernels
+from ..arrays import backend, kernels, validate
 
 __all__ = ["compile", "CompiledModel", "FORMAT_VERSION"]
 
@@ -148,9 +149,13 @@ class CompiledModel:
         ----------
         X : (N, D0) array of real numbers, NumPy or CuPy; coerced to C-contiguous float32
             (CuPy float16 too)
-        check_finite : bool (default True), raise ValueError if X holds NaN or Inf. On the
-            GPU the first kernel sets a flag that is read with the call's one sync; False
-            makes the call only queue work (rows with NaN/Inf then give meaningless logits)
+        check_finite : True (default), "nan" or False. True: raise ValueError if X holds
+            NaN or Inf; on the GPU the first kernel sets a flag that is read with the
+            call's one sync. "nan": every logit of a row whose input holds NaN or Inf is
+            NaN, the other rows are unchanged; found by the kernels as they read the rows,
+            so a GPU call only queues work (no sync; as CuPy's own errors by default).
+            False: nothing is checked and a GPU call only queues work (rows with NaN/Inf
+            then give meaningless logits)
 
         Returns
         -------
@@ -160,21 +165,28 @@ class CompiledModel:
                 and X.flags.c_contiguous and X.shape[1] == self.n_features_in
                 and X.shape[0] > 0):      # else the common case, checked in a few reads
             X = self._entry(X)
+        mode = validate.finite_mode(check_finite)
         first = True
         for op, item in self._plan(X):
             if op == "chain":          # the kernels scan X for NaN/Inf as they read it
-                X = item(X, check_finite=check_finite and first)
-            else:
-                if check_finite and first:
+                # "nan": every chain marks its rows (NaN from a float step before it too)
+                X = item(X, check_finite="nan" if mode == 2 else (mode == 1 and first))
+            else:                      # float steps carry NaN rows through as NaN
+                if mode == 1 and first:
                     _finite_or_raise(X)
                 X = _apply(op, item, X)
             first = False
         return X
 
     def predict(self, X, *, check_finite=True):
-        """Class ids ``argmax(compiled(X), axis=1)``: (N,) int64 array of X's library."""
+        """Class ids ``argmax(compiled(X), axis=1)``: (N,) int64 array of X's library;
+        with ``check_finite="nan"`` -1 for the rows whose input holds NaN or Inf."""
         Y = self(X, check_finite=check_finite)
-        return backend.namespace(Y).argmax(Y, axis=1).astype(np.int64)
+        xp = backend.namespace(Y)
+        ids = xp.argmax(Y, axis=1).astype(np.int64)
+        if validate.finite_mode(check_finite) == 2:      # (no boolean indexing: no sync)
+            ids = xp.where(xp.isnan(Y).any(axis=1), np.int64(-1), ids)
+        return ids
 
     def _entry(self, X):
         if not backend.is_array(X):

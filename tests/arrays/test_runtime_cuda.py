@@ -115,6 +115,43 @@ def test_tiles_staged_and_direct(name, rows):
     np.testing.assert_array_equal(got.get(), want)
 
 
+@pytest.mark.parametrize("name", sorted(CHAINS))
+@pytest.mark.parametrize("rows", [1, 4, 32])
+def test_prefetch_on_and_off(name, rows):
+    """The prefetch block (descriptors, compact trees, scales and biases staged in shared
+    memory as the kernel starts) gives the bits of the reference, and of the kernel
+    without it; plan_info says which ran."""
+    cp = _cp()
+    rng = np.random.default_rng(zlib.crc32(f"pre/{name}/{rows}".encode()))
+    D0, specs = CHAINS[name]
+    X = _x(rng, 77, D0)
+    layers = make_chain(rng, X, specs)
+    want = chain_ref(X, layers)
+    for prefetch in (True, False):
+        chain = _chain_cls()(layers, in_features=D0, rows=rows, kernel="simt", prefetch=prefetch)
+        got = chain(cp.asarray(X))
+        np.testing.assert_array_equal(got.get().view(np.uint32), want.view(np.uint32))
+        used = chain.plan_info(len(X))["prefetch_bytes"]
+        assert (used > 0) == prefetch, (prefetch, used)
+    with pytest.raises(TypeError, match="prefetch"):
+        _chain_cls()(layers, prefetch="yes")
+
+
+def test_prefetch_skipped_for_columns_past_uint16():
+    """A first layer that tests columns >= 65536 cannot use the compact (uint16) trees:
+    the chain runs without the prefetch block, same bits."""
+    cp = _cp()
+    rng = np.random.default_rng(65536)
+    X = _x(rng, 5, 70000)
+    layers = make_chain(rng, X, [(3, 2, 16), (2, 3, 4)])
+    layers[0]["dims"][0, 0] = 69999
+    layers[0]["thresholds"][0, 0] = X[2, 69999]
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, kernel="simt")
+    np.testing.assert_array_equal(chain(cp.asarray(X)).get(), want)
+    assert chain.plan_info(5, 70000)["prefetch_bytes"] == 0
+
+
 def test_small_chunks_many_stages():
     """Chunks of one codebook: every chunk boundary of the double buffer is crossed."""
     cp = _cp()
@@ -237,6 +274,35 @@ def test_nan_and_inf_raise():
         assert y.shape == (1000, specs[-1][2])
     # the flag is reset: a clean X passes after a bad one
     np.testing.assert_array_equal(chain(cp.asarray(X)).get(), chain_ref(X, layers))
+
+
+@pytest.mark.parametrize("kernel,rows,N", [("simt", None, 1), ("simt", None, 300),
+                                            ("simt", 32, 300), ("simt", 4, 50),
+                                            ("mma", 32, 300), ("mma", None, 3000)])
+@pytest.mark.parametrize("name", ["mlp8", "odd"])
+def test_check_finite_nan_marks_rows(name, kernel, rows, N):
+    """check_finite="nan": the rows whose input holds NaN or Inf come out all NaN, every
+    other row keeps its bits; no error, in both kernels and every tile shape (values at
+    the start, middle and end of rows, so 16-byte reads that span two rows are covered)."""
+    cp = _cp()
+    rng = np.random.default_rng(zlib.crc32(f"nanrows/{name}/{kernel}/{rows}/{N}".encode()))
+    D0, specs = CHAINS[name]
+    X = _x(rng, N, D0)
+    layers = make_chain(rng, X, specs)
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, in_features=D0, kernel=kernel, rows=rows)
+    Xb = X.copy()
+    spoiled = sorted({0, N - 1, N // 2, N // 3})
+    for i, r in enumerate(spoiled):
+        Xb[r, (0, D0 - 1, D0 // 2, 1)[i % 4]] = (np.nan, np.inf, -np.inf, np.nan)[i % 4]
+    got = chain(cp.asarray(Xb), check_finite="nan").get()
+    keep = np.ones(N, dtype=bool)
+    keep[spoiled] = False
+    assert np.isnan(got[spoiled]).all()
+    np.testing.assert_array_equal(got[keep].view(np.uint32), want[keep].view(np.uint32))
+    np.testing.assert_array_equal(chain(cp.asarray(X), check_finite="nan").get(), want)
+    with pytest.raises(ValueError, match="check_finite must be"):
+        chain(cp.asarray(X), check_finite="raise")
 
 
 def test_empty_batch():

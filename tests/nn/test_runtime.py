@@ -136,6 +136,47 @@ def test_bad_inputs_are_refused(converted):
     assert compiled(big).shape == (3, 10)
 
 
+def _nan_rows_check(compiled, X, xp):
+    """check_finite="nan" on X (2-D array of xp): rows 1 and 4 spoiled (NaN, -Inf) give
+    NaN logits and class -1; every other row the bits of the clean call; no error."""
+    want = compiled(X)
+    bad = X.copy()
+    bad[1, 3] = xp.nan
+    bad[4, -1] = -xp.inf
+    got = compiled(bad, check_finite="nan")
+    got, want = backend.to_host(got), backend.to_host(want)
+    spoiled = np.zeros(len(want), dtype=bool)
+    spoiled[[1, 4]] = True
+    assert np.isnan(got[spoiled]).all()
+    np.testing.assert_array_equal(got[~spoiled], want[~spoiled])
+    ids = backend.to_host(compiled.predict(bad, check_finite="nan"))
+    np.testing.assert_array_equal(ids[spoiled], -1)
+    np.testing.assert_array_equal(ids[~spoiled], want[~spoiled].argmax(axis=1))
+    # a clean input is untouched by the mode
+    np.testing.assert_array_equal(backend.to_host(compiled(X, check_finite="nan")), want)
+
+
+def test_check_finite_nan_marks_rows(converted):
+    model, _, Xte, _ = converted
+    compiled = nn.compile(model)
+    _nan_rows_check(compiled, Xte[:300], np)
+    for mode in ("raise", 1, None):
+        with pytest.raises(ValueError, match="check_finite must be"):
+            compiled(Xte[:3], check_finite=mode)
+
+
+def test_check_finite_nan_through_float_steps():
+    """A float first layer carries the NaN row to the chain, which marks it."""
+    Xtr, ytr, Xte, _ = _data()
+    model = nn.Sequential(nn.Linear(64, 32, random_state=0), nn.ReLU(),
+                          nn.Linear(32, 10, random_state=1))
+    nn.fit(model, Xtr, ytr, epochs=2, batch_size=64, random_state=0)
+    model[2].use("maddness", model[1](model[0](Xtr)), ncodebooks=8)
+    compiled = nn.compile(nn.fold(model))
+    assert [s["op"] for s in compiled.steps] == ["dense", "lut"]      # ReLU folded in
+    _nan_rows_check(compiled, Xte[:50], np)
+
+
 def test_old_or_foreign_artifacts_are_refused(converted, tmp_path):
     model, _, _, _ = converted
     path = _save(nn.compile(model), tmp_path / "c.npz")
@@ -177,3 +218,5 @@ def test_gpu_compiled_equals_cpu_and_model(converted, tmp_path):
         compiled(bad)
     for n in (1, 16, 257):                 # graphs per batch size, sizes interleaved
         np.testing.assert_array_equal(cp.asnumpy(compiled(Xg[:n])), compiled(Xte[:n]))
+    _nan_rows_check(compiled, Xg[:300], cp)               # the simt kernel's row flags
+    _nan_rows_check(compiled, cp.concatenate([Xg] * 4), cp)   # the tensor cores' (1024+)

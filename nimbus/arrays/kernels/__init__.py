@@ -412,8 +412,10 @@ def chain(layers, in_features, library="numpy"):
     Returns
     -------
     callable ``chain(X, check_finite=True) -> Y``: X (N, D0) float32 C-contiguous of that
-    library, Y (N, M_last) float32, a fresh array per call; ``check_finite`` raises
-    ValueError on NaN/Inf in X (the kernel scans the rows it reads)
+    library, Y (N, M_last) float32, a fresh array per call; ``check_finite`` (see
+    :func:`nimbus.arrays.validate.finite_mode`): True raises ValueError on NaN/Inf in X
+    (the kernel scans the rows it reads), "nan" gives NaN outputs in the rows that hold
+    one, False does not look
     """
     op = OP_TABLE["chain"]
     if library == "cupy":
@@ -424,7 +426,18 @@ def chain(layers, in_features, library="numpy"):
     m_out = cpu.m_out
 
     def run(X, check_finite=True):
+        mode = validate.finite_mode(check_finite)
         # ChainCPU reuses one output per batch size: the caller gets its own array
-        return cpu(X, out=np.empty((X.shape[0], m_out), dtype=np.float32),
-                   check_finite=check_finite)
+        out = np.empty((X.shape[0], m_out), dtype=np.float32)
+        if mode != 2:
+            return cpu(X, out=out, check_finite=bool(mode))
+        try:            # the kernel's own scan costs nothing; rows are looked at only after
+            return cpu(X, out=out, check_finite=True)
+        except ValueError:
+            bad = ~np.isfinite(X).all(axis=1)
+            if not bad.any():
+                raise
+            Y = cpu(np.where(bad[:, None], np.float32(0), X), out=out, check_finite=False)
+            Y[bad] = np.nan
+            return Y
     return run

@@ -44,7 +44,7 @@ import importlib.resources
 
 import numpy as np
 
-from .. import backend
+from .. import backend, validate
 
 __all__ = ["ChainCUDA"]
 
@@ -125,6 +125,20 @@ def _mma_lut(lut, C, K, Mp):
     return np.ascontiguousarray(B).reshape(-1), kpad
 
 
+def _prefetch_block(desc, checked):
+    """chain_kernel's prefetch block: what every layer needs that does not depend on the
+    data, in the order the kernel reads it. The descriptors ``desc`` (L, 10) uint64 (their
+    device pointers already set), zero-padded to 16 bytes; then per layer its trees as
+    :func:`_compact_tree` (thresholds, then uint16 columns, each part padded to 16 bytes),
+    its scale (Mp,) float32 and bias (Mp,) float32. Returns (bytes,) uint8, a multiple of 16.
+    ``checked``: the tuples of :func:`_check_layer`; every column below 65536."""
+    head = desc.view(np.uint8).reshape(-1)
+    parts = [head, np.zeros(-len(head) % 16, dtype=np.uint8)]
+    for tree, _, sc, bi, *_ in checked:
+        parts += [_compact_tree(tree), sc.view(np.uint8), bi.view(np.uint8)]
+    return np.concatenate(parts)
+
+
 def _host(a, name):
     """``a`` (NumPy or CuPy) as a NumPy array, for the one-time checks."""
     if a is None:
@@ -201,7 +215,7 @@ def _check_layer(i, layer, D):
 class _Plan:
     """What one (N, D0, check) call shape needs: the graph and its parameter block."""
 
-    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk", "kernel")
+    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk", "kernel", "prefetch")
 
 
 class ChainCUDA:
@@ -226,13 +240,17 @@ class ChainCUDA:
         the tensor cores; compute capability 8.0 or later, every tree of depth >= 2, layers
         of at most 1024 outputs). "auto": "mma" where it applies and the batch has at
         least ``_MMA_MIN_BATCH`` rows, else "simt". Both give the same bits.
+    prefetch : bool (default True), chain_kernel copies every layer's descriptor, trees
+        (compact), scale and bias into shared memory as it starts, where they fit and every
+        tree column is below 65536; then only the LUT reads wait on L2 inside the chain.
+        Same bits either way; False is a benchmark knob.
 
     The arrays are copied to the current CuPy device once; later changes to the caller's
     arrays do not reach the chain.
     """
 
     def __init__(self, layers, *, in_features=None, rows=None, chunk_bytes=_CHUNK_BYTES,
-                 kernel="auto"):
+                 kernel="auto", prefetch=True):
         cp = _cp()
         if kernel not in ("auto", "simt", "mma"):
             raise ValueError(f"kernel must be 'auto', 'simt' or 'mma'; got {kernel!r}")
@@ -246,6 +264,8 @@ class ChainCUDA:
             raise ValueError(f"rows must be a power of two from 1 to 128 or None; got {rows!r}")
         if rows == 128 and kernel != "mma":
             raise ValueError("rows=128 is a tile of kernel='mma' only")
+        if not isinstance(prefetch, (bool, np.bool_)):
+            raise TypeError(f"prefetch must be True or False; got {prefetch!r}")
         if int(chunk_bytes) != chunk_bytes or chunk_bytes < 0 or chunk_bytes % 16:
             raise ValueError(f"chunk_bytes must be a non-negative multiple of 16; got {chunk_bytes!r}")
         self._dev = cp.cuda.Device().id
@@ -297,6 +317,9 @@ class ChainCUDA:
             meta.append((C, depth, M, Mp))
             D = M
         self._desc = cp.asarray(desc.view(np.uint8).reshape(-1))
+        self._pre = None
+        if prefetch and all(c[8] < 65536 for c in checked):
+            self._pre = cp.asarray(_prefetch_block(desc, checked))
         self._meta = meta
         self.out_features = meta[-1][2]
         self._Cs = max(m[0] for m in meta)
@@ -343,7 +366,7 @@ class ChainCUDA:
         smem = 2 * chunk + R * self._Hs * 4 + codes + part
         return rpt, smem, chunk
 
-    def _mma_fit(self, R, optin, per_sm):
+    def _mma_fit(self, R, optin, per_sm, mode=0):
         """(shared bytes, chunk bytes) of chain_mma_kernel at R rows, or None if it does not
         fit: R/32 x ceil(Mp/64) warp tasks at most one per warp, one k32 step per chunk at
         least; two blocks per SM where a tile of 256 threads fits twice, else one."""
@@ -351,6 +374,7 @@ class ChainCUDA:
         if max(R // 32 * -(-m[3] // 64) for m in self._meta) > ntm // 32:
             return None
         rest = R * self._Hs_mma * 4 + -(-(self._Cs_mma * (R + 2) * 2) // 16) * 16
+        rest += R * 4 if mode == 2 else 0          # the row flags of check_finite="nan"
         step = max(m[3] * 32 for m in self._meta)
         for blocks in sorted({512 // ntm, 1}, reverse=True):
             budget = min(optin, per_sm // blocks - 1024)
@@ -359,15 +383,15 @@ class ChainCUDA:
                 return 2 * chunk + rest, chunk
         return None
 
-    def _plan_mma(self, N, D0, check, sms, optin, per_sm):
+    def _plan_mma(self, N, D0, mode, sms, optin, per_sm):
         """The chain_mma_kernel plan for N rows, or None where it does not apply."""
         if not self._mma_ok or (self._kernel == "auto" and N < _MMA_MIN_BATCH):
             return None
         if self._rows is not None:
-            fits = [(self._rows, self._mma_fit(self._rows, optin, per_sm))] \
+            fits = [(self._rows, self._mma_fit(self._rows, optin, per_sm, mode))] \
                 if self._rows in _MMA_TILES else []
         else:   # the largest tile that still gives every SM two blocks' work
-            fits = [(R, self._mma_fit(R, optin, per_sm)) for R in _MMA_ROWS_AUTO
+            fits = [(R, self._mma_fit(R, optin, per_sm, mode)) for R in _MMA_ROWS_AUTO
                     if R == 32 or N >= R * sms * 2]
         fits = [(R, f) for R, f in fits if f is not None]
         if not fits:
@@ -384,10 +408,11 @@ class ChainCUDA:
         plan = _Plan()
         plan.params = _cp().zeros(4, dtype=np.uint64)
         plan.rows, plan.rpt, plan.smem, plan.chunk, plan.kernel = R, 0, smem, chunk, "mma"
+        plan.prefetch = 0
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs_mma), np.int32(self._Cs_mma), np.int32(chunk),
-                np.int32(bool(check)))
+                np.int32(mode))
         plan.graph = self._capture(kern, plan.grid, _MMA_TILES[R], args, smem)
         return plan
 
@@ -403,9 +428,9 @@ class ChainCUDA:
         stream.synchronize()
         return graph
 
-    def _plan(self, N, D0, check):
+    def _plan(self, N, D0, mode):
         cp = _cp()
-        key = (N, D0, bool(check))
+        key = (N, D0, mode)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
@@ -413,7 +438,7 @@ class ChainCUDA:
         sms = rt.deviceGetAttribute(16, self._dev)          # multiprocessors
         optin = rt.deviceGetAttribute(97, self._dev)        # opt-in shared bytes per block
         per_sm = rt.deviceGetAttribute(81, self._dev)       # shared bytes per SM
-        plan = self._plan_mma(N, D0, check, sms, optin, per_sm)
+        plan = self._plan_mma(N, D0, mode, sms, optin, per_sm)
         if plan is not None:
             self._plans[key] = plan
             return plan
@@ -427,6 +452,11 @@ class ChainCUDA:
         if xst * 4 > _X_STAGE_MAX or smem + xst * 4 > optin:
             xst = 0
         smem += xst * 4
+        smem += -(-R * 4 // 16) * 16 if mode == 2 else 0     # the row flags of "nan"
+        # every layer's descriptor, trees, scale and bias staged as the kernel starts,
+        # where they fit beside the rest
+        pre = 0 if self._pre is None or smem + self._pre.size > optin else int(self._pre.size)
+        smem += pre
         if smem > optin:
             raise ValueError(f"the chain needs {smem} bytes of shared memory per block at "
                              f"{R} rows; the device allows {optin} (layers too wide)")
@@ -439,7 +469,9 @@ class ChainCUDA:
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs), np.int32(self._Cs), np.int32(chunk),
-                np.int32(bool(check)), np.int32(xst))
+                np.int32(mode), np.int32(xst), self._desc if pre == 0 else self._pre,
+                np.int32(pre))
+        plan.prefetch = pre
         plan.graph = self._capture(kern, plan.grid, NT, args, smem)
         self._plans[key] = plan
         return plan
@@ -452,16 +484,18 @@ class ChainCUDA:
         ----------
         X : (N, D0) CuPy float32 array on the chain's device (float16 is cast to float32
             first; a non-contiguous X is copied)
-        check_finite : bool, raise ValueError "X holds NaN or Inf" after the run if X
-            holds one (the one device sync of the call: a 4-byte read of a flag that the
-            kernel sets while it reads X). False: the call only enqueues work on the
-            current stream.
+        check_finite : True, "nan" or False. True: raise ValueError "X holds NaN or Inf"
+            after the run if X holds one (the one device sync of the call: a 4-byte read
+            of a flag that the kernel sets while it reads X). "nan": every output of a
+            row whose input holds NaN or Inf is NaN, the other rows are unchanged; the
+            call only enqueues work (no sync), as with False, which does not look.
 
         Returns
         -------
         Y : (N, M_last) CuPy float32, a fresh array (later calls never overwrite it)
         """
         cp = _cp()
+        mode = validate.finite_mode(check_finite)
         if not backend.is_cupy(X):
             raise TypeError(f"X must be a CuPy array on the GPU; got {type(X).__name__}")
         if X.ndim != 2:
@@ -484,7 +518,7 @@ class ChainCUDA:
             raise ValueError(f"X has {N} rows: too many for one call")
         if not X.flags.c_contiguous:
             X = cp.ascontiguousarray(X)
-        plan = self._plan(N, D0, check_finite)
+        plan = self._plan(N, D0, mode)
         Y = cp.empty((N, self.out_features), dtype=np.float32)
         stream = cp.cuda.get_current_stream()
         rt = cp.cuda.runtime
@@ -500,7 +534,7 @@ class ChainCUDA:
         rt.memcpyAsync(plan.params.data.ptr, self._pinned.ptr + 32 * i, 24,
                        rt.memcpyHostToDevice, stream.ptr)
         plan.graph.launch(stream)
-        if check_finite:
+        if mode == 1:
             rt.memcpyAsync(self._flag_pinned.ptr, plan.params.data.ptr + 16, 4,
                            rt.memcpyDeviceToHost, stream.ptr)
             stream.synchronize()             # every slot's copy has passed too
@@ -518,6 +552,6 @@ class ChainCUDA:
         D0 = self.in_features if D0 is None else D0
         if D0 is None:
             raise ValueError("give D0 (the chain was built without in_features)")
-        p = self._plan(int(N), int(D0), check_finite)
+        p = self._plan(int(N), int(D0), validate.finite_mode(check_finite))
         return dict(kernel=p.kernel, rows=p.rows, rpt=p.rpt, shared_bytes=p.smem, blocks=p.grid,
-                    chunk=p.chunk)
+                    chunk=p.chunk, prefetch_bytes=p.prefetch)

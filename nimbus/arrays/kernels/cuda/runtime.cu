@@ -24,6 +24,11 @@
 // 16-bit lanes of 8 words, so one add sums two columns. A lane holds 257 * 255 at most, so
 // the lanes are widened into 32-bit totals after at most 256 codebooks (every chunk).
 //
+// NaN/Inf in X (`check`): 0 not looked for; 1 (CHECK_FLAG) the kernel sets Params.flag,
+// which the host reads with a sync and raises on; 2 (CHECK_ROWS) every output of a row
+// whose input holds one is written as NaN (a per-row flag in shared memory, set while the
+// tile of X is read), so the call needs no sync and no row's result is silently wrong.
+//
 // Inputs that change per call (X, Y and the NaN/Inf flag) live in a Params block in
 // device memory, written by one 24-byte copy before each graph launch, so a CUDA graph
 // captured once per batch size reads any X and writes a fresh Y without copies.
@@ -63,6 +68,9 @@ struct Params {
     int flag;              // set to 1 when X holds NaN or Inf (the host zeroes it)
     int pad;
 };
+
+#define CHECK_FLAG 1
+#define CHECK_ROWS 2
 
 __device__ __forceinline__ u32 nonfinite(float v) {
     return (__float_as_uint(v) & 0x7F800000u) == 0x7F800000u;
@@ -177,7 +185,10 @@ __device__ __forceinline__ int walk(const int2* __restrict__ t, int depth, const
 
 // Sums of codebooks c0 + s, c0 + s + S, ... (< c0 + cn, cn <= 256) for this thread's pairs.
 // SHARED: `lut` is the staged chunk (codebook c0 at its start); else the layer's LUT in
-// global memory.
+// global memory. The loads of U codebooks are issued before any of their adds (predicated,
+// zeros past the end), so a thread waits for one round of loads per U codebooks: an
+// unrolled loop with a remainder would run the last iterations one load latency each,
+// which at batch 1 is most of the kernel's time (12 of a 196-codebook layer's 13 reads).
 template <bool SHARED>
 __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, const u16* codes,
                                           int Cs, int c0, int cn, int s, int S, int K, int Mp,
@@ -190,44 +201,80 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
         for (int j = 0; j < 8; ++j) a[i][j] = 0u;
     const u8* base = SHARED ? lut : lut + (unsigned long long)c0 * K * Mp;
     // direct reads go to L2: more of them in flight where a thread has one pair
-    constexpr int UNROLL = (SHARED || RPT > 1) ? 2 : 8;
-#pragma unroll UNROLL
-    for (int cc = s; cc < cn; cc += S) {
+    constexpr int U = (SHARED || RPT > 1) ? 2 : 16;
+    for (int cc0 = s; cc0 < cn; cc0 += U * S) {
+        uint4 w[RPT][U];
 #pragma unroll
-        for (int i = 0; i < RPT; ++i) {
-            if (ok[i]) {
-                const u32 code = codes[row[i] * Cs + c0 + cc];
-                const uint4* p = (const uint4*)(base + ((unsigned long long)cc * K + code) * Mp + col[i]);
-                add_bytes(a[i], SHARED ? *p : __ldg(p));
+        for (int u = 0; u < U; ++u) {
+            const int cc = cc0 + u * S;
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                w[i][u] = make_uint4(0u, 0u, 0u, 0u);
+                if (ok[i] && cc < cn) {
+                    const u32 code = codes[row[i] * Cs + c0 + cc];
+                    const uint4* p = (const uint4*)(base + ((unsigned long long)cc * K + code) * Mp + col[i]);
+                    w[i][u] = SHARED ? *p : __ldg(p);
+                }
             }
         }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) add_bytes(a[i], w[i][u]);
     }
 #pragma unroll
     for (int i = 0; i < RPT; ++i) widen(tot[i], a[i]);
 }
 
+// Leaf of one row under one tree staged compact in shared memory (thresholds `th`, columns
+// `dm`, heap order, right iff x > threshold): shared loads are short, so a plain walk.
+template <bool X_GLOBAL>
+__device__ __forceinline__ int walk_compact(const float* th, const u16* dm, int depth,
+                                            const float* xr) {
+    int node = 0;
+    for (int lev = 0; lev < depth; ++lev) {
+        const float v = X_GLOBAL ? __ldg(xr + dm[node]) : xr[dm[node]];
+        node = 2 * node + 1 + (v > th[node] ? 1 : 0);
+    }
+    return node - ((1 << depth) - 1);
+}
+
 // Grid: ceil(N / R) blocks of NT threads; block b runs rows [b R, b R + R) through every
-// layer. Dynamic shared memory: 2 * chunk_bytes (LUT chunks; 0 when no layer stages), R x Hs
-// floats (activations), R x Cs uint16 codes (rounded to 16 bytes), xst floats (the tile of
-// X, R x D0, copied in once where the host found room, else 0: read in place), then R x Mp
-// uint32 partial sums for the layers with P < NT.
+// layer. Dynamic shared memory: with check == CHECK_ROWS R int row flags (rounded to 16
+// bytes), `pre` bytes (the prefetch block, below; 0: none), 2 *
+// chunk_bytes (LUT chunks; 0 when no layer stages), R x Hs floats (activations), R x Cs
+// uint16 codes (rounded to 16 bytes), xst floats (the tile of X, R x D0, copied in once
+// where the host found room, else 0: read in place), then R x Mp uint32 partial sums for
+// the layers with P < NT.
+// The prefetch block (runtime_cuda._prefetch_block; pre > 0): the L layer descriptors,
+// then per layer its trees compact (float thresholds, uint16 columns) and its scale and
+// bias, all copied by cp.async as the kernel starts, while X is read. Nothing that does
+// not depend on the data then waits on L2 inside the chain: at batch 1 a layer costs one
+// round of LUT loads instead of four (descriptor, tree, LUT, scale and bias).
 extern "C" __global__ void __launch_bounds__(NT)
 chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R, int Hs,
-             int Cs, int chunk_bytes, int check, int xst)
+             int Cs, int chunk_bytes, int check, int xst, const u8* __restrict__ pre_src, int pre)
 {
     extern __shared__ __align__(16) u8 smem[];
-    u8* lutbuf = smem;
-    float* act = (float*)(smem + 2 * chunk_bytes);
+    int* rowbad = (int*)smem;
+    u8* pbuf = smem + (check == CHECK_ROWS ? (R * 4 + 15) & ~15 : 0);
+    u8* lutbuf = pbuf + pre;
+    float* act = (float*)(lutbuf + 2 * chunk_bytes);
     u16* codes = (u16*)(act + R * Hs);
     float* xbuf = (float*)(codes + ((R * Cs + 7) & ~7));
     u32* part = (u32*)(xbuf + xst);
 
+    const int tid = threadIdx.x;
+    if (pre) stage(pbuf, pre_src, pre);         // lands while X is read
     const float* __restrict__ X = prm->X;
     float* __restrict__ Y = prm->Y;
-    const int tid = threadIdx.x;
     const long long r0 = (long long)blockIdx.x * R;
     const int nr = (int)((long long)N - r0 < R ? (long long)N - r0 : R);
 
+    if (check == CHECK_ROWS) {
+        for (int i = tid; i < R; i += NT) rowbad[i] = 0;
+        __syncthreads();
+    }
     if (check || xst) {   // this tile of X, read once in full (into xbuf where it has room)
         const float* xs = X + r0 * D0;
         const int n = nr * D0;
@@ -237,23 +284,40 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
             const int n4 = n >> 2;
             for (int i = tid; i < n4; i += NT) {
                 const float4 v = __ldg((const float4*)xs + i);
-                bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                const u32 b4 = nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                if (b4 && check == CHECK_ROWS) {     // rare: mark the row(s) of the bad values
+                    if (nonfinite(v.x)) atomicOr(rowbad + (4 * i) / D0, 1);
+                    if (nonfinite(v.y)) atomicOr(rowbad + (4 * i + 1) / D0, 1);
+                    if (nonfinite(v.z)) atomicOr(rowbad + (4 * i + 2) / D0, 1);
+                    if (nonfinite(v.w)) atomicOr(rowbad + (4 * i + 3) / D0, 1);
+                }
+                bad |= b4;
                 if (xst) ((float4*)xbuf)[i] = v;
             }
             done = n4 << 2;
         }
         for (int i = done + tid; i < n; i += NT) {
             const float v = __ldg(xs + i);
+            if (nonfinite(v) && check == CHECK_ROWS) atomicOr(rowbad + i / D0, 1);
             bad |= nonfinite(v);
             if (xst) xbuf[i] = v;
         }
-        if (check && bad) atomicOr(&prm->flag, 1);
-        if (xst) __syncthreads();
+        if (check == CHECK_FLAG && bad) atomicOr(&prm->flag, 1);
     }
+    if (pre) async_wait_all();
+    if (xst || pre) __syncthreads();
+    int poff = (L * (int)sizeof(Layer) + 15) & ~15;   // this layer's part of the block
 
     for (int l = 0; l < L; ++l) {
-        const Layer ly = layers[l];
+        const Layer ly = pre ? ((const Layer*)pbuf)[l] : layers[l];
         const int K = 1 << ly.depth, nodes = K - 1, C = ly.C, Mp = ly.Mp, M = ly.M;
+        const float* th_s = (const float*)(pbuf + poff);
+        poff += (C * nodes * 4 + 15) & ~15;
+        const u16* dm_s = (const u16*)(pbuf + poff);
+        poff += (C * nodes * 2 + 15) & ~15;
+        const float* scale = pre ? (const float*)(pbuf + poff) : ly.scale;
+        const float* bias = pre ? (const float*)(pbuf + poff + 4 * Mp) : ly.bias;
+        poff += 8 * Mp;
         const int G = Mp >> 4, P = R * G;
         const int S = P >= NT ? 1 : NT / P;
         const int per = K * Mp;                       // bytes of one codebook's LUT
@@ -267,11 +331,19 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
         // encode: thread t takes the (row, tree) pairs t, t + NT, ... (trees fastest)
         for (int q = tid; q < nr * C; q += NT) {
             const int r = q / C, c = q - r * C;
-            const int2* __restrict__ t = ly.tree + (unsigned long long)c * nodes;
             int leaf;
-            if (l > 0) leaf = walk<false>(t, ly.depth, act + r * Hs);
-            else if (xst) leaf = walk<false>(t, ly.depth, xbuf + r * D0);
-            else leaf = walk<true>(t, ly.depth, X + (r0 + r) * D0);
+            if (pre) {
+                const float* th = th_s + c * nodes;
+                const u16* dm = dm_s + c * nodes;
+                if (l > 0) leaf = walk_compact<false>(th, dm, ly.depth, act + r * Hs);
+                else if (xst) leaf = walk_compact<false>(th, dm, ly.depth, xbuf + r * D0);
+                else leaf = walk_compact<true>(th, dm, ly.depth, X + (r0 + r) * D0);
+            } else {
+                const int2* __restrict__ t = ly.tree + (unsigned long long)c * nodes;
+                if (l > 0) leaf = walk<false>(t, ly.depth, act + r * Hs);
+                else if (xst) leaf = walk<false>(t, ly.depth, xbuf + r * D0);
+                else leaf = walk<true>(t, ly.depth, X + (r0 + r) * D0);
+            }
             codes[r * Cs + c] = (u16)leaf;
         }
         __syncthreads();
@@ -319,12 +391,13 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
             for (int i = 0; i < RPT; ++i) {
                 if (!ok[i]) continue;
                 float* dst = last ? Y + (r0 + row[i]) * M : act + row[i] * Hs;
+                const bool nan = last && check == CHECK_ROWS && rowbad[row[i]];
 #pragma unroll
                 for (int j = 0; j < 16; ++j) {
                     const int m = col[i] + j;
                     if (m < M)
-                        dst[m] = __fadd_rn(__fmul_rn(__uint2float_rn(tot[i][j]), __ldg(ly.scale + m)),
-                                           __ldg(ly.bias + m));
+                        dst[m] = nan ? __int_as_float(0x7FC00000)
+                                     : __fadd_rn(__fmul_rn(__uint2float_rn(tot[i][j]), scale[m]), bias[m]);
                 }
             }
         } else {
@@ -337,9 +410,11 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
             for (int e = tid; e < nr * Mp; e += NT) {
                 const int r = e / Mp, m = e - r * Mp;
                 if (m < M) {
-                    const float y = __fadd_rn(__fmul_rn(__uint2float_rn(part[e]), __ldg(ly.scale + m)),
-                                              __ldg(ly.bias + m));
-                    if (last) Y[(r0 + r) * M + m] = y; else act[r * Hs + m] = y;
+                    const float y = __fadd_rn(__fmul_rn(__uint2float_rn(part[e]), scale[m]),
+                                              bias[m]);
+                    if (last) Y[(r0 + r) * M + m] = check == CHECK_ROWS && rowbad[r]
+                                                    ? __int_as_float(0x7FC00000) : y;
+                    else act[r * Hs + m] = y;
                 }
             }
         }
@@ -451,7 +526,8 @@ __device__ __forceinline__ void encode_pairs(const Layer& ly, const float* __res
 
 // Grid: ceil(N / R) blocks of NTM threads. Dynamic shared memory: 2 * chunk_bytes (LUT
 // chunks), R x Hs floats (activations; Hs = 1 mod 32 so that the walks of 32 rows read
-// distinct banks), ceil(Cs / 2) x Rs uint16 pairs of codes.
+// distinct banks), ceil(Cs / 2) x Rs uint16 pairs of codes (rounded to 16 bytes), then with
+// check == CHECK_ROWS R int row flags.
 extern "C" __global__ void __launch_bounds__(NTM, 512 / NTM)
 chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R,
                  int Hs, int Cs, int chunk_bytes, int check)
@@ -461,6 +537,7 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
     float* act = (float*)(smem + 2 * chunk_bytes);
     u16* codes = (u16*)(act + R * Hs);
     const int Rs = R + 2;
+    int* rowbad = (int*)((u8*)codes + ((((Cs + 1) >> 1) * Rs * 4 + 15) & ~15));
 
     const float* __restrict__ X = prm->X;
     float* __restrict__ Y = prm->Y;
@@ -473,6 +550,10 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
     // (distinct banks for the walks of 32 rows); 0: X too wide, read in place
     const int XS = D0 + ((33 - (D0 & 31)) & 31);
     const int XR = min(R, (R * Hs) / XS);
+    if (check == CHECK_ROWS) {
+        for (int i = tid; i < R; i += NTM) rowbad[i] = 0;
+        __syncthreads();
+    }
     if (check && XR == 0) {
         const float* xs = X + r0 * D0;
         const int n = nr * D0;
@@ -482,12 +563,23 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
             const int n4 = n >> 2;
             for (int i = tid; i < n4; i += NTM) {
                 const float4 v = __ldg((const float4*)xs + i);
-                bad |= nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                const u32 b4 = nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
+                if (b4 && check == CHECK_ROWS) {     // rare: mark the row(s) of the bad values
+                    if (nonfinite(v.x)) atomicOr(rowbad + (4 * i) / D0, 1);
+                    if (nonfinite(v.y)) atomicOr(rowbad + (4 * i + 1) / D0, 1);
+                    if (nonfinite(v.z)) atomicOr(rowbad + (4 * i + 2) / D0, 1);
+                    if (nonfinite(v.w)) atomicOr(rowbad + (4 * i + 3) / D0, 1);
+                }
+                bad |= b4;
             }
             done = n4 << 2;
         }
-        for (int i = done + tid; i < n; i += NTM) bad |= nonfinite(__ldg(xs + i));
-        if (bad) atomicOr(&prm->flag, 1);
+        for (int i = done + tid; i < n; i += NTM) {
+            const u32 b = nonfinite(__ldg(xs + i));
+            if (b && check == CHECK_ROWS) atomicOr(rowbad + i / D0, 1);
+            bad |= b;
+        }
+        if (bad && check == CHECK_FLAG) atomicOr(&prm->flag, 1);
     }
 
     const int nrg = R >> 5;
@@ -523,6 +615,8 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                 for (int rr = warp; rr < xn; rr += NTM / 32) {
                     const float* xs = X + (r0 + x0 + rr) * D0;
                     float* dst = act + rr * XS;
+                    const u32 before = bad;
+                    bad = 0;
                     int done = 0;
                     if ((((u64)xs) & 15u) == 0) {
                         const int n4 = D0 >> 2;
@@ -540,13 +634,15 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                         if (check) bad |= nonfinite(v);
                         dst[i] = v;
                     }
+                    if (bad && check == CHECK_ROWS) atomicOr(rowbad + x0 + rr, 1);
+                    bad |= before;
                 }
                 __syncthreads();                        // the rows have landed
                 if (ts) encode_pairs<false, true>(ly, act, XS, xn, codes + 2 * x0, Rs, tbuf);
                 else encode_pairs<false, false>(ly, act, XS, xn, codes + 2 * x0, Rs, tbuf);
                 __syncthreads();                        // read before the next group lands
             }
-            if (bad) atomicOr(&prm->flag, 1);
+            if (bad && check == CHECK_FLAG) atomicOr(&prm->flag, 1);
         }
 
         if (ts) __syncthreads();   // every walk done before chunk 1 overwrites the trees
@@ -629,8 +725,9 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                             if (last) {
                                 if (row < nr) {
                                     float* dst = Y + (r0 + row) * M + m;
-                                    if (m < M) dst[0] = y0;
-                                    if (m + 1 < M) dst[1] = y1;
+                                    const bool nan = check == CHECK_ROWS && rowbad[row];
+                                    if (m < M) dst[0] = nan ? __int_as_float(0x7FC00000) : y0;
+                                    if (m + 1 < M) dst[1] = nan ? __int_as_float(0x7FC00000) : y1;
                                 }
                             } else {
                                 act[row * Hs + m] = y0;
