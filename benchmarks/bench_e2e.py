@@ -15,7 +15,8 @@ thread variables set before NumPy loads):
       the uncompiled ``model(X)`` when this nimbus has no ``compile`` (printed).
 
 GPU (``--gpu``, needs CuPy and a CUDA device), batches 1, 16, 256, 4096, 65536:
-  (d) ours compiled on CuPy input, ``check_finite=True`` (the default) and ``False``;
+  (d) ours compiled on CuPy input, ``check_finite=True`` (the default), ``"nan"`` (NaN rows,
+      no sync) and ``False``;
   (e) cuBLAS fp32 and fp16 GEMMs through CuPy (fused bias + ReLU kernel per layer);
   (f) the fp16 MLP captured in a ``torch.cuda.CUDAGraph`` (if ``import torch`` works).
   Device time by CUDA events around each call and host wall time per call (a loop of
@@ -68,7 +69,8 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMBA_NUM_THREADS")
 CPU_METHODS = (("numpy", "NumPy fp32"), ("ort_fp32", "ORT fp32"), ("ort_int8", "ORT int8"),
                ("ours", "ours"))
-GPU_METHODS = (("ours", "ours"), ("ours_nocheck", "ours check_finite=False"),
+GPU_METHODS = (("ours", "ours"), ("ours_nan", "ours check_finite='nan'"),
+               ("ours_nocheck", "ours check_finite=False"),
                ("cublas_fp32", "cuBLAS fp32"), ("cublas_fp16", "cuBLAS fp16"),
                ("torch_graph_fp16", "torch CUDA graph fp16"))
 
@@ -425,6 +427,7 @@ def run_gpu(args):
         ours, label = _ours(conv.to("cupy"), gpu=True)
     notes["ours"] = label
     methods["ours"] = lambda X: ours(X)
+    methods["ours_nan"] = lambda X: ours(X, check_finite="nan")
     methods["ours_nocheck"] = lambda X: ours(X, check_finite=False)
     methods["cublas_fp32"] = cupy_mlp(layers, np.float32)
     methods["cublas_fp16"] = cupy_mlp(layers, np.float16)
@@ -518,13 +521,15 @@ def gpu_table(gpu, which):
     keys = [k for k, _ in GPU_METHODS]
     labels = dict(GPU_METHODS)
     head = ["batch"] + [labels[k] + " ms" for k in keys] + \
-        [f"{labels[k]} / ours" for k in keys if not k.startswith("ours")]
+        [f"{labels[k]} / ours" for k in keys if not k.startswith("ours")] + \
+        ["torch graph / ours 'nan'"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in gpu["rows"]:
         ms = {k: r.get(f"{k}_{which}_ms") for k in keys}
         cells = [str(r["batch"]) + ("*" if r["repeated_rows"] else "")]
         cells += [_fmt_ms(ms[k]) for k in keys]
         cells += [_fmt_ratio(ms[k], ms["ours"]) for k in keys if not k.startswith("ours")]
+        cells.append(_fmt_ratio(ms["torch_graph_fp16"], ms["ours_nan"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -12,7 +12,8 @@ and off, on CuPy input:
   sync at the end) and ``chain check``: the same with the per-call check (a sync each);
 * ``model wall`` / ``model check``: the same through ``compiled(X)`` (nimbus.nn.compile);
 * ``model dev``: CUDA events around one ``compiled(X, check_finite=False)`` call (median),
-  which counts the host time before the first enqueued copy;
+  which counts the host time before the first enqueued copy; ``nan``: the same calls with
+  ``check_finite="nan"``;
 * the host cost of the pieces of a call: ``cp.empty``, the 24-byte parameter copy, the
   graph launch, an event record.
 
@@ -71,9 +72,9 @@ def main():
             t.append(cp.cuda.get_elapsed_time(a, b))
         return float(np.median(t))
 
-    print("| batch | prefetch | bytes | kernel ms | chain wall | chain check | model wall "
-          "| model check | model dev |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | prefetch | bytes | kernel ms | chain wall | chain check | chain nan "
+          "| model wall | model check | model nan | model dev | model nan dev |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for N in args.batches:
         X = cp.asarray(rng.uniform(0, 1, (N, D0)).astype(np.float32))
         want = None
@@ -93,15 +94,19 @@ def main():
             kern = cp.cuda.get_elapsed_time(a, b) / 200
             cw = host_loop(lambda: ch(X, check_finite=False))
             cc = host_loop(lambda: ch(X))
+            cn = host_loop(lambda: ch(X, check_finite="nan"))
             info = ch.plan_info(N, D0, False)
             if pre:
                 mw = host_loop(lambda: comp(X, check_finite=False))
                 mc = host_loop(lambda: comp(X))
+                mn = host_loop(lambda: comp(X, check_finite="nan"))
                 md = dev_one(lambda: comp(X, check_finite=False))
+                mnd = dev_one(lambda: comp(X, check_finite="nan"))
             else:
-                mw = mc = md = float("nan")
+                mw = mc = mn = md = mnd = float("nan")
             print(f"| {N} | {pre} | {info['prefetch_bytes']} | {kern:.4f} | {cw:.4f} | {cc:.4f} "
-                  f"| {mw:.4f} | {mc:.4f} | {md:.4f} |", flush=True)
+                  f"| {cn:.4f} | {mw:.4f} | {mc:.4f} | {mn:.4f} | {md:.4f} | {mnd:.4f} |",
+                  flush=True)
     # host cost of the pieces
     ch = chains[True]
     X = cp.asarray(rng.uniform(0, 1, (1, D0)).astype(np.float32))
