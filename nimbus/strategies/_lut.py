@@ -464,3 +464,211 @@ def quantize_lut_per_column(lut):
     scale = xp.where(span > 0, span / 255.0, 1.0)                 # constant column: any
     q = xp.clip(xp.rint((lut64 - offsets[:, None, :]) / scale), 0, 255).astype(np.uint8)
     return q, scale.astype(np.float32), offsets.sum(axis=0).astype(np.float32)
+
+
+# ------------------------------------------------- few rows: LUT models on fixed trees
+# Joint's LUT models with few rows (issue 17; see joint.py): the LUT of codebook c is
+# a prior plus a ridge fit over the nodes of its tree. The prior is ``gamma`` times the
+# bucket means of the codebook's own partial product plus ``1 - gamma`` times the mean
+# row (shared over the codebooks); the ridge fits what the prior leaves over, either on
+# the leaves alone (design "leaf", MADDNESS's model at gamma = 1) or on every node of
+# every level below the root (design "node": a leaf's value is the sum over its path, so
+# a leaf of a few rows borrows from its parent, the parent from its parent, and so on).
+PATH_LEVELS = {"leaf": "the leaves only", "node": "every level below the root"}
+
+
+def path_levels(design, depth):
+    """The tree levels (1 = the root's children, ..., depth = the leaves) of a design."""
+    if design == "leaf":
+        return (int(depth),)
+    if design == "node":
+        return tuple(range(1, int(depth) + 1))
+    raise ValueError(f"design must be one of {tuple(PATH_LEVELS)}, got {design!r}")
+
+
+def path_onehot(codes, depth, levels, dtype=np.float64):
+    """Memberships of the rows in the tree nodes of ``levels``.
+
+    Parameters
+    ----------
+    codes : (N, C) uint8 or uint16 leaf codes of trees of ``depth`` levels
+    levels : sequence of int in 1..depth (depth alone: :func:`onehot`)
+
+    Returns
+    -------
+    G : (N, C * F) ``dtype`` with F = sum over levels of 2**level; the columns of
+        codebook c are ``c * F + offset(level) + (code >> (depth - level))``, the
+        levels in the order given
+    """
+    xp = backend.namespace(codes)
+    N, C = codes.shape
+    F = sum(2 ** int(l) for l in levels)
+    G = xp.zeros((N, C * F), dtype=dtype)
+    code = codes.astype(np.int64)
+    rows = xp.arange(N)[:, None]
+    base = (xp.arange(C, dtype=np.int64) * F)[None, :]
+    off = 0
+    for l in levels:
+        G[rows, base + off + (code >> (int(depth) - int(l)))] = 1
+        off += 2 ** int(l)
+    return G
+
+
+def path_sums(coef, C, depth, levels):
+    """(C, K, P): every leaf's sum of the node coefficients ``coef`` (C * F, P) on its path
+    (the LUT rows of a fit on :func:`path_onehot` columns)."""
+    xp = backend.namespace(coef)
+    K = 2 ** int(depth)
+    F = sum(2 ** int(l) for l in levels)
+    coef = coef.reshape(C, F, -1)
+    out = xp.zeros((C, K, coef.shape[2]), dtype=coef.dtype)
+    leaf = np.arange(K)
+    off = 0
+    for l in levels:
+        out += coef[:, xp.asarray(off + (leaf >> (int(depth) - int(l))))]
+        off += 2 ** int(l)
+    return out
+
+
+def _own_shift(code, Z, depth):
+    """(N, P) float64: the change of row n's own-bucket mean of ``Z`` (N, P) when row n is
+    left out; a bucket left empty falls back to its deepest ancestor node that keeps rows
+    (what the fit on the other rows predicts there)."""
+    xp = backend.namespace(code, Z)
+    K = 2 ** int(depth)
+    code = code.astype(np.int64)
+    n, sums = bucket_sums(code, K, Z)
+    cnt, mean = n[code], (sums / xp.maximum(n, 1)[:, None])[code]
+    out = (mean - Z) / xp.maximum(cnt - 1, 1)[:, None]
+    todo = cnt <= 1
+    for l in range(int(depth) - 1, -1, -1):     # singletons: the nearest ancestor with rows
+        if not bool(todo.any()):
+            break
+        node = code >> (int(depth) - l)
+        n, sums = bucket_sums(node, 2 ** l, Z)
+        ok = todo & (n[node] >= 2)
+        fall = (sums[node] - Z) / xp.maximum(n[node] - 1, 1)[:, None] - mean
+        out = xp.where(ok[:, None], fall, out)
+        todo = todo & ~ok
+    return out
+
+
+def path_ridge_loo(codes, Z, depth, design, gammas, lams):
+    """Leave-one-out residuals of the path-ridge LUT models, the prior refit without the row.
+
+    For the fit of ``Y = sum_c Z_c`` on fixed codes: prior ``gamma * sum_c
+    own_mean_c[codes_c] + (1 - gamma) * mean(Y)`` (own_mean_c: the bucket means of Z_c),
+    plus the ridge fit of what it leaves on :func:`path_onehot` columns of ``design``
+    (penalty ``reg = ridge_reg(lam, N, C, K)``; ``lam = inf``: the prior alone). Unlike
+    :func:`ridge_loo`, the prior itself is left out with the row too: in buckets of two or
+    three rows the row's own share of its bucket mean is what makes the leave-one-out
+    error of a fixed prior optimistic. Exact (it equals N refits) by one eigendecomposition
+    of the smaller of ``G G^T`` and ``G^T G``: row n's residual is ``(r_n - d_n - (H r)_n
+    + (H D_n)_n) / (1 - H_nn)``, with r the residuals of the prior, H the ridge's hat
+    matrix and D_n the change of every row's prior when row n is left out (nonzero in
+    row n's buckets, and everywhere through the mean), d_n its value at row n.
+
+    Parameters
+    ----------
+    codes : (N, C) uint8 or uint16 leaf codes (trees of ``depth`` levels)
+    Z : (C, N, P) float64, every codebook's own partial product ``A_c @ B_c``
+    design : "leaf" or "node" (see :func:`path_levels`)
+    gammas : sequence of float in [0, 1]; lams : sequence of float >= 0 or inf
+
+    Returns
+    -------
+    dict (gamma, lam) -> E (N, P) float64, row n's target less its prediction by the fit
+    on the other rows
+    """
+    xp = backend.namespace(codes, Z)
+    N, C = codes.shape
+    K = 2 ** int(depth)
+    levels = path_levels(design, depth)
+    Y = Z.sum(axis=0)
+    mu = Y.mean(axis=0)
+    own = xp.zeros_like(Y)
+    shift = xp.zeros_like(Y)          # sum over codebooks of the own-mean shifts at row n
+    shifts = []
+    for c in range(C):
+        code = codes[:, c].astype(np.int64)
+        n, sums = bucket_sums(code, K, Z[c])
+        own += (sums / xp.maximum(n, 1)[:, None])[code]
+        shifts.append(_own_shift(code, Z[c], depth))
+        shift += shifts[-1]
+    mshift = (mu - Y) / (N - 1)       # the mean row's shift at every row when n leaves
+    G = path_onehot(codes, depth, levels)
+    if N <= G.shape[1]:
+        s, W = xp.linalg.eigh(G @ G.T)            # H = W diag(s / (s + reg)) W^T
+        s = xp.maximum(s, 0.0)
+        num = s
+    else:
+        s, V = xp.linalg.eigh(G.T @ G)            # H = (G V) diag(1 / (s + reg)) (G V)^T
+        s = xp.maximum(s, 0.0)
+        W = G @ V
+        num = xp.ones_like(s)
+    W2 = W ** 2
+    U = W.T @ onehot(codes, K, np.float64)        # (r, C K): W summed over each bucket
+    u0 = W.sum(axis=0)                            # (r,): W summed over all rows
+    idx = codes.astype(np.int64) + (xp.arange(C, dtype=np.int64) * K)[None, :]
+    rows = xp.arange(N)[:, None]
+    out = {}
+    for lam in lams:
+        if np.isfinite(lam):
+            f = num / (s + ridge_reg(lam, N, C, K))
+            Wf = W * f
+            h = W2 @ f
+            # (H D_n)_n: row n's hat row summed over its bucket of codebook c (each
+            # codebook's own-mean shift) and over all rows (the mean's shift)
+            Q = (Wf @ U)[rows, idx]                              # (N, C)
+            HDl = sum(shifts[c] * Q[:, c:c + 1] for c in range(C))
+            HDg = mshift * (Wf @ u0)[:, None]
+        for g in gammas:
+            r = Y - g * own - (1 - g) * mu
+            dn = g * shift + (1 - g) * mshift
+            if not np.isfinite(lam):
+                out[(g, lam)] = r - dn
+                continue
+            Hr = Wf @ (W.T @ r)
+            out[(g, lam)] = (r - dn - Hr + g * HDl + (1 - g) * HDg) / xp.maximum(1.0 - h, 1e-9)[:, None]
+    return out
+
+
+def path_ridge_fit(codes, X, starts, depth, design, gamma, lam):
+    """Prototypes of a path-ridge LUT model (see :func:`path_ridge_loo`), in X's space.
+
+    The fit is linear in its targets, so fitting the rows X (the clipped A) gives
+    prototypes P with ``P @ B`` the fit against ``A @ B`` for any B.
+
+    Parameters
+    ----------
+    codes : (N, C) leaf codes; X : (N, D) real; starts : (C + 1,) subspace boundaries
+    design : "leaf" or "node"; gamma : float in [0, 1]; lam : float >= 0 or inf
+
+    Returns
+    -------
+    P : (C, K, D) float32
+    """
+    xp = backend.namespace(codes, X)
+    N, C = codes.shape
+    K = 2 ** int(depth)
+    D = X.shape[1]
+    X = X.astype(np.float64)
+    P0 = xp.zeros((C, K, D), dtype=np.float64)
+    for c in range(C):
+        s, e = int(starts[c]), int(starts[c + 1])
+        n, sums = bucket_sums(codes[:, c], K, X[:, s:e])
+        P0[c, :, s:e] = gamma * sums / xp.maximum(n, 1)[:, None]
+    P0 += (1 - gamma) * X.mean(axis=0) / C
+    if not np.isfinite(lam):
+        return P0.astype(np.float32)
+    R = X.copy()
+    for c in range(C):
+        R -= P0[c][codes[:, c].astype(np.int64)]
+    levels = path_levels(design, depth)
+    G = path_onehot(codes, depth, levels)
+    reg = ridge_reg(lam, N, C, K)
+    if N <= G.shape[1]:
+        coef = G.T @ xp.linalg.solve(G @ G.T + reg * xp.eye(N), R)
+    else:
+        coef = xp.linalg.solve(G.T @ G + reg * xp.eye(G.shape[1]), G.T @ R)
+    return (P0 + path_sums(coef, C, depth, levels)).astype(np.float32)

@@ -22,23 +22,43 @@ learns every tree against that error directly:
    ``||Y - sum_c LUT_c[codes_c]||^2 + reg ||LUT||^2``; the passes stop early
    once a pass gains less than ``tol`` of it.
 
-With few training rows (N < ``_lut.SMALL_ROWS`` = 1024; issue 17) the richer model can
-fit noise, so the fit is checked: the start trees plus the LUT refit (no passes: on a few
-hundred rows they fit noise) against MADDNESS at its defaults, both fitted on all rows, by
-the leave-one-out error of the product of every training row (the LUT refit without the
-row, in closed form on each fit's trees: :func:`._lut.ridge_loo_residuals`). The joint fit
-is kept only if its error is below ``1 - SELECT_MARGIN`` (0.95) of MADDNESS's by
-``SELECT_Z`` (2) standard errors of the row differences, else MADDNESS's fit is adopted:
-the leave-one-out error of fixed trees flatters trees learned on the product more than
-trees learned on A alone, and a few badly predicted rows make the difference noisy.
-``choice_`` and ``report()`` say which. With few rows the leaf size, the LUT penalty
-(leave-one-out, :func:`._lut.ridge_loo`) and a clip of the training columns also follow
-from N. From 1024 rows on none of this runs (the network conversion's initial trees are
-fitted on 1347-8192 rows, unchanged).
+With few training rows (N < ``_lut.SMALL_ROWS`` = 1024; issue 17) the error is mostly
+that of the LUT, not of the trees: C K M entries estimated from buckets of a few rows (on
+bench_small at N = 50-200, the same trees with their LUT fitted on 2000 other rows have
+2-85 % lower test NMSE).
+So the fit tries several LUT models on two sets of trees and keeps one only where it is
+shown to be better on rows it was not fitted on:
+
+* trees: MADDNESS's at its defaults (learned on A alone) and this fit's start trees
+  (step 1, then the refit of step 2; no passes: on a few hundred rows they fit noise);
+* LUT models (:func:`._lut.path_ridge_loo`): a prior, ``gamma`` times each codebook's
+  bucket means of its own partial product plus ``1 - gamma`` times the mean row, and a
+  ridge fit of what the prior leaves over, either on the leaves (``lut_design_`` "leaf";
+  at ``gamma = 1`` MADDNESS's own model) or on every node of every tree level
+  ("node": a leaf's LUT row is the sum of the rows of the nodes on its path, so a leaf of
+  a few rows borrows from its parent, and codebooks that see correlated columns share
+  the work); ``gamma`` in ``LUT_GAMMAS``, penalty in ``LUT_LAMS``;
+* every model is scored by the leave-one-out error of the product of every training row,
+  in closed form and exact: the row is left out of the ridge fit *and* of the prior's
+  bucket means (a bucket left empty falls back to its nearest ancestor with rows). With
+  the prior held fixed, a row's own share of a bucket mean of two or three rows made that
+  error optimistic, more so for some models than others;
+* MADDNESS's own fit is the reference. A model on its trees replaces it if its error is
+  lower by ``SELECT_Z_MADDNESS`` (2) standard errors of the row differences; a model on
+  the joint trees replaces that winner only if lower by ``SELECT_MARGIN`` (5 %) of its
+  error and by ``SELECT_Z`` (3) standard errors: trees learned on these rows' products
+  flatter their own leave-one-out error (the trees are held fixed in it).
+
+``choice_`` is "maddness" where MADDNESS's fit was kept as it is, else "joint";
+``trees_`` and ``lut_design_``, ``lut_gamma_``, ``ridge_chosen_`` say which model;
+``report()`` shows them, ``compare`` the choice. With few rows the leaf size and a clip of the
+training columns also follow from N (:func:`._trees.small_data_min_leaf`,
+:func:`._lut.small_data_clip`). From 1024 rows on none of this runs (the network
+conversion's initial trees are fitted on 1347-8192 rows, unchanged).
 
 The LUT is stored as prototypes in A's space, ``P = ridge(onehot(codes), A)``
-(C, K, D): the ridge solution is linear in its targets, so ``P @ B`` *is* the
-joint ridge refit against ``Y = A @ B``, and ``build_lut(B_new)`` gives the
+(C, K, D): the ridge solution (and every LUT model above) is linear in its targets, so
+``P @ B`` *is* the joint ridge refit against ``Y = A @ B``, and ``build_lut(B_new)`` gives the
 least-squares LUT for any other B (for the trees learned with the first B).
 
 The trees are ordinary MADDNESS trees (depth 4 by default; one column of the subspace and
@@ -58,17 +78,34 @@ from ..arrays import backend, kernels, validate
 from .._progress import progress_bar
 from ..arrays.validate import code_dtype
 from ._clip import winsorize
-from ._lut import (LOO_GRID, SMALL_ROWS, CodeRidge, bucket_sums, is_small, onehot, ridge_loo,
-                   ridge_loo_residuals, ridge_reg, small_data_clip)
+from ._lut import (LOO_GRID, SMALL_ROWS, CodeRidge, bucket_sums, is_small, onehot,
+                   path_ridge_fit, path_ridge_loo, ridge_loo, ridge_reg, small_data_clip)
 from ._trees import bin_columns, learn_tree, small_data_min_leaf, top_directions
 from .base import TreeStrategy, subspace_starts
 
-# The check against MADDNESS with few rows (N < SMALL_ROWS): the joint fit is kept where
-# its leave-one-out error is below (1 - SELECT_MARGIN) of MADDNESS's by SELECT_Z standard
-# errors of the row differences; it needs SELECT_MIN_BUCKET_ROWS * K rows (48 at K = 16)
+# With few rows (N < SMALL_ROWS; needs SELECT_MIN_BUCKET_ROWS * K rows, 48 at K = 16) the
+# LUT models tried on both sets of trees (_lut.path_ridge_loo): designs, prior weights
+# gamma, penalties (relative to the mean bucket size, as _lut.ridge_reg)
 SELECT_MIN_BUCKET_ROWS = 3
+LUT_DESIGNS = ("leaf", "node")
+LUT_GAMMAS = (0.0, 0.5, 1.0)
+LUT_LAMS = (1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+# A model on MADDNESS's trees replaces MADDNESS's own fit if its leave-one-out error is
+# lower by SELECT_Z_MADDNESS standard errors of the row differences; a model on the joint
+# trees replaces that winner if lower by SELECT_MARGIN of its error and SELECT_Z standard
+# errors (the joint trees were learned on these rows' products: their leave-one-out
+# error, trees held fixed, flatters them)
+SELECT_Z_MADDNESS = 2.0
 SELECT_MARGIN = 0.05
-SELECT_Z = 2.0
+SELECT_Z = 3.0
+
+
+def _beats(e, ref, margin, z):
+    """True if the row errors ``e`` (N,) are below ``(1 - margin)`` of ``ref`` (N,) on
+    average by ``z`` standard errors of the row differences."""
+    d = e - ref
+    se = float(d.std(ddof=1)) / np.sqrt(len(d))
+    return float(d.mean()) + z * se < -margin * float(ref.mean())
 
 
 # ----------------------------------------------------------------- strategy
@@ -98,7 +135,8 @@ class Joint(TreeStrategy):
         relative to the mean bucket size (0: least squares with a tiny jitter). "auto":
         1e-2 from 1024 training rows on; with fewer, the penalty of ``_lut.LOO_GRID``
         (inf read as 1e4, the prior) with the least leave-one-out error of the refit on
-        the start trees (``ridge_chosen_``)
+        the start trees, and with ``select`` the penalty of the LUT model kept
+        (``ridge_chosen_``)
     rank : int >= 1, dimensions the targets of a tree are projected to (their top
         principal directions) when M or the subspace width is larger; bounds
         the learning cost for wide B
@@ -112,11 +150,11 @@ class Joint(TreeStrategy):
         is best); None: all columns (the cost grows with D / C; on the
         Fashion-MNIST input layer, 49 columns a subspace, 32 candidates fitted
         as well as all 49)
-    select : bool (default True), with fewer than 1024 training rows check the joint fit
-        against MADDNESS by leave-one-out errors and keep the better (module docstring).
-        Needs 3 K rows (48 at depth 4); with K to 3 K rows the documented fallback is
-        MADDNESS, unchecked (``selection_`` and ``report()`` say so). Fewer than K rows
-        is a ValueError naming the minimum. False: the joint fit, unchecked
+    select : bool (default True), with fewer than 1024 training rows choose the trees and
+        the LUT model by leave-one-out errors, MADDNESS's own fit the reference (module
+        docstring). Needs 3 K rows (48 at depth 4); with K to 3 K rows the documented
+        fallback is MADDNESS, unchecked (``selection_`` and ``report()`` say so). Fewer
+        than K rows is a ValueError naming the minimum. False: the joint fit, unchecked
     quantize : bool, 8-bit LUT (True) or float32 LUT
     random_state : unused by the learners (they and the check are deterministic); kept
         for the interface
@@ -131,11 +169,16 @@ class Joint(TreeStrategy):
     train_loss_ : (passes + 1,) float64 host array, training loss (float LUT,
         ridge penalty included) over ``sum((Y - mean(Y))**2)``, after the start
         and after each pass: non-increasing
-    choice_ : "joint" or "maddness", the fit kept; selection_ : str, how it was chosen
-    cv_nmse_ : (2,) float64 host array, leave-one-out NMSE of the product of (joint,
-        MADDNESS) over the training rows (NaN in the fallback; absent where no check ran)
+    choice_ : "maddness" (MADDNESS's fit, kept as it is) or "joint" (this strategy's
+        model); selection_ : str, how it was chosen
+    trees_ : "joint" or "maddness", whose trees (with few rows; absent in the fallback)
+    lut_design_ : "maddness", "leaf" or "node", lut_gamma_ : float (absent for
+        "maddness"): the LUT model kept with few rows (module docstring)
+    cv_nmse_ : (2,) float64 host array, leave-one-out NMSE of the product of (the kept
+        fit, MADDNESS's) over the training rows (NaN in the fallback; absent where no
+        check ran)
     min_leaf_, ridge_chosen_ (and clip_ with few rows): the rules used
-    train_loss_ is absent where MADDNESS was kept.
+    train_loss_ is absent where MADDNESS's trees were kept.
     lut_ : (C, K, M) float32 = prototypes_ @ B; lut_q_, lut_scale_, lut_bias_
         (8-bit with an offset per codebook and output column and a scale per column,
         :func:`._lut.quantize_lut_per_column`: each column's step is set by its own
@@ -201,8 +244,9 @@ class Joint(TreeStrategy):
         return Joint(**params)
 
     def _fit_selected(self, A, B, rng):
-        """With few rows: the joint fit against MADDNESS's on leave-one-out errors of the
-        product, row against row (module docstring); the winner is kept as fitted."""
+        """With few rows: MADDNESS's fit, then LUT models on its trees and on the joint
+        trees, each kept only if it beats the fit before it on leave-one-out errors of the
+        product, row against row (module docstring)."""
         N, K = A.shape[0], self.nbuckets
         B = backend.like(B, A)
         mad = self._candidate("maddness").fit(A, B)
@@ -216,23 +260,70 @@ class Joint(TreeStrategy):
             return
         self._fit_joint(A, B, 0)
         Y = (A @ B).astype(np.float64)
-        e_joint = self._loo_rows(self, A, B, Y)
-        e_mad = self._loo_rows(mad, A, B, Y)
-        # keep the richer fit only if it wins by SELECT_MARGIN of MADDNESS's error and by
-        # SELECT_Z standard errors of the row differences: a few rows that one fit gets
-        # badly wrong (heavy tails, a leaf of outliers) make the difference noisy, and
-        # the leave-one-out error of a fixed tree flatters the trees learned on the
-        # product more than MADDNESS's (learned on A alone)
-        d = e_joint - e_mad
-        se = float(d.std(ddof=1)) / np.sqrt(N)
-        wins = float(d.mean()) + SELECT_Z * se < -SELECT_MARGIN * float(e_mad.mean())
         yss = max(float(((Y - Y.mean(axis=0)) ** 2).sum()), 1e-300)
-        self.cv_nmse_ = np.array([float(e_joint.sum()), float(e_mad.sum())]) / yss
+        lam_mad = float(getattr(mad, "ridge_chosen_", np.inf))
+        rows = self.lut_model_rows(mad, A, B, Y, ("leaf",), (1.0,), (lam_mad,))
+        e_mad = rows[("leaf", 1.0, lam_mad)]
+        # 1. LUT models on MADDNESS's trees against MADDNESS's own fit; 2. on the joint
+        #    trees against the winner of 1, by a margin: trees learned on the product
+        #    flatter their own leave-one-out error (the trees are held fixed)
+        best = ("maddness", None, e_mad)
+        for trees, op, margin, z in (("maddness", mad, 0.0, SELECT_Z_MADDNESS),
+                                     ("joint", self, SELECT_MARGIN, SELECT_Z)):
+            ref = best[2]
+            for cfg, e in self.lut_model_rows(op, A, B, Y).items():
+                if _beats(e, ref, margin, z) and float(e.sum()) < float(best[2].sum()):
+                    best = (trees, cfg, e)
+        trees, cfg, e_best = best
+        self.cv_nmse_ = np.array([float(e_best.sum()), float(e_mad.sum())]) / yss
         self.selection_ = f"leave-one-out check ({N} rows < {SMALL_ROWS})"
-        if wins:
-            self.choice_ = "joint"
-        else:
+        if cfg is None:
             self._keep_maddness(mad)
+            self.trees_ = self.lut_design_ = "maddness"
+            return
+        if trees == "maddness":
+            self._keep_maddness(mad)
+        self.choice_ = "joint"          # joint's own model, on either set of trees
+        self.trees_ = trees
+        design, gamma, lam = cfg
+        self.lut_design_, self.lut_gamma_, self.ridge_chosen_ = design, float(gamma), float(lam)
+        Aw = winsorize(A, self.clip_)
+        self.prototypes_ = path_ridge_fit(self.encode(Aw), Aw, self.starts_, self.depth,
+                                          design, gamma, lam)
+
+    def lut_model_rows(self, op, A, B, Y, designs=LUT_DESIGNS, gammas=LUT_GAMMAS,
+                       lams=LUT_LAMS):
+        """Leave-one-out errors of the LUT models on the fitted trees of ``op`` (this joint
+        fit or a MADDNESS one), the prior refit without the row too
+        (:func:`._lut.path_ridge_loo`).
+
+        Parameters
+        ----------
+        op : fitted tree strategy with ``starts_``, ``clip_`` and trees of ``self.depth``
+        A : (N, D) training rows; B : (D, M); Y : (N, M) float64, ``A @ B`` of the
+            unclipped rows (the models are fit on the clipped rows, as the trees were)
+        designs, gammas, lams : the models tried (see ``_lut.path_ridge_loo``)
+
+        Returns
+        -------
+        dict (design, gamma, lam) -> (N,) float64 host array, each row's squared error of
+        the product, summed over its M columns
+        """
+        xp = backend.namespace(A)
+        Aw = winsorize(A, getattr(op, "clip_", 0.0))
+        codes = op.encode(Aw)
+        Bf = backend.like(B, A).astype(np.float64)
+        X = Aw.astype(np.float64)
+        C = codes.shape[1]
+        Z = xp.stack([X[:, int(op.starts_[c]):int(op.starts_[c + 1])]
+                      @ Bf[int(op.starts_[c]):int(op.starts_[c + 1])] for c in range(C)])
+        off = Y - X @ Bf                 # the clip's own error, in every model's rows
+        out = {}
+        for design in designs:
+            res = path_ridge_loo(codes, Z, self.depth, design, gammas, lams)
+            for (g, lam), E in res.items():
+                out[(design, g, lam)] = backend.to_host(((off + E) ** 2).sum(axis=1))
+        return out
 
     def _keep_maddness(self, mad):
         self._adopt(mad)
@@ -240,28 +331,6 @@ class Joint(TreeStrategy):
         for k in ("train_loss_", "loo_nmse_"):      # the joint fit's, not kept
             if hasattr(self, k):
                 delattr(self, k)
-
-    def _loo_rows(self, op, A, B, Y):
-        """(N,) float64 host: each training row's squared error of the product, summed over
-        its M columns, under the LUT refit without that row (closed form,
-        :func:`._lut.ridge_loo_residuals`) on the fitted trees of ``op`` (this joint fit
-        or a MADDNESS one), with its penalty; against ``Y = A @ B`` (N, M) float64 of
-        the unclipped rows, while the refit is that of the clipped rows it was fit on."""
-        xp = backend.namespace(A)
-        K = self.nbuckets
-        Aw = winsorize(A, getattr(op, "clip_", 0.0))
-        codes = op.encode(Aw)
-        C = codes.shape[1]
-        Bf = B.astype(np.float64)
-        Yw = Aw.astype(np.float64) @ Bf
-        R = Yw.copy()
-        for c in range(C):           # less the prior: each codebook's own partial product
-            s, e = int(op.starts_[c]), int(op.starts_[c + 1])
-            n, sums = bucket_sums(codes[:, c], K, Aw[:, s:e])
-            R -= ((sums / xp.maximum(n, 1)[:, None]) @ Bf[s:e])[codes[:, c].astype(np.int64)]
-        lam = getattr(op, "ridge_chosen_", float("inf"))
-        E = ridge_loo_residuals(codes, R, lam, K)
-        return backend.to_host(((Y - Yw + E) ** 2).sum(axis=1))
 
     def _adopt(self, op):
         """Take the trees and prototypes of a fitted MADDNESS ``op``."""
@@ -277,8 +346,14 @@ class Joint(TreeStrategy):
         from N: ``min_leaf``, ``ridge``, ``clip``."""
         self._check_fitted("choice_")
         out = {"choice": self.choice_, "selection": self.selection_}
+        if hasattr(self, "trees_"):
+            out["trees"] = self.trees_
+        if hasattr(self, "lut_design_"):
+            out["lut_model"] = ("maddness" if self.lut_design_ == "maddness" else
+                                {"design": self.lut_design_, "gamma": self.lut_gamma_,
+                                 "ridge": self.ridge_chosen_})
         if hasattr(self, "cv_nmse_"):
-            out["cv_nmse"] = {"joint": float(self.cv_nmse_[0]),
+            out["cv_nmse"] = {"kept": float(self.cv_nmse_[0]),
                               "maddness": float(self.cv_nmse_[1])}
         for k in ("min_leaf_", "ridge_chosen_", "clip_"):
             if hasattr(self, k):

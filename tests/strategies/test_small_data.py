@@ -6,9 +6,10 @@ import pytest
 
 import nimbus
 from nimbus.strategies import Joint, Maddness
-from nimbus.strategies.joint import SELECT_MARGIN, SELECT_Z
-from nimbus.strategies._lut import (LOO_GRID, SMALL_ROWS, CodeRidge, onehot, ridge_loo,
-                                    ridge_reg, small_data_clip)
+from nimbus.strategies.joint import SELECT_MARGIN, SELECT_Z, SELECT_Z_MADDNESS, _beats
+from nimbus.strategies._lut import (LOO_GRID, SMALL_ROWS, CodeRidge, onehot, path_levels,
+                                    path_onehot, path_ridge_fit, path_ridge_loo, path_sums,
+                                    ridge_loo, ridge_reg, small_data_clip)
 from nimbus.strategies._trees import small_data_min_leaf
 
 
@@ -149,75 +150,177 @@ def test_heavy_tails_with_few_rows_stay_below_the_zero_predictor(rng, method):
 
 
 # --------------------------------------------------------- joint against MADDNESS
+def _refit_predict(codes, Z, n, depth, design, gamma, lam):
+    """Row n's prediction of sum_c Z_c by the path-ridge model fitted on the other rows:
+    prior (own bucket means, an emptied bucket falling back to its nearest ancestor with
+    rows; the mean row) and ridge over the design's nodes, all without row n."""
+    N, C = codes.shape
+    K = 2 ** depth
+    keep = np.arange(N) != n
+    ck, Zk = codes[keep].astype(np.int64), Z[:, keep]
+    Yk = Zk.sum(axis=0)
+
+    def own(c, code):
+        for level in range(depth, -1, -1):          # the deepest node with rows
+            sel = (ck[:, c] >> (depth - level)) == (int(code) >> (depth - level))
+            if sel.any():
+                return Zk[c][sel].mean(axis=0)
+
+    prior = lambda rows_codes: (gamma * sum(own(c, rows_codes[c]) for c in range(C))  # noqa
+                                + (1 - gamma) * Yk.mean(axis=0))
+    if not np.isfinite(lam):
+        return prior(codes[n])
+    R = Yk - np.stack([prior(ck[m]) for m in range(N - 1)])
+    levels = path_levels(design, depth)
+    G = path_onehot(codes, depth, levels)
+    Gk = G[keep]
+    coef = np.linalg.solve(Gk.T @ Gk + ridge_reg(lam, N, C, K) * np.eye(G.shape[1]), Gk.T @ R)
+    return prior(codes[n]) + G[n] @ coef
+
+
+@pytest.mark.parametrize("N", [40, 120])            # (N, N) and (F, F) eigendecompositions
+def test_path_ridge_loo_is_the_leave_one_out_error_with_the_prior_refit(N):
+    rng = np.random.default_rng(3)
+    C, M, depth = 3, 4, 4
+    codes = rng.integers(0, 16, (N, C)).astype(np.uint8)
+    codes[:3, 0] = 15                               # a bucket of 3 rows ...
+    codes[3:, 0] = np.minimum(codes[3:, 0], 13)     # ... whose sibling is empty
+    codes[0, 1] = 7                                 # a bucket of one row, empty sibling
+    codes[1:, 1] = np.where(codes[1:, 1] // 2 == 3, 0, codes[1:, 1])
+    Z = np.stack([rng.standard_normal((N, M)) + 0.3 * codes[:, [c]] for c in range(C)])
+    for design in ("leaf", "node"):
+        res = path_ridge_loo(codes, Z, depth, design, (0.0, 0.5, 1.0), (0.1, 3.0, np.inf))
+        assert len(res) == 9
+        for (g, lam), E in res.items():
+            for n in (0, 1, 2, 5, N - 1):
+                pred = _refit_predict(codes, Z, n, depth, design, g, lam)
+                np.testing.assert_allclose(E[n], Z[:, n].sum(axis=0) - pred, atol=1e-9,
+                                           err_msg=f"{design} {g} {lam} row {n}")
+
+
+def test_path_ridge_fit_is_the_product_fit_and_leaf_gamma_one_is_maddness_s_model(rng):
+    A, B = _lowrank(rng, 120, D=16, M=5)
+    A = A.astype(np.float64)
+    op = Maddness(4).fit(A.astype(np.float32), B)
+    codes = op.encode(A.astype(np.float32))
+    for design, g, lam in (("node", 0.5, 0.3), ("node", 0.0, 3.0), ("leaf", 1.0, 10.0)):
+        P = path_ridge_fit(codes, A, op.starts_, 4, design, g, lam)
+        assert P.shape == (4, 16, 16) and P.dtype == np.float32
+        # the leave-one-out residuals' fit on all rows: the same model in product space,
+        # checked through its training residuals (the hat of the model)
+        pred = sum(P[c][codes[:, c]] for c in range(4)).astype(np.float64) @ B
+        Z = np.stack([A[:, s:e] @ B[s:e] for s, e in zip(op.starts_[:-1], op.starts_[1:])])
+        r = path_ridge_loo(codes, Z, 4, design, (g,), (lam,))[(g, lam)]
+        assert np.isfinite(r).all()
+        own = np.zeros_like(pred)
+        for c in range(4):
+            for k in np.unique(codes[:, c]):
+                own[codes[:, c] == k] += Z[c][codes[:, c] == k].mean(axis=0)
+        prior = g * own + (1 - g) * (A @ B).mean(axis=0)
+        G = path_onehot(codes, 4, path_levels(design, 4))
+        reg = ridge_reg(lam, 120, 4, 16)
+        fit = prior + G @ np.linalg.solve(G.T @ G + reg * np.eye(G.shape[1]),
+                                          G.T @ (A @ B - prior))
+        np.testing.assert_allclose(pred, fit, rtol=1e-4, atol=1e-3)
+    # design "leaf" at gamma 1 is MADDNESS's ridge over its own bucket means: its fit
+    # (on its clipped rows) comes back
+    from nimbus.strategies._clip import winsorize
+    for lam in (0.3, 10.0):
+        m = Maddness(4, ridge=lam).fit(A.astype(np.float32), B)
+        Aw = winsorize(A.astype(np.float32), m.clip_)
+        P = path_ridge_fit(m.encode(Aw), Aw, m.starts_, 4, "leaf", 1.0, lam)
+        np.testing.assert_allclose(P, m.prototypes_, rtol=1e-4, atol=1e-4)
+
+
+def test_path_onehot_and_path_sums():
+    codes = np.array([[0, 15], [5, 8]], dtype=np.uint8)
+    G = path_onehot(codes, 4, (1, 2, 3, 4))
+    assert G.shape == (2, 2 * 30) and (G.sum(axis=1) == 8).all()
+    # row 0, codebook 0: leaf 0, its ancestors 0 at every level
+    assert G[0, [0, 2, 6, 14]].tolist() == [1, 1, 1, 1]
+    # row 1, codebook 1 (offset 30): leaf 8 -> level 1 node 1, level 2 node 2, level 3 node 4
+    assert G[1, [30 + 1, 30 + 2 + 2, 30 + 6 + 4, 30 + 14 + 8]].tolist() == [1, 1, 1, 1]
+    coef = np.arange(60, dtype=np.float64)[:, None]
+    L = path_sums(coef, 2, 4, (1, 2, 3, 4))
+    np.testing.assert_array_equal(L[:, :, 0].ravel()[[0, 16 + 8]],
+                                  [0 + 2 + 6 + 14, 31 + 34 + 40 + 52])
+    np.testing.assert_array_equal(path_onehot(codes, 4, (4,)), onehot(codes, 16, np.float64))
+
+
+def test_beats_needs_the_margin_and_the_standard_errors():
+    rng = np.random.default_rng(0)
+    ref = 1.0 + rng.random(400)
+    assert _beats(0.8 * ref, ref, 0.05, 3.0)
+    assert not _beats(0.97 * ref, ref, 0.05, 3.0)           # below the margin
+    noisy = ref * (0.9 + 0.8 * rng.standard_normal(400))      # lower on average, noisy
+    assert not _beats(noisy, ref, 0.0, 3.0)
+    assert not _beats(ref, ref, 0.0, 0.0)
+
+
 def test_joint_checks_itself_by_leave_one_out_with_few_rows(rng):
     A, B = _lowrank(rng, 200)
     op = nimbus.fit(A, B, "joint", 8)
     assert op.selection_.startswith("leave-one-out check")
-    assert op.choice_ in ("joint", "maddness")
-    assert np.isfinite(op.cv_nmse_).all()
+    assert op.choice_ in ("joint", "maddness") and op.trees_ in ("joint", "maddness")
+    assert np.isfinite(op.cv_nmse_).all() and op.cv_nmse_[0] <= op.cv_nmse_[1]
     rep = op.report()
     assert rep["choice"] == op.choice_ and rep["selection"] == op.selection_
-    assert set(rep["cv_nmse"]) == {"joint", "maddness"}
+    assert rep["trees"] == op.trees_
+    assert set(rep["cv_nmse"]) == {"kept", "maddness"}
     assert {"min_leaf", "ridge", "clip"} <= set(rep)
-    # the kept fit is the one the rule prefers: joint only by the margin and by SELECT_Z
-    # standard errors of the row differences
+    # the kept fit is the one the rule prefers: a model on MADDNESS's trees by SELECT_Z_MADDNESS
+    # standard errors, then one on the joint trees by SELECT_MARGIN and SELECT_Z
     mad = nimbus.fit(A, B, "maddness", 8)
-    Y = (A @ B).astype(np.float64)
     j = Joint(8, refine=0, select=False).fit(A, B)
-    e_j, e_m = op._loo_rows(j, A, B, Y), op._loo_rows(mad, A, B, Y)
+    Y = (A @ B).astype(np.float64)
+    lam = mad.ridge_chosen_
+    e_mad = op.lut_model_rows(mad, A, B, Y, ("leaf",), (1.0,), (lam,))[("leaf", 1.0, lam)]
+    best = (None, None, e_mad)
+    for trees, fitted, margin, z in (("maddness", mad, 0.0, SELECT_Z_MADDNESS),
+                                     ("joint", j, SELECT_MARGIN, SELECT_Z)):
+        ref = best[2]
+        for cfg, e in op.lut_model_rows(fitted, A, B, Y).items():
+            if _beats(e, ref, margin, z) and e.sum() < best[2].sum():
+                best = (trees, cfg, e)
     yss = ((Y - Y.mean(axis=0)) ** 2).sum()
-    np.testing.assert_allclose(op.cv_nmse_, [e_j.sum() / yss, e_m.sum() / yss], rtol=1e-9)
-    d = e_j - e_m
-    wins = d.mean() + SELECT_Z * d.std(ddof=1) / np.sqrt(len(d)) < -SELECT_MARGIN * e_m.mean()
-    assert op.choice_ == ("joint" if wins else "maddness")
-    kept = j if wins else mad
-    np.testing.assert_array_equal(op.prototypes_, kept.prototypes_)
-    np.testing.assert_array_equal(op.thresholds_, kept.thresholds_)
-    assert hasattr(op, "train_loss_") == wins
+    np.testing.assert_allclose(op.cv_nmse_, [best[2].sum() / yss, e_mad.sum() / yss], rtol=1e-9)
+    if best[1] is None:
+        assert rep["lut_model"] == "maddness" and op.choice_ == "maddness"
+        np.testing.assert_array_equal(op.prototypes_, mad.prototypes_)
+    else:
+        assert op.choice_ == "joint" and op.trees_ == best[0]
+        assert rep["lut_model"] == dict(zip(("design", "gamma", "ridge"), best[1]))
+        kept = j if best[0] == "joint" else mad
+        np.testing.assert_array_equal(op.thresholds_, kept.thresholds_)
+        assert hasattr(op, "train_loss_") == (best[0] == "joint")
     # deterministic
     op2 = nimbus.fit(A, B, "joint", 8)
     np.testing.assert_array_equal(op.lut_, op2.lut_)
 
 
-@pytest.mark.parametrize("method", ["maddness", "joint"])
-def test_check_rows_are_leave_one_out_refits(rng, method):
-    # each row's error is that of the LUT refit on the other rows (same trees, same
-    # penalty) against the row's unclipped product
-    from nimbus.strategies._clip import winsorize
-    from nimbus.strategies._lut import ridge_on_codes
-    A, B = _heavy(rng, 60, D=16, M=5)
-    op = nimbus.fit(A, B, method, 4, **({"select": False} if method == "joint" else {}))
-    Y = (A @ B).astype(np.float64)
-    e = Joint(4)._loo_rows(op, A, B, Y)
-    Aw = winsorize(A, op.clip_).astype(np.float64)
-    codes = op.encode(Aw)
-    lam = op.ridge_chosen_
-    # the prior (each codebook's bucket means of its own clipped columns) is held fixed,
-    # as ridge_loo documents; the penalty's part is refit without the row
-    prior = np.zeros((4, 16, 16))
-    for c in range(4):
-        s, t = int(op.starts_[c]), int(op.starts_[c + 1])
-        for k in np.unique(codes[:, c]):
-            prior[c, k, s:t] = Aw[codes[:, c] == k, s:t].mean(axis=0)
-    for n in (0, 7, 33, 59):
-        keep = np.arange(60) != n
-        P = (ridge_on_codes(codes[keep], Aw[keep].astype(np.float32), lam, 16,
-                            prior=prior.astype(np.float32)) if np.isfinite(lam) else prior)
-        pred = sum(P[c, codes[n, c]] for c in range(4)) @ B.astype(np.float64)
-        assert e[n] == pytest.approx(((Y[n] - pred) ** 2).sum(), rel=2e-3)
+def test_lut_models_beat_maddness_on_low_rank_rows_with_few_rows(rng):
+    # rank-4 rows: every codebook's code says something about every column, which the
+    # node models with a shared prior use and MADDNESS's own-bucket prior does not
+    A, B = _lowrank(rng, 1100)
+    tr, te = A[:100], A[100:]
+    op = nimbus.fit(tr, B, "joint", 16)
+    mad = nimbus.fit(tr, B, "maddness", 16)
+    assert op.choice_ == "joint" and op.lut_design_ == "node"
+    assert nimbus.nmse(te @ B, op(te)) < 0.8 * nimbus.nmse(te @ B, mad(te))
 
 
-def test_joint_keeps_maddness_where_its_own_fit_loses(rng):
-    # B that ignores most of A's columns: the product trees see little, MADDNESS's trees
-    # on A are as good; whichever wins, the kept fit is that strategy's own fit
-    A, B = _lowrank(rng, 400)
-    op = nimbus.fit(A[:300], B, "joint", 8)
+def test_joint_keeps_maddness_where_nothing_beats_it(rng):
+    # heavy tails with few rows: the leave-one-out errors are too noisy for any model to
+    # clear the bar; the kept fit is then MADDNESS's own, array for array
+    A, B = _heavy(rng, 60)
+    op = nimbus.fit(A, B, "joint", 8)
     if op.choice_ == "maddness":
-        mad = nimbus.fit(A[:300], B, "maddness", 8)
+        mad = nimbus.fit(A, B, "maddness", 8)
+        assert op.lut_design_ == op.trees_ == "maddness"
         np.testing.assert_array_equal(op.dims_, mad.dims_)
         np.testing.assert_array_equal(op.prototypes_, mad.prototypes_)
     else:
-        assert op.cv_nmse_[0] < (1 - SELECT_MARGIN) * op.cv_nmse_[1]
+        assert op.cv_nmse_[0] < op.cv_nmse_[1]
 
 
 def test_joint_with_many_rows_needs_no_check(rng):
