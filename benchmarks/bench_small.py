@@ -17,8 +17,9 @@ Tasks (each: a pool of rows, a fixed test set of ``N_TEST`` rows, and B):
 For every task, N in (50, 100, 200, 500, 1000) training rows drawn from the pool with
 seed s, and C in (2, 4, 8, 16, 32, 64) with C <= D, the test NMSE (``nimbus.nmse``,
 8-bit LUTs, default parameters; pq with ``random_state=s``) of pq, maddness and joint.
-Prints a markdown table of the means over seeds with joint / maddness, what joint chose
-(``choice_`` where the fitted op has it), and the checks of issue 17:
+Prints a markdown table of the means over seeds with joint / maddness, what joint kept per
+seed (:func:`choice_label`: "maddness" for MADDNESS's own fit, else its trees, M or J,
+and LUT model, e.g. "M-node0.5"), and the checks of issue 17:
 
 * joint <= 1.02 x maddness at every (task, N, C) (means over seeds);
 * geometric mean of joint / maddness over all (task, N, C) <= 0.9;
@@ -121,6 +122,18 @@ def split(pool, N, seed):
 
 
 # ------------------------------------------------------------------------ running
+def choice_label(op):
+    """What a fitted joint op kept, short: "maddness" (MADDNESS's fit as it is), else
+    "<trees>-<LUT design><gamma>" with trees M (MADDNESS's) or J (the joint ones), e.g.
+    "M-node0.5"; "joint" where no check ran."""
+    choice = str(getattr(op, "choice_", "-"))
+    design = getattr(op, "lut_design_", None)
+    if choice != "joint" or design is None:
+        return choice
+    trees = "J" if getattr(op, "trees_", "joint") == "joint" else "M"
+    return f"{trees}-{design}{getattr(op, 'lut_gamma_', float('nan')):g}"
+
+
 def run(task_names, Ns, Cs, seeds, log=sys.stderr):
     rows = []
     for name in task_names:
@@ -141,7 +154,7 @@ def run(task_names, Ns, Cs, seeds, log=sys.stderr):
                         r[m + "_fit_s"] = time.perf_counter() - t0
                         r[m] = float(nimbus.nmse(Y, op(A_te)))
                         if m == "joint":
-                            r["choice"] = str(getattr(op, "choice_", "-"))
+                            r["choice"] = choice_label(op)
                     rows.append(r)
                     print(f"{name} N={N} seed={seed} C={C}: " + " ".join(
                         f"{m} {r[m]:.4f}" for m in METHODS) + f" ({r['choice']})",
@@ -222,8 +235,9 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the per-seed rows to this file")
     ap.add_argument("--cs", type=int, nargs="+", default=list(CS), help="values of C")
     ap.add_argument("--ns", type=int, nargs="+", default=list(NS), help="values of N")
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS),
-                    help="task names")
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS),
+                    help="task names or their first word (digits fmnist patch4 patch7 "
+                         "lowrank heavy)")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
                     help="compare two --json files (maddness and joint) and exit")
     args = ap.parse_args(argv)
@@ -233,6 +247,13 @@ def main(argv=None):
             compare(before, after, m)
             print()
         return 0
+    tasks = []
+    for t in args.tasks:
+        match = [name for name in TASKS if name == t or name.split()[0] == t]
+        if not match:
+            ap.error(f"unknown task {t!r}: one of {[n.split()[0] for n in TASKS]}")
+        tasks += match
+    args.tasks = tasks
     if args.quick:
         rows = run(QUICK_TASKS, (50, 200, 1000), (4, 16), [0])
     else:
