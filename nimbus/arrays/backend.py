@@ -104,7 +104,7 @@ def place(x):
     """(library name, device id) of an array: -1 for NumPy's host memory."""
     if type(x) is np.ndarray:
         return _HOST
-    return library_name(x), (x.device.id if is_cupy(x) else -1)
+    return library_name(x), (x.data.device_id if is_cupy(x) else -1)
 
 
 def like(x, ref):

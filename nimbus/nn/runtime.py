@@ -121,6 +121,9 @@ class CompiledModel:
         # the plan: runs of LUT steps grouped, per library built on first use
         self._groups = _group(self.steps)
         self._plans = {}
+        # array types whose float32 C-contiguous rows go straight to the plan (CuPy's is
+        # added once one has passed _entry: it is never imported here)
+        self._ready_types = {np.ndarray}
 
     # ------------------------------------------------------------------ plan
     def _plan(self, X):
@@ -161,7 +164,7 @@ class CompiledModel:
         -------
         (N, n_outputs) float32 array of X's library (and device); a fresh array per call
         """
-        if not (type(X) is np.ndarray and X.dtype == np.float32 and X.ndim == 2
+        if not (type(X) in self._ready_types and X.dtype == np.float32 and X.ndim == 2
                 and X.flags.c_contiguous and X.shape[1] == self.n_features_in
                 and X.shape[0] > 0):      # else the common case, checked in a few reads
             X = self._entry(X)
@@ -204,6 +207,8 @@ class CompiledModel:
         xp = backend.namespace(X)
         if X.dtype != np.float32 or not X.flags.c_contiguous:
             X = xp.ascontiguousarray(X, dtype=np.float32)
+        if backend.is_cupy(X):
+            self._ready_types.add(type(X))
         return X
 
     # ----------------------------------------------------------------- sizes

@@ -258,6 +258,28 @@ def test_outputs_are_fresh_and_sizes_interleave():
         np.testing.assert_array_equal(y.get(), want[i:i + 5])
 
 
+def test_calls_on_two_streams_without_syncs():
+    """Calls alternating between two streams (and "nan" calls, which do not sync either)
+    reuse the pinned parameter slots safely: every result is the reference's."""
+    cp = _cp()
+    rng = np.random.default_rng(12)
+    D0, specs = CHAINS["odd"]
+    X = _x(rng, 400, D0)
+    layers = make_chain(rng, X, specs)
+    want = chain_ref(X, layers)
+    chain = _chain_cls()(layers, in_features=D0)
+    Xd = cp.asarray(X)
+    streams = [cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)]
+    out = []
+    for i in range(0, 400, 2):                       # 200 calls: three rounds of the ring
+        with streams[(i // 2) % 2]:
+            out.append((i, chain(Xd[i:i + 2], check_finite=False if i % 4 else "nan")))
+    for s in streams:
+        s.synchronize()
+    for i, y in out:
+        np.testing.assert_array_equal(y.get(), want[i:i + 2])
+
+
 def test_nan_and_inf_raise():
     cp = _cp()
     rng = np.random.default_rng(4)

@@ -49,10 +49,16 @@ from .. import backend, validate
 __all__ = ["ChainCUDA"]
 
 NT = 256                       # threads per block (cuda/runtime.cu's NT)
+# chain_kernel's small tiles (rows <= _SMALL_TILE) run with _SMALL_NT threads: there a
+# block's time is its warps' chains of dependent instructions (ncu at batch 1: 7 cycles
+# between two issues of a warp, global loads a small part), so more warps share the work
+_SMALL_NT = 512
+_SMALL_TILE = 8
 _MAX_DEPTH = 10                # trees of depth 1..10 (K = 2 .. 1024 leaves)
 _ROWS_MAX = 32                 # default tile: RPT = 2 at 256 outputs (119 registers, 2 blocks/SM)
 _CHUNK_BYTES = 32 * 1024       # LUT bytes per staged chunk (two buffers)
-_RING = 64                     # pinned parameter slots in flight (check_finite=False calls)
+_RING = 64                     # pinned parameter slots in flight (calls without a sync)
+_GROUP = 8                     # slots per event: one event record per 8 calls (2.5 us each)
 # chain_mma_kernel's tiles: rows per block -> threads per block (cuda/runtime.cu's NTM;
 # 512 threads: one block per SM, 256: two, so that one block's encode overlaps the other's
 # products)
@@ -80,15 +86,16 @@ def _source():
     return _SOURCE
 
 
-def _function(dev_id, rpt, name="chain_kernel", ntm=512):
+def _function(dev_id, rpt, name="chain_kernel", ntm=512, nt=NT):
     """``name`` (chain_kernel or chain_mma_kernel) compiled for device ``dev_id`` with RPT
-    pairs per thread and NTM threads per block of chain_mma_kernel (cached)."""
-    key = (int(dev_id), int(rpt), int(ntm))
+    pairs per thread, NT threads per block of chain_kernel and NTM of chain_mma_kernel
+    (cached)."""
+    key = (int(dev_id), int(rpt), int(ntm), int(nt))
     mod = _modules.get(key)
     if mod is None:
         cp = _cp()
-        mod = cp.RawModule(code=f"#define NT {NT}\n#define RPT {int(rpt)}\n#define NTM {int(ntm)}\n"
-                           + _source())
+        mod = cp.RawModule(code=f"#define NT {int(nt)}\n#define RPT {int(rpt)}\n"
+                           f"#define NTM {int(ntm)}\n" + _source())
         _modules[key] = mod
     return mod.get_function(name)
 
@@ -215,7 +222,8 @@ def _check_layer(i, layer, D):
 class _Plan:
     """What one (N, D0, check) call shape needs: the graph and its parameter block."""
 
-    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk", "kernel", "prefetch")
+    __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk", "kernel", "prefetch",
+                 "threads")
 
 
 class ChainCUDA:
@@ -330,12 +338,14 @@ class ChainCUDA:
         # distinct banks)
         self._Hs_mma = (-(-max(m[3] for m in meta[:-1]) // 32) * 32 if hidden else 0) + 1
         self._plans = {}
-        # pinned parameter slots {X, Y, flag}: the copy before each replay reads one; a slot
-        # is reused only after the event recorded behind its copy has passed
+        # pinned parameter slots {X, Y, flag}: the copy before each replay reads one; a group
+        # of _GROUP slots is reused only after the event recorded behind its last copy (or a
+        # sync) has passed
         self._pinned = cp.cuda.alloc_pinned_memory(_RING * 32)
         self._slots = np.frombuffer(self._pinned, dtype=np.uint64, count=_RING * 4).reshape(_RING, 4)
-        self._events = [None] * _RING
+        self._events = [None] * (_RING // _GROUP)
         self._next = 0
+        self._stream, self._stream_ptr = None, None
         self._flag_pinned = cp.cuda.alloc_pinned_memory(16)
         self._flag_host = np.frombuffer(self._flag_pinned, dtype=np.int32, count=4)
 
@@ -351,8 +361,10 @@ class ChainCUDA:
         return R, self._tile_fit(R)
 
     def _tile_fit(self, R):
+        """(RPT, shared bytes, chunk bytes, threads) of chain_kernel at R rows."""
+        nt = _SMALL_NT if R <= _SMALL_TILE else NT
         G = [m[3] // 16 for m in self._meta]
-        rpt = max(1, max(-(-R * g // NT) for g in G))
+        rpt = max(1, max(-(-R * g // nt) for g in G))
         if rpt > 4:
             raise ValueError(f"rows={R}: a layer of {max(G) * 16} (padded) outputs needs more "
                              f"than 4 pairs per thread; use fewer rows")
@@ -361,10 +373,10 @@ class ChainCUDA:
         # no such layer it gets chunk 0 and no buffers (the same rule, decided in the kernel)
         staged = any((1 << d) <= R and (1 << d) * Mp <= self._chunk for _, d, _, Mp in self._meta)
         chunk = self._chunk if staged else 0
-        part = max([R * Mp * 4 for _, _, _, Mp in self._meta if R * Mp // 16 < NT] or [0])
+        part = max([R * Mp * 4 for _, _, _, Mp in self._meta if R * Mp // 16 < nt] or [0])
         codes = (R * self._Cs + 7) // 8 * 16
         smem = 2 * chunk + R * self._Hs * 4 + codes + part
-        return rpt, smem, chunk
+        return rpt, smem, chunk, nt
 
     def _mma_fit(self, R, optin, per_sm, mode=0):
         """(shared bytes, chunk bytes) of chain_mma_kernel at R rows, or None if it does not
@@ -409,6 +421,7 @@ class ChainCUDA:
         plan.params = _cp().zeros(4, dtype=np.uint64)
         plan.rows, plan.rpt, plan.smem, plan.chunk, plan.kernel = R, 0, smem, chunk, "mma"
         plan.prefetch = 0
+        plan.threads = _MMA_TILES[R]
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs_mma), np.int32(self._Cs_mma), np.int32(chunk),
@@ -442,10 +455,10 @@ class ChainCUDA:
         if plan is not None:
             self._plans[key] = plan
             return plan
-        R, (rpt, smem, chunk) = self._tile(N, sms)
+        R, (rpt, smem, chunk, nt) = self._tile(N, sms)
         while smem > optin and R > 1 and self._rows is None:
             R //= 2
-            rpt, smem, chunk = self._tile_fit(R)
+            rpt, smem, chunk, nt = self._tile_fit(R)
         # the tile of X copied into shared memory once (the first layer's walks then read
         # shared memory) where it is small and fits
         xst = -(-R * D0 // 4) * 4
@@ -460,7 +473,7 @@ class ChainCUDA:
         if smem > optin:
             raise ValueError(f"the chain needs {smem} bytes of shared memory per block at "
                              f"{R} rows; the device allows {optin} (layers too wide)")
-        kern = _function(self._dev, rpt)
+        kern = _function(self._dev, rpt, nt=nt)
         if smem > 48 * 1024:
             kern.max_dynamic_shared_size_bytes = int(smem)
         plan = _Plan()
@@ -472,7 +485,8 @@ class ChainCUDA:
                 np.int32(mode), np.int32(xst), self._desc if pre == 0 else self._pre,
                 np.int32(pre))
         plan.prefetch = pre
-        plan.graph = self._capture(kern, plan.grid, NT, args, smem)
+        plan.threads = nt
+        plan.graph = self._capture(kern, plan.grid, nt, args, smem)
         self._plans[key] = plan
         return plan
 
@@ -504,8 +518,9 @@ class ChainCUDA:
             X = X.astype(np.float32)
         elif X.dtype != np.float32:
             raise TypeError(f"X must be float32 (or float16); got dtype {X.dtype}")
-        if X.device.id != self._dev:
-            raise ValueError(f"X is on device {X.device.id}; the chain lives on device {self._dev}")
+        if X.data.device_id != self._dev:
+            raise ValueError(f"X is on device {X.data.device_id}; the chain lives on device "
+                             f"{self._dev}")
         N, D0 = X.shape
         if self.in_features is not None and D0 != self.in_features:
             raise ValueError(f"X has {D0} columns; the chain expects {self.in_features}")
@@ -522,11 +537,18 @@ class ChainCUDA:
         Y = cp.empty((N, self.out_features), dtype=np.float32)
         stream = cp.cuda.get_current_stream()
         rt = cp.cuda.runtime
+        if stream.ptr != self._stream_ptr:
+            # the slots' events cover one stream: let the other stream's copies pass first
+            if self._stream is not None:
+                self._stream.synchronize()
+            self._stream, self._stream_ptr = stream, stream.ptr
         i = self._next
         self._next = (i + 1) % _RING
-        ev = self._events[i]
-        if ev is not None and not ev.done:
-            ev.synchronize()                 # that slot's copy has not been read yet
+        g, at = divmod(i, _GROUP)
+        if at == 0:
+            ev = self._events[g]
+            if ev is not None and not ev.done:
+                ev.synchronize()             # the group's copies of the last round not yet read
         slot = self._slots[i]
         slot[0] = X.data.ptr
         slot[1] = Y.data.ptr
@@ -540,9 +562,10 @@ class ChainCUDA:
             stream.synchronize()             # every slot's copy has passed too
             if self._flag_host[0]:
                 raise ValueError("X holds NaN or Inf")
-        else:
+        elif at == _GROUP - 1:               # (a sync above covers the group as well)
+            ev = self._events[g]
             if ev is None:
-                ev = self._events[i] = cp.cuda.Event(block=False, disable_timing=True)
+                ev = self._events[g] = cp.cuda.Event(block=False, disable_timing=True)
             ev.record(stream)
         return Y
 
@@ -554,4 +577,4 @@ class ChainCUDA:
             raise ValueError("give D0 (the chain was built without in_features)")
         p = self._plan(int(N), int(D0), validate.finite_mode(check_finite))
         return dict(kernel=p.kernel, rows=p.rows, rpt=p.rpt, shared_bytes=p.smem, blocks=p.grid,
-                    chunk=p.chunk, prefetch_bytes=p.prefetch)
+                    chunk=p.chunk, prefetch_bytes=p.prefetch, threads=p.threads)

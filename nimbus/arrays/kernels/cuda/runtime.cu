@@ -33,7 +33,8 @@
 // device memory, written by one 24-byte copy before each graph launch, so a CUDA graph
 // captured once per batch size reads any X and writes a fresh Y without copies.
 //
-// Defines: NT threads per block (256), RPT pairs per thread at most (1, 2 or 4).
+// Defines: NT threads per block (256, or 512 for tiles of at most 8 rows), RPT pairs per
+// thread at most (1, 2 or 4).
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -201,7 +202,7 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
         for (int j = 0; j < 8; ++j) a[i][j] = 0u;
     const u8* base = SHARED ? lut : lut + (unsigned long long)c0 * K * Mp;
     // direct reads go to L2: more of them in flight where a thread has one pair
-    constexpr int U = (SHARED || RPT > 1) ? 2 : 16;
+    constexpr int U = (SHARED || RPT > 1) ? 2 : (NT >= 512 ? 8 : 16);
     for (int cc0 = s; cc0 < cn; cc0 += U * S) {
         uint4 w[RPT][U];
 #pragma unroll
