@@ -49,11 +49,6 @@ from .. import backend, validate
 __all__ = ["ChainCUDA"]
 
 NT = 256                       # threads per block (cuda/runtime.cu's NT)
-# chain_kernel's small tiles (rows <= _SMALL_TILE) run with _SMALL_NT threads: there a
-# block's time is its warps' chains of dependent instructions (ncu at batch 1: 7 cycles
-# between two issues of a warp, global loads a small part), so more warps share the work
-_SMALL_NT = 512
-_SMALL_TILE = 8
 _MAX_DEPTH = 10                # trees of depth 1..10 (K = 2 .. 1024 leaves)
 _ROWS_MAX = 32                 # default tile: RPT = 2 at 256 outputs (119 registers, 2 blocks/SM)
 _CHUNK_BYTES = 32 * 1024       # LUT bytes per staged chunk (two buffers)
@@ -362,7 +357,7 @@ class ChainCUDA:
 
     def _tile_fit(self, R):
         """(RPT, shared bytes, chunk bytes, threads) of chain_kernel at R rows."""
-        nt = _SMALL_NT if R <= _SMALL_TILE else NT
+        nt = NT
         G = [m[3] // 16 for m in self._meta]
         rpt = max(1, max(-(-R * g // nt) for g in G))
         if rpt > 4:

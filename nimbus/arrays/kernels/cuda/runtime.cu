@@ -33,8 +33,7 @@
 // device memory, written by one 24-byte copy before each graph launch, so a CUDA graph
 // captured once per batch size reads any X and writes a fresh Y without copies.
 //
-// Defines: NT threads per block (256, or 512 for tiles of at most 8 rows), RPT pairs per
-// thread at most (1, 2 or 4).
+// Defines: NT threads per block (256), RPT pairs per thread at most (1, 2 or 4).
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -202,7 +201,7 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
         for (int j = 0; j < 8; ++j) a[i][j] = 0u;
     const u8* base = SHARED ? lut : lut + (unsigned long long)c0 * K * Mp;
     // direct reads go to L2: more of them in flight where a thread has one pair
-    constexpr int U = (SHARED || RPT > 1) ? 2 : (NT >= 512 ? 8 : 16);
+    constexpr int U = (SHARED || RPT > 1) ? 2 : 16;
     for (int cc0 = s; cc0 < cn; cc0 += U * S) {
         uint4 w[RPT][U];
 #pragma unroll
@@ -480,6 +479,23 @@ __device__ __forceinline__ void mma_u8(int (&d)[4], const u32 (&a)[4], u32 b0, u
 #endif
 }
 
+// One k32 step of a warp's task: its two m16 row tiles (A operands a) times its ntl (even,
+// <= 8) n8 column tiles, whose B operands for tiles 2p and 2p + 1 are the 16 bytes bp[32 p].
+__device__ __forceinline__ void mma_tiles(int (&acc)[2][8][4], const u32 (&a)[2][4],
+                                          const uint4* bp, int ntl) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        if (2 * p < ntl) {
+            const uint4 b = bp[p * 32];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mma_u8(acc[i][2 * p], a[i], b.x, b.y);
+                mma_u8(acc[i][2 * p + 1], a[i], b.z, b.w);
+            }
+        }
+    }
+}
+
 // Codes of rows [0, nr) under the layer's trees into the code pairs (see above); x from X
 // (global, row stride D0) when GLOBAL, else from shared memory (row stride `stride`).
 // Each thread walks 4 (row, tree) pairs at once: 4 independent chains of loads in flight.
@@ -670,7 +686,27 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                 async_wait_all();
             }
             __syncthreads();      // chunk ch (and, at ch 0, the codes) visible to every warp
-            if (busy) {
+            if (busy && depth == 4) {
+                // K = 16 (the default recipe): step s covers codebooks 2s and 2s + 1, whose
+                // codes are the halves of one code word, at k offset 4t in both: the general
+                // step's index arithmetic folds away (ncu: the step was issue-bound, ~100
+                // other instructions beside its 16 mma)
+                const u8* buf = lutbuf + (ch & 1) * chunk_bytes + (cg * 4 * 32 + lane) * 16;
+                const u32 w = 32u * (u32)t;
+                const u32* cw = (const u32*)codes + s0 * Rs + rb + g;
+                for (int ss = 0; ss < sn; ++ss, cw += Rs, buf += step_bytes) {
+                    u32 a[2][4];
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        const u32 pa = cw[16 * i], pb = cw[16 * i + 8];
+                        a[i][0] = onehot4(pa & 0xFFFFu, w);
+                        a[i][1] = onehot4(pb & 0xFFFFu, w);
+                        a[i][2] = onehot4(pa >> 16, w);
+                        a[i][3] = onehot4(pb >> 16, w);
+                    }
+                    mma_tiles(acc, a, (const uint4*)buf, ntl);
+                }
+            } else if (busy) {
                 const u8* buf = lutbuf + (ch & 1) * chunk_bytes + (cg * 4 * 32 + lane) * 16;
                 for (int ss = 0; ss < sn; ++ss) {
                     const int k0 = (s0 + ss) * 32 + 4 * t, k1 = k0 + 16;
@@ -690,18 +726,7 @@ chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, in
                         a[i][2] = onehot4((qa >> h1) & 0xFFFFu, w1);
                         a[i][3] = onehot4((qb >> h1) & 0xFFFFu, w1);
                     }
-                    const uint4* bp = (const uint4*)(buf + ss * step_bytes);
-#pragma unroll
-                    for (int p = 0; p < 4; ++p) {
-                        if (2 * p < ntl) {
-                            const uint4 b = bp[p * 32];
-#pragma unroll
-                            for (int i = 0; i < 2; ++i) {
-                                mma_u8(acc[i][2 * p], a[i], b.x, b.y);
-                                mma_u8(acc[i][2 * p + 1], a[i], b.z, b.w);
-                            }
-                        }
-                    }
+                    mma_tiles(acc, a, (const uint4*)(buf + ss * step_bytes), ntl);
                 }
             }
             __syncthreads();      // done with this buffer before it is refilled
