@@ -189,7 +189,9 @@ __device__ __forceinline__ int walk(const int2* __restrict__ t, int depth, const
 // zeros past the end), so a thread waits for one round of loads per U codebooks: an
 // unrolled loop with a remainder would run the last iterations one load latency each,
 // which at batch 1 is most of the kernel's time (12 of a 196-codebook layer's 13 reads).
-template <bool SHARED>
+// U: codebooks per round (the caller takes 4 where no thread has more, so that narrow
+// layers do not run 16 mostly empty slots).
+template <bool SHARED, int U>
 __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, const u16* codes,
                                           int Cs, int c0, int cn, int s, int S, int K, int Mp,
                                           const int (&row)[RPT], const int (&col)[RPT],
@@ -200,8 +202,6 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
 #pragma unroll
         for (int j = 0; j < 8; ++j) a[i][j] = 0u;
     const u8* base = SHARED ? lut : lut + (unsigned long long)c0 * K * Mp;
-    // direct reads go to L2: more of them in flight where a thread has one pair
-    constexpr int U = (SHARED || RPT > 1) ? 2 : 16;
     for (int cc0 = s; cc0 < cn; cc0 += U * S) {
         uint4 w[RPT][U];
 #pragma unroll
@@ -330,7 +330,7 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
 
         // encode: thread t takes the (row, tree) pairs t, t + NT, ... (trees fastest)
         for (int q = tid; q < nr * C; q += NT) {
-            const int r = q / C, c = q - r * C;
+            const int r = nr == 1 ? 0 : q / C, c = q - r * C;    // (no division at batch 1)
             int leaf;
             if (pre) {
                 const float* th = th_s + c * nodes;
@@ -354,8 +354,8 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
         const int s = S > 1 ? tid / P : 0;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
-            const int pi = S > 1 ? tid % P : tid + NT * i;
-            row[i] = pi / G;
+            const int pi = S > 1 ? tid - s * P : tid + NT * i;
+            row[i] = R == 1 ? 0 : pi / G;
             col[i] = (pi - row[i] * G) * 16;
             ok[i] = (S > 1 ? (i == 0 && s < S) : pi < P) && row[i] < nr;
         }
@@ -376,11 +376,17 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
                     async_wait_all();
                 }
                 __syncthreads();               // chunk ch has landed for every thread
-                sum_chunk<true>(tot, lutbuf + (ch & 1) * chunk_bytes, codes, Cs, c0, cn, s, S,
+                sum_chunk<true, 2>(tot, lutbuf + (ch & 1) * chunk_bytes, codes, Cs, c0, cn, s, S,
                                 K, Mp, row, col, ok);
                 __syncthreads();               // done reading it before it is refilled
             } else {
-                sum_chunk<false>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
+                // direct reads go to L2: as many in flight as a thread has codebooks here
+                if (RPT > 1)
+                    sum_chunk<false, 2>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
+                else if (cn <= 4 * S)
+                    sum_chunk<false, 4>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
+                else
+                    sum_chunk<false, 16>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
             }
         }
 
@@ -408,7 +414,7 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
             }
             __syncthreads();
             for (int e = tid; e < nr * Mp; e += NT) {
-                const int r = e / Mp, m = e - r * Mp;
+                const int r = nr == 1 ? 0 : e / Mp, m = e - r * Mp;
                 if (m < M) {
                     const float y = __fadd_rn(__fmul_rn(__uint2float_rn(part[e]), scale[m]),
                                               bias[m]);
