@@ -11,7 +11,12 @@ the same bits:
   uint8 x uint8 -> int32: exact); tiles of 128 rows, LUT chunks and the compact trees
   staged in shared memory by cp.async.
 * ``chain_kernel`` (small batches, any depth): byte sums on the CUDA cores, one row per
-  block at batch <= 264, whole-tree loads for depth <= 4.
+  block below 528 rows; every layer's descriptor, compact trees, scale and bias copied
+  into shared memory as it starts (the prefetch block, where it fits), so that inside the
+  chain only the LUT reads wait on L2.
+
+NaN/Inf in X (``check_finite``): True, the kernel sets a flag that the host reads with a
+sync and raises on; "nan", the rows that hold one come out NaN (no sync); False, no check.
 
 The launch is captured once per (batch size, input width, check_finite) into a CUDA graph
 (``cupy.cuda.Stream.begin_capture``) and replayed after. The graph's kernel reads the
@@ -33,10 +38,10 @@ CuPy is imported lazily (through :func:`nimbus.arrays.backend.cupy`). No cuBLAS 
 made inside the captured graph (CuPy refuses them under capture).
 
 Measured (one H100, the default recipe's Fashion-MNIST MLP 784-256-256-256-10, 4 inputs
-per codebook, K = 16; ``benchmarks/bench_e2e.py --gpu``, benchmarks/RESULTS.md): 0.66 ms
-per call at 65536 rows (cuBLAS fp32 1.24 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31
-ms), 0.019-0.026 ms host wall per call at batch 1-256 with ``check_finite=False`` (the
-torch graph: 0.020-0.026), 0.037-0.047 ms with the check (a device sync per call).
+per codebook, K = 16; ``benchmarks/device_runtime.sh``, benchmarks/RESULTS.md): 0.60 ms per
+call at 65536 rows (cuBLAS fp32 1.25 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31 ms),
+0.017-0.025 ms host wall per call at batch 1-256 with ``check_finite="nan"`` (the torch
+graph: 0.020-0.026), 0.036-0.038 ms with the default check (a device sync per call).
 """
 from __future__ import annotations
 
