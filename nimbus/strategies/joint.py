@@ -340,10 +340,12 @@ class Joint(TreeStrategy):
                 setattr(self, k, getattr(op, k))
 
     def report(self):
-        """What the fit chose, as a dict: ``choice`` ("joint" or "maddness"), ``selection``
-        (how: leave-one-out check, fallback, or none needed), ``cv_nmse`` (leave-one-out
-        NMSE of joint and MADDNESS, where they were compared), and the rules taken
-        from N: ``min_leaf``, ``ridge``, ``clip``."""
+        """What the fit chose, as a dict: ``choice`` ("maddness": MADDNESS's fit as it is;
+        "joint": this strategy's model), ``selection`` (how: leave-one-out check, fallback,
+        or none needed); where the check ran, ``trees`` ("joint" or "maddness"),
+        ``lut_model`` ("maddness" or ``{"design", "gamma", "ridge"}``) and ``cv_nmse``
+        (leave-one-out NMSE of the product, ``{"kept", "maddness"}``); and the rules
+        taken from N: ``min_leaf``, ``ridge``, ``clip``."""
         self._check_fitted("choice_")
         out = {"choice": self.choice_, "selection": self.selection_}
         if hasattr(self, "trees_"):
