@@ -366,21 +366,26 @@ def ridge_loo_residuals(codes, resid, lam, nbuckets=NBUCKETS):
     return next(_loo_residuals(codes, resid.astype(np.float64), nbuckets, (lam,)))
 
 
+def _hat_eig(G):
+    """The ridge hat matrix of G (N, P) float64 in eigen-form, from one eigendecomposition
+    of the smaller of ``G G^T`` and ``G^T G``: (s, W, num) with ``H(reg) = W diag(num /
+    (s + reg)) W^T`` (s and num (r,), W (N, r) float64, arrays of G's library)."""
+    xp = backend.namespace(G)
+    if G.shape[0] <= G.shape[1]:
+        s, W = xp.linalg.eigh(G @ G.T)            # H = W diag(s / (s + reg)) W^T
+        s = xp.maximum(s, 0.0)
+        return s, W, s
+    s, V = xp.linalg.eigh(G.T @ G)                # H = (G V) diag(1 / (s + reg)) (G V)^T
+    s = xp.maximum(s, 0.0)
+    return s, G @ V, xp.ones_like(s)
+
 def _loo_residuals(codes, R, K, grid):
     """Yield the (N, P) float64 leave-one-out residuals of R (N, P) float64 for every
     penalty of ``grid``, from one eigendecomposition (see :func:`ridge_loo`)."""
     xp = backend.namespace(codes, R)
     N, C = codes.shape
     G = onehot(codes, K, np.float64)
-    if N <= C * K:
-        s, W = xp.linalg.eigh(G @ G.T)            # H = W diag(s / (s + reg)) W^T
-        s = xp.maximum(s, 0.0)
-        num = s
-    else:
-        s, V = xp.linalg.eigh(G.T @ G)            # H = (G V) diag(1 / (s + reg)) (G V)^T
-        s = xp.maximum(s, 0.0)
-        W = G @ V
-        num = xp.ones_like(s)
+    s, W, num = _hat_eig(G)
     W2 = W ** 2
     WR = W.T @ R
     for lam in grid:
@@ -597,15 +602,7 @@ def path_ridge_loo(codes, Z, depth, design, gammas, lams):
         shift += shifts[-1]
     mshift = (mu - Y) / (N - 1)       # the mean row's shift at every row when n leaves
     G = path_onehot(codes, depth, levels)
-    if N <= G.shape[1]:
-        s, W = xp.linalg.eigh(G @ G.T)            # H = W diag(s / (s + reg)) W^T
-        s = xp.maximum(s, 0.0)
-        num = s
-    else:
-        s, V = xp.linalg.eigh(G.T @ G)            # H = (G V) diag(1 / (s + reg)) (G V)^T
-        s = xp.maximum(s, 0.0)
-        W = G @ V
-        num = xp.ones_like(s)
+    s, W, num = _hat_eig(G)
     W2 = W ** 2
     U = W.T @ onehot(codes, K, np.float64)        # (r, C K): W summed over each bucket
     u0 = W.sum(axis=0)                            # (r,): W summed over all rows
