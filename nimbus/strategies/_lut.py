@@ -379,6 +379,7 @@ def _hat_eig(G):
     s = xp.maximum(s, 0.0)
     return s, G @ V, xp.ones_like(s)
 
+
 def _loo_residuals(codes, R, K, grid):
     """Yield the (N, P) float64 leave-one-out residuals of R (N, P) float64 for every
     penalty of ``grid``, from one eigendecomposition (see :func:`ridge_loo`)."""
