@@ -8,6 +8,6 @@ timeout 200 python3 -m pytest -q -x -m gpu --require-gpu -p no:cacheprovider tes
 tail -2 $OUT/t_runtime.log; grep -E "^(FAILED|ERROR)" $OUT/t_runtime.log | head
 timeout 200 python3 benchmarks/bench_e2e.py --float .carry/e2e/float.npz --converted .carry/e2e/converted44.npz --gpu --no-cpu --json $OUT/e2e_gpu.json > $OUT/e2e_gpu.log 2>&1
 grep -A9 "^Device time" $OUT/e2e_gpu.log; grep -A9 "^Host wall" $OUT/e2e_gpu.log
-timeout 100 ncu --cache-control none --clock-control none --sampling-interval 0 --section SourceCounters --section WarpStateStats --import-source no -k regex:chain -s 2 -c 1 -o $OUT/rep_1 python3 benchmarks/experiments/ncu_chain.py 1 > $OUT/ncu_1.log 2>&1
+timeout 100 ncu --cache-control none --clock-control none --warp-sampling-interval 0 --section SourceCounters --section WarpStateStats --import-source no -k regex:chain -s 2 -c 1 -o $OUT/rep_1 python3 benchmarks/experiments/ncu_chain.py 1 > $OUT/ncu_1.log 2>&1
 ncu --import $OUT/rep_1.ncu-rep --page source --print-source sass --csv > $OUT/sass_1.csv 2> $OUT/sass_1.err
 rm -f $OUT/*.ncu-rep

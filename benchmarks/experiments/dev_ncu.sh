@@ -1,9 +1,0 @@
-# ncu on the default model's chain at batch 1, 256 and 65536: time, instructions and the
-# warp stall reasons (per issued instruction), one launch each; logs in $OUT.
-set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-pip install -q --no-deps --no-build-isolation -e . > $OUT/install.log 2>&1
-for N in 1 256 65536; do
-timeout 150 ncu --cache-control none --clock-control none --metrics gpu__time_duration.sum,sm__cycles_elapsed.max,smsp__inst_executed.sum,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_no_instruction_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_membar_per_issue_active.ratio,smsp__average_warps_issue_stalled_dispatch_stall_per_issue_active.ratio,smsp__average_warps_issue_stalled_branch_resolving_per_issue_active.ratio,smsp__average_warps_issue_stalled_imc_miss_per_issue_active.ratio,smsp__average_warps_issue_stalled_not_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_selected_per_issue_active.ratio,smsp__average_warps_issue_stalled_tex_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_drain_per_issue_active.ratio,smsp__average_warps_issue_stalled_sleeping_per_issue_active.ratio --section SourceCounters -k regex:chain -s 2 -c 1 python3 benchmarks/experiments/ncu_chain.py $N > $OUT/ncu_$N.log 2>&1
-echo "== $N"; grep -E "gpu__time|cycles_elapsed|inst_executed|warps_active|stalled" $OUT/ncu_$N.log | awk '$NF+0 > 0.05 || /time|cycles|inst|warps_active/' | head -30
-done
