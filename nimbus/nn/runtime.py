@@ -121,8 +121,8 @@ class CompiledModel:
         # the plan: runs of LUT steps grouped, per library built on first use
         self._groups = _group(self.steps)
         self._plans = {}
-        # array types whose float32 C-contiguous rows go straight to the plan (CuPy's is
-        # added once one has passed _entry: it is never imported here)
+        # array types whose float32 C-contiguous rows go straight to the plan (a device
+        # array's type is added once one has passed _entry: CuPy is never imported here)
         self._ready_types = {np.ndarray}
 
     # ------------------------------------------------------------------ plan
@@ -207,7 +207,7 @@ class CompiledModel:
         xp = backend.namespace(X)
         if X.dtype != np.float32 or not X.flags.c_contiguous:
             X = xp.ascontiguousarray(X, dtype=np.float32)
-        if backend.is_cupy(X):
+        if not isinstance(X, np.ndarray):     # (a NumPy subclass keeps taking this path)
             self._ready_types.add(type(X))
         return X
 
