@@ -282,7 +282,7 @@ class ChainCUDA:
         self._chunk = int(chunk_bytes)
         D = in_features
         self._arrays = []           # device arrays, kept alive for the descriptors
-        desc = np.zeros((len(layers), 10), dtype=np.uint64)   # cuda/runtime.cu's Layer
+        desc = np.zeros((len(layers), 10), dtype=np.uint64)   # cuda/runtime.cu's Layer (80 bytes)
         meta = []
         checked = []
         for i, layer in enumerate(layers):
@@ -322,12 +322,17 @@ class ChainCUDA:
                 desc[i, 7] = dev[4].data.ptr
                 desc[i, 8] = dev[5].data.ptr
                 desc[i, 9:].view(np.int32)[0] = dev[5].size if hi < 65536 else 0
+            if C * (1 << depth) * Mp >= 2 ** 32:
+                # chain_kernel addresses a layer's LUT by 32-bit offsets
+                raise ValueError(f"layer {i}: its LUT holds {C * (1 << depth) * Mp} bytes; "
+                                 "the GPU chain takes at most 2**32 - 1 per layer")
             meta.append((C, depth, M, Mp))
             D = M
         self._desc = cp.asarray(desc.view(np.uint8).reshape(-1))
-        self._pre = None
+        self._pre, self._pre0 = None, 0
         if prefetch and all(c[8] < 65536 for c in checked):
             self._pre = cp.asarray(_prefetch_block(desc, checked))
+            self._pre0 = _prefetch_block(desc, checked[:1]).size
         self._meta = meta
         self.out_features = meta[-1][2]
         self._Cs = max(m[0] for m in meta)
@@ -373,9 +378,8 @@ class ChainCUDA:
         # no such layer it gets chunk 0 and no buffers (the same rule, decided in the kernel)
         staged = any((1 << d) <= R and (1 << d) * Mp <= self._chunk for _, d, _, Mp in self._meta)
         chunk = self._chunk if staged else 0
-        part = max([R * Mp * 4 for _, _, _, Mp in self._meta if R * Mp // 16 < nt] or [0])
-        codes = (R * self._Cs + 7) // 8 * 16
-        smem = 2 * chunk + R * self._Hs * 4 + codes + part
+        codes = -(-R * self._Cs * 4 // 16) * 16          # uint32 LUT row offsets
+        smem = 2 * chunk + R * self._Hs * 4 + codes
         return rpt, smem, chunk, nt
 
     def _mma_fit(self, R, optin, per_sm, mode=0):
@@ -390,7 +394,9 @@ class ChainCUDA:
         step = max(m[3] * 32 for m in self._meta)
         for blocks in sorted({512 // ntm, 1}, reverse=True):
             budget = min(optin, per_sm // blocks - 1024)
-            chunk = min(_MMA_CHUNK_MAX, (budget - rest) // 32 * 16)
+            # (a multiple of 128 bytes: every cp.async destination keeps its source's
+            # 128-byte alignment)
+            chunk = min(_MMA_CHUNK_MAX, (budget - rest) // 256 * 128)
             if chunk >= step:
                 return 2 * chunk + rest, chunk
         return None
@@ -466,10 +472,13 @@ class ChainCUDA:
             xst = 0
         smem += xst * 4
         smem += -(-R * 4 // 16) * 16 if mode == 2 else 0     # the row flags of "nan"
-        # every layer's descriptor, trees, scale and bias staged as the kernel starts,
-        # where they fit beside the rest
-        pre = 0 if self._pre is None or smem + self._pre.size > optin else int(self._pre.size)
-        smem += pre
+        # every layer's descriptor staged as the kernel starts, and its trees, scale and
+        # bias where they fit beside the rest
+        trees = self._pre is not None and smem + -(-self._pre.size // 128) * 128 <= optin
+        pre_src = self._pre if trees else self._desc
+        pre = int(pre_src.size)
+        pre0 = self._pre0 if trees else pre        # what layer 0 needs of it, awaited first
+        smem += -(-pre // 128) * 128                # (the LUT chunks stay 128-byte aligned)
         if smem > optin:
             raise ValueError(f"the chain needs {smem} bytes of shared memory per block at "
                              f"{R} rows; the device allows {optin} (layers too wide)")
@@ -482,9 +491,8 @@ class ChainCUDA:
         plan.grid = -(-N // R)
         args = (self._desc, np.int32(len(self._meta)), plan.params, np.int32(N), np.int32(D0),
                 np.int32(R), np.int32(self._Hs), np.int32(self._Cs), np.int32(chunk),
-                np.int32(mode), np.int32(xst), self._desc if pre == 0 else self._pre,
-                np.int32(pre))
-        plan.prefetch = pre
+                np.int32(mode), np.int32(xst), pre_src, np.int32(pre), np.int32(pre0))
+        plan.prefetch = pre if trees else 0
         plan.threads = nt
         plan.graph = self._capture(kern, plan.grid, nt, args, smem)
         self._plans[key] = plan

@@ -47,7 +47,7 @@ typedef unsigned long long u64;
 #define RPT 4
 #endif
 
-// One layer, as built by runtime_cuda.py (64 bytes, same field order there).
+// One layer, as built by runtime_cuda.py (80 bytes, same field order there).
 struct Layer {
     const int2* tree;      // (C, K-1) {column of the input, float bits of the threshold}
     const u8* lut;         // (C, K, Mp) uint8, columns M..Mp-1 zero
@@ -183,25 +183,22 @@ __device__ __forceinline__ int walk(const int2* __restrict__ t, int depth, const
     return node - ((1 << depth) - 1);
 }
 
-// Sums of codebooks c0 + s, c0 + s + S, ... (< c0 + cn, cn <= 256) for this thread's pairs.
-// SHARED: `lut` is the staged chunk (codebook c0 at its start); else the layer's LUT in
-// global memory. The loads of U codebooks are issued before any of their adds (predicated,
-// zeros past the end), so a thread waits for one round of loads per U codebooks: an
-// unrolled loop with a remainder would run the last iterations one load latency each,
-// which at batch 1 is most of the kernel's time (12 of a 196-codebook layer's 13 reads).
-// U: codebooks per round (the caller takes 4 where no thread has more, so that narrow
-// layers do not run 16 mostly empty slots).
+// Byte sums of codebooks c0 + s, c0 + s + S, ... (< c0 + cn, cn <= 256) for this thread's
+// pairs, added into a's 16-bit lanes (the caller flushes them before 256 codebooks).
+// codes[rowoff + c] holds c K Mp + leaf Mp, the byte offset of the LUT row in the layer's
+// LUT (the encoder's product, done once per row and tree, not once per pair); `base` is
+// the LUT (direct reads, global memory) or the staged chunk (SHARED, codebook c0 at its
+// start; sub = c0 K Mp). The loads of U codebooks are issued before any of their adds
+// (predicated, zeros past the end), so a thread waits for one round of loads per U
+// codebooks: an unrolled loop with a remainder would run the last iterations one load
+// latency each, which at batch 1 is most of the kernel's time (12 of a 196-codebook
+// layer's 13 reads). U: codebooks per round (the caller takes 4 where no thread has more,
+// so that narrow layers do not run 16 mostly empty slots).
 template <bool SHARED, int U>
-__device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, const u16* codes,
-                                          int Cs, int c0, int cn, int s, int S, int K, int Mp,
-                                          const int (&row)[RPT], const int (&col)[RPT],
+__device__ __forceinline__ void sum_chunk(u32 (&a)[RPT][8], const u8* base, u32 sub,
+                                          const u32* codes, int c0, int cn, int s, int S,
+                                          const int (&rowoff)[RPT], const int (&col)[RPT],
                                           const bool (&ok)[RPT]) {
-    u32 a[RPT][8];
-#pragma unroll
-    for (int i = 0; i < RPT; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) a[i][j] = 0u;
-    const u8* base = SHARED ? lut : lut + (unsigned long long)c0 * K * Mp;
     for (int cc0 = s; cc0 < cn; cc0 += U * S) {
         uint4 w[RPT][U];
 #pragma unroll
@@ -211,8 +208,7 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
             for (int i = 0; i < RPT; ++i) {
                 w[i][u] = make_uint4(0u, 0u, 0u, 0u);
                 if (ok[i] && cc < cn) {
-                    const u32 code = codes[row[i] * Cs + c0 + cc];
-                    const uint4* p = (const uint4*)(base + ((unsigned long long)cc * K + code) * Mp + col[i]);
+                    const uint4* p = (const uint4*)(base + (codes[rowoff[i] + c0 + cc] - sub + col[i]));
                     w[i][u] = SHARED ? *p : __ldg(p);
                 }
             }
@@ -222,8 +218,41 @@ __device__ __forceinline__ void sum_chunk(u32 (&tot)[RPT][16], const u8* lut, co
 #pragma unroll
             for (int i = 0; i < RPT; ++i) add_bytes(a[i], w[i][u]);
     }
+}
+
+// One pair's 16 column sums, spread over the S = 2^k (1 <= k <= 5) consecutive lanes that
+// share the pair as 8 words of 16-bit lanes each (word i: columns 2i, 2i + 1; no carry, a
+// flush covers at most 256 codebooks of 255), meet by a reduce-scatter: at step j the lanes
+// 2^j apart swap half of their words (shfl_xor) and each keeps the sum of the other half.
+// After k steps lane s holds the whole sums of columns [2 off, 2 off + 16 / S) (k <= 3), or
+// of column 2 off + b3 (k >= 4; at k = 5 lanes s and s ^ 16 hold the same one), where
+// b_j = bit j of s and off = 4 b0 + 2 b1 + b2 (the terms with j < k). They are added into
+// cs[0 ..); a is zeroed. Every lane of the warp calls it (k is the same for the warp).
+__device__ __forceinline__ void reduce_pair(u32 (&cs)[8], u32 (&a)[8], int s, int k) {
 #pragma unroll
-    for (int i = 0; i < RPT; ++i) widen(tot[i], a[i]);
+    for (int j = 0; j < 3; ++j) {
+        if (j < k) {
+            const bool up = (s >> j) & 1;
+#pragma unroll
+            for (int i = 0; i < (4 >> j); ++i) {
+                const u32 lo = a[i], hi = a[i + (4 >> j)];
+                a[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 1 << j);
+            }
+        }
+    }
+    if (k <= 3) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (i < (8 >> k)) { cs[2 * i] += a[i] & 0xFFFFu; cs[2 * i + 1] += a[i] >> 16; }
+    } else {
+        const bool up = (s >> 3) & 1;
+        const u32 lo = a[0] & 0xFFFFu, hi = a[0] >> 16;
+        u32 v = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 8);
+        if (k == 5) v += __shfl_xor_sync(0xffffffffu, v, 16);
+        cs[0] += v;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) a[i] = 0u;
 }
 
 // Leaf of one row under one tree staged compact in shared memory (thresholds `th`, columns
@@ -239,53 +268,186 @@ __device__ __forceinline__ int walk_compact(const float* th, const u16* dm, int 
     return node - ((1 << depth) - 1);
 }
 
+// What one layer's lookup needs (chain_kernel, below).
+struct Look {
+    const u8* lut;           // the layer's LUT, global memory
+    u8* lutbuf;              // the two staged chunks (staged only)
+    const u32* codes;        // (R, Cs) LUT row offsets
+    const float* scale;      // (Mp,) and (Mp,): shared memory where `trees`, else global
+    const float* bias;
+    float* dst;              // act (row stride Hs) or, last layer, Y + r0 M (row stride M)
+    const int* rowbad;       // CHECK_ROWS row flags (R > 1)
+    int Cs, C, per, Mp, M, G, P, S, k, CB, nch, nr, stride, chunk_bytes;
+    bool staged, nan_rows, bad1, trees;
+};
+
+__device__ __forceinline__ float out_value(const Look& q, u32 isum, int m, bool nan) {
+    const float sc = q.trees ? q.scale[m] : __ldg(q.scale + m);
+    const float bi = q.trees ? q.bias[m] : __ldg(q.bias + m);
+    return nan ? __int_as_float(0x7FC00000) : __fadd_rn(__fmul_rn(__uint2float_rn(isum), sc), bi);
+}
+
+// The layer's sums and outputs for this thread. SHARE (S > 1): lane s of the S = 2^k
+// consecutive lanes of pair tid / S sums every S-th codebook and the lanes meet by
+// reduce_pair; else thread tid owns pairs tid, tid + NT, ... over every codebook.
+// Outputs y = float(isum) * scale + bias (two roundings, as the reference) go to dst;
+// rows whose input held NaN or Inf get NaN (nan_rows: the last layer of CHECK_ROWS).
+template <bool SHARE>
+__device__ __forceinline__ void lookup(const Look& q) {
+    const int tid = threadIdx.x;
+    const int S = SHARE ? q.S : 1, k = SHARE ? q.k : 0;
+    const int s = SHARE ? tid & (S - 1) : 0;
+    int row[RPT], col[RPT], rowoff[RPT];
+    bool ok[RPT];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        const int pi = SHARE ? tid >> k : tid + NT * i;
+        row[i] = q.G == q.P ? 0 : pi / q.G;           // (no division for one-row tiles)
+        col[i] = (pi - row[i] * q.G) * 16;
+        rowoff[i] = row[i] * q.Cs;
+        ok[i] = (!SHARE || i == 0) && pi < q.P && row[i] < q.nr;
+    }
+    // warps with no pair skip the sums (the same for the whole warp)
+    const bool wbusy = !SHARE || ((tid & ~31) >> k) < q.P;
+    u32 a[RPT][8];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) a[i][j] = 0u;
+    // SHARE: cs, this lane's columns (reduce_pair); else tot (the other is dead code)
+    u32 cs[8], tot[RPT][16];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) cs[j] = 0u;
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+        for (int j = 0; j < 16; ++j) tot[i][j] = 0u;
+
+    int since = 0;                                  // codebooks in a's lanes
+    for (int ch = 0; ch < q.nch; ++ch) {
+        const int c0 = ch * q.CB, cn = min(q.CB, q.C - c0);
+        if (q.staged) {
+            if (ch + 1 < q.nch) {
+                stage(q.lutbuf + ((ch + 1) & 1) * q.chunk_bytes,
+                      q.lut + (unsigned long long)(c0 + q.CB) * q.per, min(q.CB, q.C - c0 - q.CB) * q.per);
+                async_wait_prev();
+            } else {
+                async_wait_all();
+            }
+            __syncthreads();               // chunk ch has landed for every thread
+            if (wbusy)
+                sum_chunk<true, 2>(a, q.lutbuf + (ch & 1) * q.chunk_bytes, (u32)c0 * q.per,
+                                   q.codes, c0, cn, s, S, rowoff, col, ok);
+            __syncthreads();               // done reading it before it is refilled
+        } else if (wbusy) {
+            // direct reads go to L2: as many in flight as a thread has codebooks here (only
+            // shared pairs, the small tiles, get the long rounds: code size, not speed, for
+            // the rest)
+            if (!SHARE || RPT > 1)
+                sum_chunk<false, 2>(a, q.lut, 0u, q.codes, c0, cn, s, S, rowoff, col, ok);
+            else if (cn <= 4 * S)
+                sum_chunk<false, 4>(a, q.lut, 0u, q.codes, c0, cn, s, S, rowoff, col, ok);
+            else
+                sum_chunk<false, 16>(a, q.lut, 0u, q.codes, c0, cn, s, S, rowoff, col, ok);
+        }
+        // flush the 16-bit lanes before they could hold more than 256 codebooks
+        since += cn;
+        if (wbusy && (ch + 1 == q.nch || since + q.CB > 256)) {
+            if (SHARE) {
+                reduce_pair(cs, a[0], s, k);
+            } else {
+#pragma unroll
+                for (int i = 0; i < RPT; ++i) widen(tot[i], a[i]);
+            }
+            since = 0;
+        }
+    }
+
+    if (SHARE) {
+        // this lane's columns (reduce_pair): 16 / S from 2 off, or one at 2 off + b3; both
+        // are col + the low 4 bits of s reversed (s < 16 for every lane that writes)
+        if (!ok[0] || (k == 5 && (s & 16))) return;
+        const int m0 = col[0] + (int)(__brev((u32)s) >> 28);
+        float* dst = q.dst + row[0] * q.stride;
+        const bool nan = q.nan_rows && (q.G == q.P ? q.bad1 : q.rowbad[row[0]]);
+        if (k > 3) {
+            if (m0 < q.M) dst[m0] = out_value(q, cs[0], m0, nan);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+                if (j < (16 >> k) && m0 + j < q.M) dst[m0 + j] = out_value(q, cs[j], m0 + j, nan);
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            if (!ok[i]) continue;
+            float* dst = q.dst + row[i] * q.stride;
+            const bool nan = q.nan_rows && (q.G == q.P ? q.bad1 : q.rowbad[row[i]]);
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+                if (col[i] + j < q.M) dst[col[i] + j] = out_value(q, tot[i][j], col[i] + j, nan);
+        }
+    }
+}
+
 // Grid: ceil(N / R) blocks of NT threads; block b runs rows [b R, b R + R) through every
-// layer. Dynamic shared memory: with check == CHECK_ROWS R int row flags (rounded to 16
-// bytes), `pre` bytes (the prefetch block, below; 0: none), 2 *
-// chunk_bytes (LUT chunks; 0 when no layer stages), R x Hs floats (activations), R x Cs
-// uint16 codes (rounded to 16 bytes), xst floats (the tile of X, R x D0, copied in once
-// where the host found room, else 0: read in place), then R x Mp uint32 partial sums for
-// the layers with P < NT.
-// The prefetch block (runtime_cuda._prefetch_block; pre > 0): the L layer descriptors,
-// then per layer its trees compact (float thresholds, uint16 columns) and its scale and
-// bias, all copied by cp.async as the kernel starts, while X is read. Nothing that does
-// not depend on the data then waits on L2 inside the chain: at batch 1 a layer costs one
-// round of LUT loads instead of four (descriptor, tree, LUT, scale and bias).
-extern "C" __global__ void __launch_bounds__(NT)
+// layer. Dynamic shared memory: `pre` bytes (the prefetch block, below; rounded up to 128
+// bytes), 2 * chunk_bytes (LUT chunks; 0 when no layer stages), R x Hs floats
+// (activations), R x Cs uint32 LUT row offsets (rounded to 16 bytes), xst floats (the tile
+// of X, R x D0, copied in once where the host found room, else 0: read in place), then
+// with check == CHECK_ROWS and R > 1 R int row flags. The cp.async destinations (the block,
+// the chunks) keep the 128-byte alignment of their sources: a copy whose shared address
+// is off by 16 bytes cost a quarter more L2 sectors and 4 us at batch 256 (ncu).
+// pre0: the bytes of the block that layer 0 needs (its descriptor part and layer 0's).
+// The prefetch block (runtime_cuda._prefetch_block), copied by cp.async as the kernel
+// starts, while X is read: the L layer descriptors (always: every layer's set-up then
+// reads shared memory), then, where pre is larger than them, per layer its trees compact
+// (float thresholds, uint16 columns) and its scale and bias. Nothing that does not depend
+// on the data then waits on L2 inside the chain: at batch 1 a layer costs one round of LUT
+// loads instead of four (descriptor, tree, LUT, scale and bias).
+// two blocks per SM up to RPT = 2 (ptxas, left to itself at RPT = 1, chose 64 registers
+// and spilled)
+extern "C" __global__ void __launch_bounds__(NT, RPT <= 2 ? 2 : 1)
 chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R, int Hs,
-             int Cs, int chunk_bytes, int check, int xst, const u8* __restrict__ pre_src, int pre)
+             int Cs, int chunk_bytes, int check, int xst, const u8* __restrict__ pre_src, int pre,
+             int pre0)
 {
-    extern __shared__ __align__(16) u8 smem[];
-    int* rowbad = (int*)smem;
-    u8* pbuf = smem + (check == CHECK_ROWS ? (R * 4 + 15) & ~15 : 0);
-    u8* lutbuf = pbuf + pre;
+    extern __shared__ __align__(128) u8 smem[];
+    u8* pbuf = smem;
+    u8* lutbuf = pbuf + ((pre + 127) & ~127);
     float* act = (float*)(lutbuf + 2 * chunk_bytes);
-    u16* codes = (u16*)(act + R * Hs);
-    float* xbuf = (float*)(codes + ((R * Cs + 7) & ~7));
-    u32* part = (u32*)(xbuf + xst);
+    u32* codes = (u32*)(act + R * Hs);
+    float* xbuf = (float*)(codes + ((R * Cs + 3) & ~3));
+    int* rowbad = (int*)(xbuf + xst);
 
     const int tid = threadIdx.x;
-    if (pre) stage(pbuf, pre_src, pre);         // lands while X is read
+    // the prefetch block lands while X is read: layer 0's part first (awaited before the
+    // chain starts), the other layers' during layer 0
+    stage(pbuf, pre_src, pre0);
+    stage(pbuf + pre0, pre_src + pre0, pre - pre0);
     const float* __restrict__ X = prm->X;
     float* __restrict__ Y = prm->Y;
     const long long r0 = (long long)blockIdx.x * R;
     const int nr = (int)((long long)N - r0 < R ? (long long)N - r0 : R);
+    // CHECK_ROWS with one row: the row's flag is the OR over the threads, taken by the
+    // barrier after X is read (no flags in shared memory, no extra barrier)
+    const bool rowflags = check == CHECK_ROWS && R > 1;
 
-    if (check == CHECK_ROWS) {
+    if (rowflags) {
         for (int i = tid; i < R; i += NT) rowbad[i] = 0;
         __syncthreads();
     }
+    u32 bad = 0;
     if (check || xst) {   // this tile of X, read once in full (into xbuf where it has room)
         const float* xs = X + r0 * D0;
         const int n = nr * D0;
-        u32 bad = 0;
         int done = 0;
         if ((((u64)xs) & 15u) == 0) {
             const int n4 = n >> 2;
             for (int i = tid; i < n4; i += NT) {
                 const float4 v = __ldg((const float4*)xs + i);
                 const u32 b4 = nonfinite(v.x) | nonfinite(v.y) | nonfinite(v.z) | nonfinite(v.w);
-                if (b4 && check == CHECK_ROWS) {     // rare: mark the row(s) of the bad values
+                if (b4 && rowflags) {     // rare: mark the row(s) of the bad values
                     if (nonfinite(v.x)) atomicOr(rowbad + (4 * i) / D0, 1);
                     if (nonfinite(v.y)) atomicOr(rowbad + (4 * i + 1) / D0, 1);
                     if (nonfinite(v.z)) atomicOr(rowbad + (4 * i + 2) / D0, 1);
@@ -298,133 +460,77 @@ chain_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0
         }
         for (int i = done + tid; i < n; i += NT) {
             const float v = __ldg(xs + i);
-            if (nonfinite(v) && check == CHECK_ROWS) atomicOr(rowbad + i / D0, 1);
+            if (nonfinite(v) && rowflags) atomicOr(rowbad + i / D0, 1);
             bad |= nonfinite(v);
             if (xst) xbuf[i] = v;
         }
         if (check == CHECK_FLAG && bad) atomicOr(&prm->flag, 1);
     }
-    if (pre) async_wait_all();
-    if (xst || pre) __syncthreads();
+    async_wait_prev();
+    if (check == CHECK_ROWS && R == 1) bad = __syncthreads_or(bad);
+    else __syncthreads();
     int poff = (L * (int)sizeof(Layer) + 15) & ~15;   // this layer's part of the block
+    const bool trees = pre > poff;                     // trees, scales, biases prefetched
 
     for (int l = 0; l < L; ++l) {
-        const Layer ly = pre ? ((const Layer*)pbuf)[l] : layers[l];
-        const int K = 1 << ly.depth, nodes = K - 1, C = ly.C, Mp = ly.Mp, M = ly.M;
+        const Layer ly = ((const Layer*)pbuf)[l];
+        const int depth = ly.depth, K = 1 << depth, nodes = K - 1, C = ly.C, Mp = ly.Mp;
         const float* th_s = (const float*)(pbuf + poff);
         poff += (C * nodes * 4 + 15) & ~15;
         const u16* dm_s = (const u16*)(pbuf + poff);
         poff += (C * nodes * 2 + 15) & ~15;
-        const float* scale = pre ? (const float*)(pbuf + poff) : ly.scale;
-        const float* bias = pre ? (const float*)(pbuf + poff + 4 * Mp) : ly.bias;
+        const bool last = l == L - 1;
+        Look q;
+        q.lut = ly.lut;
+        q.lutbuf = lutbuf;
+        q.codes = codes;
+        q.scale = trees ? (const float*)(pbuf + poff) : ly.scale;
+        q.bias = trees ? (const float*)(pbuf + poff + 4 * Mp) : ly.bias;
         poff += 8 * Mp;
-        const int G = Mp >> 4, P = R * G;
-        const int S = P >= NT ? 1 : NT / P;
-        const int per = K * Mp;                       // bytes of one codebook's LUT
-        const bool staged = K <= R && per <= chunk_bytes;
-        const int CB = staged ? min(min(C, chunk_bytes / per), 256) : min(C, 256);
-        const int nch = (C + CB - 1) / CB;
-        if (staged) stage(lutbuf, ly.lut, CB * per);  // chunk 0 lands during the encode
-        if (S > 1)
-            for (int i = tid; i < R * Mp; i += NT) part[i] = 0u;
+        q.dst = last ? Y + r0 * ly.M : act;
+        q.stride = last ? ly.M : Hs;
+        q.rowbad = rowbad;
+        q.nan_rows = last && check == CHECK_ROWS;
+        q.trees = trees;
+        q.bad1 = bad != 0;
+        q.Cs = Cs; q.C = C; q.Mp = Mp; q.M = ly.M; q.nr = nr; q.chunk_bytes = chunk_bytes;
+        q.per = K * Mp;                                // bytes of one codebook's LUT
+        q.G = Mp >> 4;
+        q.P = R * q.G;
+        // S = 2^k lanes share a pair where there are fewer pairs than threads: the largest
+        // power of two (at most 32, one warp) with S P <= NT
+        q.k = q.P >= NT ? 0 : min(5, (31 - __clz(NT)) - (32 - __clz(q.P - 1)));
+        q.S = 1 << q.k;
+        q.staged = K <= R && q.per <= chunk_bytes;
+        q.CB = q.staged ? min(min(C, chunk_bytes / q.per), 256) : min(C, 256);
+        q.nch = q.staged ? (C + q.CB - 1) / q.CB : (C + 255) >> 8;
+        if (q.staged) stage(lutbuf, ly.lut, q.CB * q.per);  // chunk 0 lands during the encode
 
-        // encode: thread t takes the (row, tree) pairs t, t + NT, ... (trees fastest)
-        for (int q = tid; q < nr * C; q += NT) {
-            const int r = nr == 1 ? 0 : q / C, c = q - r * C;    // (no division at batch 1)
+        // encode: thread t takes the (row, tree) pairs t, t + NT, ... (trees fastest) and
+        // stores the LUT row offset c K Mp + leaf Mp
+        for (int e = tid; e < nr * C; e += NT) {
+            const int r = nr == 1 ? 0 : e / C, c = e - r * C;    // (no division at batch 1)
             int leaf;
-            if (pre) {
+            if (trees) {
                 const float* th = th_s + c * nodes;
                 const u16* dm = dm_s + c * nodes;
-                if (l > 0) leaf = walk_compact<false>(th, dm, ly.depth, act + r * Hs);
-                else if (xst) leaf = walk_compact<false>(th, dm, ly.depth, xbuf + r * D0);
-                else leaf = walk_compact<true>(th, dm, ly.depth, X + (r0 + r) * D0);
+                if (l > 0) leaf = walk_compact<false>(th, dm, depth, act + r * Hs);
+                else if (xst) leaf = walk_compact<false>(th, dm, depth, xbuf + r * D0);
+                else leaf = walk_compact<true>(th, dm, depth, X + (r0 + r) * D0);
             } else {
                 const int2* __restrict__ t = ly.tree + (unsigned long long)c * nodes;
-                if (l > 0) leaf = walk<false>(t, ly.depth, act + r * Hs);
-                else if (xst) leaf = walk<false>(t, ly.depth, xbuf + r * D0);
-                else leaf = walk<true>(t, ly.depth, X + (r0 + r) * D0);
+                if (l > 0) leaf = walk<false>(t, depth, act + r * Hs);
+                else if (xst) leaf = walk<false>(t, depth, xbuf + r * D0);
+                else leaf = walk<true>(t, depth, X + (r0 + r) * D0);
             }
-            codes[r * Cs + c] = (u16)leaf;
+            codes[r * Cs + c] = (u32)c * q.per + (u32)leaf * Mp;
         }
         __syncthreads();
 
-        // this thread's pairs (row, first column of its 16) and its codebook slice
-        int row[RPT], col[RPT];
-        bool ok[RPT];
-        const int s = S > 1 ? tid / P : 0;
-#pragma unroll
-        for (int i = 0; i < RPT; ++i) {
-            const int pi = S > 1 ? tid - s * P : tid + NT * i;
-            row[i] = R == 1 ? 0 : pi / G;
-            col[i] = (pi - row[i] * G) * 16;
-            ok[i] = (S > 1 ? (i == 0 && s < S) : pi < P) && row[i] < nr;
-        }
-        u32 tot[RPT][16];
-#pragma unroll
-        for (int i = 0; i < RPT; ++i)
-#pragma unroll
-            for (int j = 0; j < 16; ++j) tot[i][j] = 0u;
-
-        for (int ch = 0; ch < nch; ++ch) {
-            const int c0 = ch * CB, cn = min(CB, C - c0);
-            if (staged) {
-                if (ch + 1 < nch) {
-                    stage(lutbuf + ((ch + 1) & 1) * chunk_bytes, ly.lut + (unsigned long long)(c0 + CB) * per,
-                          min(CB, C - c0 - CB) * per);
-                    async_wait_prev();
-                } else {
-                    async_wait_all();
-                }
-                __syncthreads();               // chunk ch has landed for every thread
-                sum_chunk<true, 2>(tot, lutbuf + (ch & 1) * chunk_bytes, codes, Cs, c0, cn, s, S,
-                                K, Mp, row, col, ok);
-                __syncthreads();               // done reading it before it is refilled
-            } else {
-                // direct reads go to L2: as many in flight as a thread has codebooks here
-                if (RPT > 1)
-                    sum_chunk<false, 2>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
-                else if (cn <= 4 * S)
-                    sum_chunk<false, 4>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
-                else
-                    sum_chunk<false, 16>(tot, ly.lut, codes, Cs, c0, cn, s, S, K, Mp, row, col, ok);
-            }
-        }
-
-        // y = float(isum) * scale + bias, into act (the next layer's input) or Y
-        const bool last = l == L - 1;
-        if (S == 1) {
-#pragma unroll
-            for (int i = 0; i < RPT; ++i) {
-                if (!ok[i]) continue;
-                float* dst = last ? Y + (r0 + row[i]) * M : act + row[i] * Hs;
-                const bool nan = last && check == CHECK_ROWS && rowbad[row[i]];
-#pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    const int m = col[i] + j;
-                    if (m < M)
-                        dst[m] = nan ? __int_as_float(0x7FC00000)
-                                     : __fadd_rn(__fmul_rn(__uint2float_rn(tot[i][j]), scale[m]), bias[m]);
-                }
-            }
-        } else {
-            if (ok[0]) {
-#pragma unroll
-                for (int j = 0; j < 16; ++j)
-                    if (tot[0][j]) atomicAdd(part + row[0] * Mp + col[0] + j, tot[0][j]);
-            }
-            __syncthreads();
-            for (int e = tid; e < nr * Mp; e += NT) {
-                const int r = nr == 1 ? 0 : e / Mp, m = e - r * Mp;
-                if (m < M) {
-                    const float y = __fadd_rn(__fmul_rn(__uint2float_rn(part[e]), scale[m]),
-                                              bias[m]);
-                    if (last) Y[(r0 + r) * M + m] = check == CHECK_ROWS && rowbad[r]
-                                                    ? __int_as_float(0x7FC00000) : y;
-                    else act[r * Hs + m] = y;
-                }
-            }
-        }
-        __syncthreads();          // act complete, part and the LUT buffers free
+        if (q.S > 1) lookup<true>(q);
+        else lookup<false>(q);
+        if (l == 0) async_wait_all();   // the other layers' part of the prefetch block
+        __syncthreads();          // act complete, the LUT buffers free
     }
 }
 
@@ -555,7 +661,7 @@ extern "C" __global__ void __launch_bounds__(NTM, 512 / NTM)
 chain_mma_kernel(const Layer* __restrict__ layers, int L, Params* prm, int N, int D0, int R,
                  int Hs, int Cs, int chunk_bytes, int check)
 {
-    extern __shared__ __align__(16) u8 smem[];
+    extern __shared__ __align__(128) u8 smem[];
     u8* lutbuf = smem;
     float* act = (float*)(smem + 2 * chunk_bytes);
     u16* codes = (u16*)(act + R * Hs);
