@@ -24,7 +24,8 @@ GPU (``--gpu``, needs CuPy and a CUDA device), batches 1, 16, 256, 4096, 65536:
 
 Each cell: median of per-call times after 3 warm-up calls, with enough calls for at least
 ``--min-time`` seconds (0.2 by default); on the CPU the methods' calls take turns in
-``--rounds`` rounds (5), so a change in the machine's load falls on all of them alike.
+``--rounds`` rounds (5), so a change in the machine's load falls on all of them alike;
+on the GPU likewise in ``--gpu-rounds`` rounds (3), each figure the median of the rounds'.
 On a quiet machine use ``--rounds 1`` with more than one thread: ONNX Runtime's pool
 threads spin-wait after each run (its default) and take the other cores from the next
 method's threads when the methods alternate. Ratios are
@@ -456,32 +457,42 @@ def run_gpu(args):
     for b in args.gpu_batches:
         X = cp.asarray(_rows(Xte, b))
         row = {"batch": b, "repeated_rows": b > Xte.shape[0]}
-        for k, fn in methods.items():
-            if k in errors:
-                continue
-            try:
-                dev, wall, n = time_gpu(fn, X, args.min_time, "cupy")
-                row.update({k + "_dev_ms": dev, k + "_wall_ms": wall, k + "_calls": n})
-            except Exception as exc:             # one failing cell must not end the run
-                row[k + "_error"] = f"{type(exc).__name__}: {exc}"
-                print(f"GPU {k} at batch {b}: skipped ({row[k + '_error']})", flush=True)
+        # (name, fn, input, events) of every method at this batch; then the methods take
+        # turns over --gpu-rounds rounds (a change in the machine's state falls on all of
+        # them alike) and each figure is the median over the rounds
+        timed = [(k, fn, X, "cupy") for k, fn in methods.items() if k not in errors]
         if have_torch and "torch_graph_fp16" not in errors:
             try:
-                fn, torch = torch_graph_fp16(layers, b)
+                tfn, torch = torch_graph_fp16(layers, b)
                 Xt = torch.from_dlpack(X)
-                dev, wall, n = time_gpu(fn, Xt, args.min_time, "torch")
-                row.update({"torch_graph_fp16_dev_ms": dev, "torch_graph_fp16_wall_ms": wall,
-                            "torch_graph_fp16_calls": n})
+                timed.append(("torch_graph_fp16", tfn, Xt, "torch"))
                 if b >= Xte.shape[0] and "torch_graph_fp16" not in quality:
                     # the first rows of X are the test set in order
-                    p = fn(Xt).float().cpu().numpy()[:Xte.shape[0]].argmax(axis=1)
+                    p = tfn(Xt).float().cpu().numpy()[:Xte.shape[0]].argmax(axis=1)
                     quality["torch_graph_fp16"] = {"accuracy": float(np.mean(p == yte)),
                                                    "agreement": float(np.mean(p == base))}
-                del fn
             except Exception as exc:
                 errors["torch_graph_fp16"] = f"{type(exc).__name__}: {exc}"
                 print(f"GPU torch_graph_fp16: skipped ({errors['torch_graph_fp16']})",
                       flush=True)
+        got = {k: [] for k, *_ in timed}
+        for _ in range(args.gpu_rounds):
+            for k, fn, Xk, events in timed:
+                if k + "_error" in row:
+                    continue
+                try:
+                    got[k].append(time_gpu(fn, Xk, args.min_time / args.gpu_rounds, events))
+                except Exception as exc:         # one failing cell must not end the run
+                    row[k + "_error"] = f"{type(exc).__name__}: {exc}"
+                    print(f"GPU {k} at batch {b}: skipped ({row[k + '_error']})", flush=True)
+        for k, res in got.items():
+            if res and k + "_error" not in row:
+                row.update({k + "_dev_ms": float(np.median([r[0] for r in res])),
+                            k + "_wall_ms": float(np.median([r[1] for r in res])),
+                            k + "_calls": int(sum(r[2] for r in res)),
+                            k + "_rounds_dev_ms": [r[0] for r in res],
+                            k + "_rounds_wall_ms": [r[1] for r in res]})
+        del timed
         rows.append(row)
         print(f"GPU batch {b}: " + ", ".join(
             f"{k} {row[k + '_dev_ms']:.4g}/{row[k + '_wall_ms']:.4g} ms"
@@ -633,12 +644,17 @@ def parse(argv):
                    help="seconds of timed calls per cell, at least (default 0.2)")
     p.add_argument("--rounds", type=int, default=5,
                    help="CPU: rounds in which the methods' timed calls take turns (default 5)")
+    p.add_argument("--gpu-rounds", type=int, default=3,
+                   help="GPU: rounds in which the methods take turns; each figure is the "
+                        "median over the rounds (default 3)")
     p.add_argument("--json", metavar="OUT.json", help="write every figure here")
     p.add_argument("--_worker", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.min_time <= 0:
         p.error("--min-time must be > 0")
+    if args.gpu_rounds < 1:
+        p.error("--gpu-rounds must be >= 1")
     if args._worker is None:
         if args.make and (args.float or args.converted):
             p.error("give either --make DIR or --float and --converted, not both")

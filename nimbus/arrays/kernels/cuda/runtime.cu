@@ -220,39 +220,58 @@ __device__ __forceinline__ void sum_chunk(u32 (&a)[RPT][8], const u8* base, u32 
     }
 }
 
-// One pair's 16 column sums, spread over the S = 2^k (1 <= k <= 5) consecutive lanes that
+// One pair's 16 column sums, spread over the S = 2^KK (1 <= KK <= 5) consecutive lanes that
 // share the pair as 8 words of 16-bit lanes each (word i: columns 2i, 2i + 1; no carry, a
 // flush covers at most 256 codebooks of 255), meet by a reduce-scatter: at step j the lanes
 // 2^j apart swap half of their words (shfl_xor) and each keeps the sum of the other half.
-// After k steps lane s holds the whole sums of columns [2 off, 2 off + 16 / S) (k <= 3), or
-// of column 2 off + b3 (k >= 4; at k = 5 lanes s and s ^ 16 hold the same one), where
-// b_j = bit j of s and off = 4 b0 + 2 b1 + b2 (the terms with j < k). They are added into
-// cs[0 ..); a is zeroed. Every lane of the warp calls it (k is the same for the warp).
-__device__ __forceinline__ void reduce_pair(u32 (&cs)[8], u32 (&a)[8], int s, int k) {
+// After KK steps lane s holds the whole sums of columns [2 off, 2 off + 16 / S) (KK <= 3),
+// or of column 2 off + b3 (KK >= 4; at KK = 5 lanes s and s ^ 16 hold the same one), where
+// b_j = bit j of s and off = 4 b0 + 2 b1 + b2 (the terms with j < KK). They are added into
+// cs[0 ..); a is zeroed. Every lane of the warp calls it. KK is a template parameter so
+// that the steps are straight-line code (reduce_any picks it).
+template <int KK>
+__device__ __forceinline__ void reduce_pair(u32 (&cs)[8], u32 (&a)[8], int s) {
 #pragma unroll
-    for (int j = 0; j < 3; ++j) {
-        if (j < k) {
-            const bool up = (s >> j) & 1;
+    for (int j = 0; j < 3 && j < KK; ++j) {
+        const bool up = (s >> j) & 1;
 #pragma unroll
-            for (int i = 0; i < (4 >> j); ++i) {
-                const u32 lo = a[i], hi = a[i + (4 >> j)];
-                a[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 1 << j);
-            }
+        for (int i = 0; i < (4 >> j); ++i) {
+            const u32 lo = a[i], hi = a[i + (4 >> j)];
+            a[i] = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 1 << j);
         }
     }
-    if (k <= 3) {
+    if (KK <= 3) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-            if (i < (8 >> k)) { cs[2 * i] += a[i] & 0xFFFFu; cs[2 * i + 1] += a[i] >> 16; }
+        for (int i = 0; i < (8 >> KK); ++i) { cs[2 * i] += a[i] & 0xFFFFu; cs[2 * i + 1] += a[i] >> 16; }
     } else {
-        const bool up = (s >> 3) & 1;
-        const u32 lo = a[0] & 0xFFFFu, hi = a[0] >> 16;
-        u32 v = (up ? hi : lo) + __shfl_xor_sync(0xffffffffu, up ? lo : hi, 8);
-        if (k == 5) v += __shfl_xor_sync(0xffffffffu, v, 16);
+        // the word's two columns: keep one, send the other (a byte permute picks either
+        // half by the lane's bit 3, no select)
+        const u32 sel = (s & 8) ? 0x4432u : 0x4410u;   // keep: high half if b3, else low
+        const u32 keep = __byte_perm(a[0], 0u, sel), send = __byte_perm(a[0], 0u, sel ^ 0x0022u);
+        u32 v = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        if (KK == 5) v += __shfl_xor_sync(0xffffffffu, v, 16);
         cs[0] += v;
     }
 #pragma unroll
     for (int i = 0; i < 8; ++i) a[i] = 0u;
+}
+
+__device__ __forceinline__ void reduce_any(u32 (&cs)[8], u32 (&a)[8], int s, int k) {
+    switch (k) {
+        case 1: reduce_pair<1>(cs, a, s); break;
+        case 2: reduce_pair<2>(cs, a, s); break;
+        case 3: reduce_pair<3>(cs, a, s); break;
+        case 4: reduce_pair<4>(cs, a, s); break;
+        default: reduce_pair<5>(cs, a, s); break;
+    }
+}
+
+// a float in shared memory at the generic address p (ld.shared: the generic load of a
+// pointer that may be either space costs more)
+__device__ __forceinline__ float lds_f32(const float* p) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(smem_addr(p)));
+    return v;
 }
 
 // Leaf of one row under one tree staged compact in shared memory (thresholds `th`, columns
@@ -282,8 +301,8 @@ struct Look {
 };
 
 __device__ __forceinline__ float out_value(const Look& q, u32 isum, int m, bool nan) {
-    const float sc = q.trees ? q.scale[m] : __ldg(q.scale + m);
-    const float bi = q.trees ? q.bias[m] : __ldg(q.bias + m);
+    const float sc = q.trees ? lds_f32(q.scale + m) : __ldg(q.scale + m);
+    const float bi = q.trees ? lds_f32(q.bias + m) : __ldg(q.bias + m);
     return nan ? __int_as_float(0x7FC00000) : __fadd_rn(__fmul_rn(__uint2float_rn(isum), sc), bi);
 }
 
@@ -354,7 +373,7 @@ __device__ __forceinline__ void lookup(const Look& q) {
         since += cn;
         if (wbusy && (ch + 1 == q.nch || since + q.CB > 256)) {
             if (SHARE) {
-                reduce_pair(cs, a[0], s, k);
+                reduce_any(cs, a[0], s, k);
             } else {
 #pragma unroll
                 for (int i = 0; i < RPT; ++i) widen(tot[i], a[i]);
