@@ -387,3 +387,18 @@ def test_bad_inputs():
         ChainCUDA([{"dims": layers[0]["dims"]}])
     with pytest.raises(ValueError, match="rows"):
         ChainCUDA(layers, rows=3)
+    # once a batch size has a plan, the fast path still sends every other input through
+    # the checks: dtype, layout, check_finite, and plan_info's shapes
+    Xd = cp.asarray(X)
+    want = chain(Xd).get()
+    with pytest.raises(TypeError, match="float32"):
+        chain(Xd.astype(np.float64))
+    np.testing.assert_array_equal(chain(cp.asfortranarray(Xd)).get(), want)
+    np.testing.assert_array_equal(chain(Xd.astype(np.float16).astype(np.float32)).get(),
+                                  chain(Xd.astype(np.float16)).get())
+    with pytest.raises(ValueError, match="check_finite"):
+        chain(Xd, check_finite="yes")
+    with pytest.raises(ValueError, match="columns"):
+        chain.plan_info(len(X), D0 - 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        chain.plan_info(0)
