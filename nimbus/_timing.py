@@ -6,8 +6,10 @@ import time
 from .arrays import backend
 
 
-def time_call(fn, *args, repeat=3, warmup=1):
-    """Median seconds of ``fn(*args)`` over ``repeat`` runs after ``warmup`` runs.
+def time_call(fn, *args, repeat=3, warmup=1, min_time=0.02, max_repeat=1000):
+    """Median seconds of ``fn(*args)`` over at least ``repeat`` runs after ``warmup`` runs,
+    more (up to ``max_repeat``) while they take under ``min_time`` seconds in all: a call
+    of tens of microseconds is timed over hundreds of runs, not three.
 
     Returns
     -------
@@ -17,6 +19,11 @@ def time_call(fn, *args, repeat=3, warmup=1):
     for _ in range(warmup):
         out = fn(*args)
         backend.synchronize(out)
+    t0 = time.perf_counter()
+    out = fn(*args)
+    backend.synchronize(out)
+    one = max(time.perf_counter() - t0, 1e-9)
+    repeat = max(repeat, min(max_repeat, int(min_time / one)))
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

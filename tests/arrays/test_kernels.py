@@ -107,6 +107,22 @@ def test_lookup_q_exact_integer_sums(xp, rng, N, D, C, M):
     np.testing.assert_array_equal(isum, exact.astype(np.float32))
 
 
+@pytest.mark.parametrize("N,C,M", [(401, 8, 20), (4096, 32, 20), (64, 300, 17),
+                                   (3000, 300, 17)])
+def test_numba_lookup_q_serial_and_parallel(rng, N, C, M):
+    """Small lookups run on one thread, large ones in parallel (16- or 32-bit
+    accumulators each): the same exact integer sums as the reference either way."""
+    from nimbus.arrays.kernels import cpu
+    codes = rng.integers(0, 16, size=(N, C)).astype(np.uint8)
+    q = rng.integers(0, 256, size=(C, 16, M)).astype(np.uint8)
+    q[:, :, 0] = 255
+    ones, zeros = np.ones(M, dtype=np.float32), np.zeros(M, dtype=np.float32)
+    exact = sum(q[c].astype(np.int64)[codes[:, c]] for c in range(C)).astype(np.float32)
+    parallel = N * C * M >= cpu._LOOKUP_PARALLEL_WORK
+    assert parallel == (N >= 3000)                  # the cases cover both paths
+    np.testing.assert_array_equal(cpu.lookup_q(codes, q, ones, zeros), exact)
+
+
 @pytest.mark.parametrize("N,D,C,M", SHAPES)
 def test_lookup_backward_is_scatter_add(xp, rng, N, D, C, M):
     codes = xp.asarray(rng.integers(0, 16, size=(N, C)).astype(np.uint8))

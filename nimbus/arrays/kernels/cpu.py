@@ -259,13 +259,14 @@ def _lookup(codes, lut, out, kmask, kmax):
                 out[n, m] = acc[m]
 
 
-def _make_lookup_q(acc_dtype):
-    """8-bit LUT lookup with ``acc_dtype`` accumulators, two rows at a time.
+def _make_lookup_q(acc_dtype, parallel=True):
+    """8-bit LUT lookup with ``acc_dtype`` accumulators, two rows at a time (blocks of rows
+    in parallel, or on the calling thread with ``parallel=False``).
 
     Two rows share each pass over the codebooks, so every LUT row loaded from L1
     feeds two accumulators (measured 1.4x over one row at a time)."""
 
-    @njit(parallel=True, cache=True, nogil=True)
+    @njit(parallel=parallel, cache=True, nogil=True)
     def kernel(codes, lut_q, scale, bias, out, kmask, kmax):
         N, C = codes.shape
         M = lut_q.shape[2]
@@ -296,6 +297,11 @@ def _make_lookup_q(acc_dtype):
 # 16-bit accumulators are exact while C * 255 < 65536 (the launcher checks)
 _lookup_q16 = _make_lookup_q(np.uint16)
 _lookup_q32 = _make_lookup_q(np.int32)
+# below this many byte adds (rows x codebooks x outputs) one thread: a parallel region
+# costs 40-60 us to start (digits' 400 x 8 x 20 lookup took 58 us parallel, 6 serial)
+_LOOKUP_PARALLEL_WORK = 1 << 21
+_lookup_q16_serial = _make_lookup_q(np.uint16, parallel=False)
+_lookup_q32_serial = _make_lookup_q(np.int32, parallel=False)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -449,7 +455,11 @@ def lookup_q(codes, lut_q, scale, bias):
         raise ValueError(f"scale {scale.shape} and bias {bias.shape} must both have shape "
                          f"({lut_q.shape[2]},) for a LUT of shape {lut_q.shape}")
     out = np.empty((codes.shape[0], lut_q.shape[2]), dtype=np.float32)
-    kernel = _lookup_q16 if lut_q.shape[0] * 255 < 65536 else _lookup_q32
+    narrow = lut_q.shape[0] * 255 < 65536
+    if codes.shape[0] * lut_q.shape[0] * lut_q.shape[2] < _LOOKUP_PARALLEL_WORK:
+        kernel = _lookup_q16_serial if narrow else _lookup_q32_serial
+    else:
+        kernel = _lookup_q16 if narrow else _lookup_q32
     kernel(codes, lut_q, scale, bias, out, *_bucket_args(K))
     return out
 
