@@ -11,8 +11,9 @@ the same bits:
   uint8 x uint8 -> int32: exact); tiles of 128 rows, LUT chunks and the compact trees
   staged in shared memory by cp.async.
 * ``chain_kernel`` (small batches, any depth): byte sums on the CUDA cores, one row per
-  block below 528 rows; every layer's descriptor, compact trees, scale and bias copied
-  into shared memory as it starts (the prefetch block, where it fits), so that inside the
+  block below 528 rows, the lanes that share a group of 16 outputs meeting by warp
+  shuffles; every layer's descriptor (always), compact trees, scale and bias (where they
+  fit) copied into shared memory as it starts (the prefetch block), so that inside the
   chain only the LUT reads wait on L2.
 
 NaN/Inf in X (``check_finite``): True, the kernel sets a flag that the host reads with a
@@ -37,11 +38,16 @@ Layer semantics (bit for bit those of :func:`.reference.encode_tree` then
 CuPy is imported lazily (through :func:`nimbus.arrays.backend.cupy`). No cuBLAS call is
 made inside the captured graph (CuPy refuses them under capture).
 
+A call whose X is a C-contiguous float32 CuPy matrix on the chain's device, of a (rows,
+width, check_finite) that already has a plan, skips the other input checks (they ran when
+the plan was built).
+
 Measured (one H100, the default recipe's Fashion-MNIST MLP 784-256-256-256-10, 4 inputs
-per codebook, K = 16; ``benchmarks/device_runtime.sh``, benchmarks/RESULTS.md): 0.60 ms per
-call at 65536 rows (cuBLAS fp32 1.25 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31 ms),
-0.017-0.025 ms host wall per call at batch 1-256 with ``check_finite="nan"`` (the torch
-graph: 0.020-0.026), 0.036-0.038 ms with the default check (a device sync per call).
+per codebook, K = 16; ``benchmarks/device_runtime.sh``, benchmarks/RESULTS.md): 0.59 ms per
+call at 65536 rows (cuBLAS fp32 1.21 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31 ms);
+at batch 1 / 16 / 256 with ``check_finite="nan"`` 0.013 / 0.013 / 0.018 ms host wall per
+call (the torch graph: 0.026 / 0.021 / 0.021) and 0.011 / 0.012 / 0.016 ms of kernel (graph
+replays); 0.034-0.036 ms with the default check (a device sync per call).
 """
 from __future__ import annotations
 

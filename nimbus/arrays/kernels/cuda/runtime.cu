@@ -15,19 +15,27 @@
 //           once R >= K.
 //   direct  (small tiles, deep trees): each row's LUT rows are read straight from global
 //           memory (L2-resident across calls), 16 bytes per load.
-// Work split of the lookup: P = R * Mp / 16 (row, 16-column group) pairs. P >= NT: each
-// thread owns up to RPT pairs over all codebooks. P < NT (small tiles, narrow layers): S =
-// NT / P threads share a pair, each summing every S-th codebook, and the partial sums meet
-// in shared memory by atomicAdd (integer sums: the order does not change the result).
+// The encoder stores, per (row, tree), the byte offset of its LUT row in the layer's LUT
+// (c K Mp + leaf Mp), so that a lookup is one shared load and one add per codebook.
+// Work split of the lookup: P = R * Mp / 16 (row, 16-column group) pairs. P > NT / 2:
+// each thread owns up to RPT pairs over all codebooks. Else (small tiles, narrow layers)
+// S = 2^k consecutive lanes of one warp share a pair (S the largest power of two <= 32
+// with S P <= NT), each summing every S-th codebook, and the partial sums meet by a
+// reduce-scatter of warp shuffles (reduce_pair): each lane ends with whole sums of
+// 16 / S columns and writes them; no shared atomics, no extra barrier (integer sums: the
+// order does not change the result).
 //
 // Byte sums: a 16-byte LUT load holds 16 output columns; __byte_perm spreads its bytes into
 // 16-bit lanes of 8 words, so one add sums two columns. A lane holds 257 * 255 at most, so
-// the lanes are widened into 32-bit totals after at most 256 codebooks (every chunk).
+// the lanes are flushed (widened into 32-bit totals, or reduced across the lanes of a
+// pair, whose sums stay below 65536 as well) after at most 256 codebooks.
 //
 // NaN/Inf in X (`check`): 0 not looked for; 1 (CHECK_FLAG) the kernel sets Params.flag,
 // which the host reads with a sync and raises on; 2 (CHECK_ROWS) every output of a row
-// whose input holds one is written as NaN (a per-row flag in shared memory, set while the
-// tile of X is read), so the call needs no sync and no row's result is silently wrong.
+// whose input holds one is written as NaN (one-row tiles: the OR of the threads' findings,
+// taken by the barrier after X is read; larger tiles: a per-row flag in shared memory,
+// set while the tile of X is read), so the call needs no sync and no row's result is
+// silently wrong.
 //
 // Inputs that change per call (X, Y and the NaN/Inf flag) live in a Params block in
 // device memory, written by one 24-byte copy before each graph launch, so a CUDA graph
