@@ -73,6 +73,7 @@ _MMA_ROWS_AUTO = (128, 64, 32)  # tiles kernel="auto" tries, the first that give
 _MMA_MIN_BATCH = 1024          # kernel="auto" takes the tensor cores from this batch size
 _MMA_CHUNK_MAX = 64 * 1024     # LUT bytes per staged chunk of chain_mma_kernel
 _X_STAGE_MAX = 48 * 1024       # chain_kernel copies a tile of X this small into shared memory
+_SPARE_MAX = 1 << 20           # outputs (floats) up to which a plan keeps the next call's Y ready
 _SOURCE = None
 _F32 = np.dtype(np.float32)
 _modules = {}                  # (device id, RPT) -> cupy.RawModule
@@ -230,7 +231,11 @@ class _Plan:
     """What one (N, D0, check) call shape needs: the graph and its parameter block."""
 
     __slots__ = ("graph", "params", "rows", "smem", "rpt", "grid", "chunk", "kernel", "prefetch",
-                 "threads")
+                 "threads", "spare", "spare_stream")
+
+    def __init__(self):
+        self.spare = None           # the next call's Y, allocated after this call's launch
+        self.spare_stream = 0       # the stream it was allocated on (the pool's stream)
 
 
 class ChainCUDA:
@@ -570,8 +575,14 @@ class ChainCUDA:
         """Y for the checked X: the parameter copy and the graph launch (and with mode 1 the
         flag's read and the sync)."""
         cp = self._cupy
-        Y = cp.empty((X.shape[0], self.out_features), dtype=_F32)
         stream = cp.cuda.get_current_stream()
+        # Y: the one this plan allocated after its last launch (on this stream: CuPy's pool
+        # hands memory back to the stream it was allocated on), so the allocation is not
+        # between the call's start and its first enqueued copy; each is handed out once
+        Y = plan.spare
+        if Y is None or plan.spare_stream != stream.ptr:
+            Y = cp.empty((X.shape[0], self.out_features), dtype=_F32)
+        plan.spare = None
         rt = cp.cuda.runtime
         if stream.ptr != self._stream_ptr:
             # the slots' events cover one stream: let the other stream's copies pass first
@@ -603,6 +614,9 @@ class ChainCUDA:
             if ev is None:
                 ev = self._events[g] = cp.cuda.Event(block=False, disable_timing=True)
             ev.record(stream)
+        if Y.size <= _SPARE_MAX:
+            plan.spare = cp.empty(Y.shape, dtype=_F32)
+            plan.spare_stream = stream.ptr
         return Y
 
     def plan_info(self, N, D0=None, check_finite=True):
