@@ -43,11 +43,11 @@ width, check_finite) that already has a plan, skips the other input checks (they
 the plan was built).
 
 Measured (one H100, the default recipe's Fashion-MNIST MLP 784-256-256-256-10, 4 inputs
-per codebook, K = 16; ``benchmarks/device_runtime.sh``, benchmarks/RESULTS.md): 0.59 ms per
-call at 65536 rows (cuBLAS fp32 1.21 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31 ms);
-at batch 1 / 16 / 256 with ``check_finite="nan"`` 0.013 / 0.013 / 0.018 ms host wall per
-call (the torch graph: 0.026 / 0.021 / 0.021) and 0.011 / 0.012 / 0.016 ms of kernel (graph
-replays); 0.034-0.036 ms with the default check (a device sync per call).
+per codebook, K = 16; ``benchmarks/device_runtime.sh``, benchmarks/RESULTS.md): 0.60 ms per
+call at 65536 rows (cuBLAS fp32 1.20 ms, fp16 0.64 ms, a torch fp16 CUDA graph 0.31 ms);
+at batch 1 / 16 / 256 with ``check_finite="nan"`` 0.014 / 0.013 / 0.018 ms host wall per
+call (the torch graph: 0.026 / 0.020 / 0.021) and 0.011 / 0.012 / 0.016 ms of kernel (graph
+replays); 0.035-0.036 ms with the default check (a device sync per call).
 """
 from __future__ import annotations
 
