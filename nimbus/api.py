@@ -79,8 +79,8 @@ def compare(A_train, A_test, B, methods=("exact", "pq", "maddness", "joint"),
     methods : method name or sequence of distinct names ("exact", "pq", "maddness",
         "joint", "dm"); "exact" gives one row (no C)
     ncodebooks : int or sequence of int; values above D are skipped
-    repeat : int >= 1, timed repetitions of the apply, at least (median reported; calls
-        that take under 20 ms in all are repeated more, up to 1000 times)
+    repeat : int >= 1, timed repetitions of the apply, at least (median reported); a fast
+        apply is repeated until the runs take about 20 ms in all (at most 1000 runs)
     verbose : bool, progress bar over the (method, C) fits
     **params : passed to each method that takes them (e.g. ``random_state=0``,
         ``split="node"``); a parameter no method takes is an error
